@@ -1,0 +1,5 @@
+import sys
+
+from vlad.cli import main
+
+sys.exit(main())

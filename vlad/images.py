@@ -1,0 +1,182 @@
+"""Read any image a plant produces into a float RGB array, or fail with a clear InvalidImageError.
+
+Accepted: file paths (PNG incl. 16-bit/palette/RGBA/grey, JPEG with EXIF rotation, BMP, TIFF, ...),
+PIL images, numpy arrays ``(H, W)`` / ``(H, W, C)`` (uint8, uint16, bool or float in [0, 1]) and torch
+tensors ``(C, H, W)`` / ``(H, W)`` (float in [0, 1] or uint8). Everything becomes float32 ``(H, W, 3)``
+in [0, 1]; an alpha channel is dropped (inspection images are opaque).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlad.errors import InvalidImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MIN_SIZE = 8  # smaller images cannot give a meaningful map from any backbone
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image ready for a scorer: ``pixels`` float32 ``(H, W, 3)`` in [0, 1] and a name."""
+
+    pixels: np.ndarray
+    name: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)``."""
+        return self.pixels.shape[0], self.pixels.shape[1]
+
+
+def _pil_to_array(img: Image.Image, name: str) -> np.ndarray:
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak, 0.0, 1.0)[..., None].repeat(3, axis=2)
+        return arr.astype(np.float32)
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        return _array_to_rgb(arr, name)
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _array_to_rgb(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise InvalidImageError(
+            f"{name}: expected an (H, W), (H, W, 1|3|4) array or (1|3|4, H, W) tensor, got shape "
+            f"{tuple(arr.shape)}"
+        )
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.float32)
+    elif arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        arr = arr.astype(np.float32) / 65535.0
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise InvalidImageError(f"{name}: the image contains NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -1e-3 or hi > 1.0 + 1e-3:
+            raise InvalidImageError(
+                f"{name}: float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]; "
+                "divide by 255 (8-bit) or 65535 (16-bit) first, or pass a uint8/uint16 array"
+            )
+        arr = np.clip(arr, 0.0, 1.0)
+    else:
+        raise InvalidImageError(f"{name}: unsupported dtype {arr.dtype}; use uint8, uint16, bool or float")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] == 4:
+        arr = arr[..., :3]
+    return np.ascontiguousarray(arr)
+
+
+def _read_file(path: Path) -> np.ndarray:
+    name = str(path)
+    if not path.exists():
+        raise InvalidImageError(f"{name}: no such file")
+    if path.is_dir():
+        raise InvalidImageError(f"{name}: is a folder; pass the image files (or use vlad.images.list_images)")
+    if path.stat().st_size == 0:
+        raise InvalidImageError(f"{name}: the file is empty")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode fully now so truncation is caught here, not later
+            return _pil_to_array(img, name)
+    except UnidentifiedImageError as exc:
+        raise InvalidImageError(f"{name}: not an image file PIL can read") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImageError(f"{name}: corrupt or truncated image ({exc})") from exc
+
+
+def load_image(image, name: str | None = None) -> LoadedImage:
+    """Read one image of any accepted kind into a :class:`LoadedImage`.
+
+    Raises:
+        InvalidImageError: the input is not a readable image; the message names it.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        pixels = _read_file(path)
+        name = name or str(path)
+    elif isinstance(image, Image.Image):
+        name = name or "<PIL image>"
+        try:
+            pixels = _pil_to_array(image, name)
+        except OSError as exc:
+            raise InvalidImageError(f"{name}: could not decode ({exc})") from exc
+    elif isinstance(image, np.ndarray):
+        name = name or "<array>"
+        pixels = _array_to_rgb(image, name)
+    elif type(image).__module__.startswith("torch"):
+        name = name or "<tensor>"
+        arr = image.detach().cpu()
+        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] not in (1, 3, 4):
+            arr = arr.permute(1, 2, 0)
+        elif arr.ndim == 3 and arr.shape[0] in (1, 3, 4):
+            arr = arr.permute(1, 2, 0)  # ambiguous tiny case: torch images are channel-first
+        pixels = _array_to_rgb(arr.numpy(), name)
+    else:
+        raise InvalidImageError(
+            f"expected a path, PIL image, numpy array or torch tensor, got {type(image).__name__}"
+        )
+    h, w = pixels.shape[:2]
+    if h < MIN_SIZE or w < MIN_SIZE:
+        raise InvalidImageError(f"{name}: image is {h}x{w}; at least {MIN_SIZE}x{MIN_SIZE} pixels are needed")
+    return LoadedImage(pixels, name)
+
+
+def _as_sequence(images) -> list:
+    if isinstance(images, (str, os.PathLike, Image.Image, LoadedImage)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    if type(images).__module__.startswith("torch") and hasattr(images, "ndim"):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, Iterable):
+        return list(images)
+    return [images]
+
+
+def load_images(images) -> list[LoadedImage]:
+    """Read one image or a sequence (a ``(B, ...)`` array/tensor counts as a batch).
+
+    Raises:
+        InvalidImageError: for the first unreadable input, or for an empty input.
+    """
+    items = _as_sequence(images)
+    if not items:
+        raise InvalidImageError("no images were given")
+    return [it if isinstance(it, LoadedImage) else load_image(it) for it in items]
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Image files in ``folder`` (sorted), by suffix. Raises InvalidImageError if there are none."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise InvalidImageError(f"{root}: not a folder")
+    pattern = "**/*" if recursive else "*"
+    files = sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InvalidImageError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+    return files
+
+
+def expand_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files stay files; folders become their image files. For the command line."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        out.extend(list_images(p) if p.is_dir() else [p])
+    return out

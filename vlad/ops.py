@@ -1,0 +1,96 @@
+"""Small tensor operations shared by scorers: batching images, resizing and smoothing maps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlad.images import LoadedImage
+from vlad.weights import Preprocess
+
+
+def to_batch(
+    images: Sequence[LoadedImage],
+    size: int | tuple[int, int],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    device: torch.device | str = "cpu",
+    interpolation: str = "bicubic",
+) -> torch.Tensor:
+    """Resize each image to ``size`` and normalise: float32 ``(B, 3, H, W)``.
+
+    ``mean``/``std`` None leaves pixels in [0, 1]. Downscaling uses antialiasing.
+    """
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    out = []
+    for img in images:
+        x = torch.from_numpy(img.pixels).permute(2, 0, 1)[None]
+        if tuple(x.shape[-2:]) != hw:
+            antialias = interpolation in ("bilinear", "bicubic")
+            x = F.interpolate(x, size=hw, mode=interpolation, align_corners=False, antialias=antialias)
+            x = x.clamp_(0.0, 1.0)
+        out.append(x)
+    batch = torch.cat(out).to(device)
+    if mean is not None and std is not None:
+        m = torch.tensor(mean, device=batch.device).view(1, 3, 1, 1)
+        s = torch.tensor(std, device=batch.device).view(1, 3, 1, 1)
+        batch = (batch - m) / s
+    return batch
+
+
+def preprocess_batch(
+    images: Sequence[LoadedImage], pre: Preprocess, device: torch.device | str = "cpu", size=None
+) -> torch.Tensor:
+    """:func:`to_batch` with a backbone's :class:`~vlad.weights.Preprocess` (``size`` overrides its size)."""
+    return to_batch(images, size or pre.size, pre.mean, pre.std, device, pre.interpolation)
+
+
+def gaussian_kernel1d(sigma: float, device=None) -> torch.Tensor:
+    """Normalised 1-D Gaussian with radius ``4 * sigma`` (as scipy's default truncate)."""
+    radius = max(1, int(math.ceil(4.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``(B, H, W)`` maps with reflect padding; sigma <= 0 is a no-op."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma, maps.device).to(maps.dtype)
+    r = (k.numel() - 1) // 2
+    x = maps[:, None]
+    pad_h = min(r, maps.shape[-2] - 1)
+    pad_w = min(r, maps.shape[-1] - 1)
+    if pad_h < r or pad_w < r:  # a map smaller than the kernel: fall back to replicate padding
+        x = F.pad(x, (r, r, r, r), mode="replicate")
+    else:
+        x = F.pad(x, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``(B, h, w)`` maps to ``size`` = ``(H, W)``."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def maps_to_image_sizes(maps: torch.Tensor, images: Sequence[LoadedImage]) -> list[np.ndarray]:
+    """Resize each ``(h, w)`` map of ``maps`` ``(B, h, w)`` back to its image's own ``(H, W)``."""
+    return [
+        resize_maps(m[None].float(), img.size)[0].cpu().numpy().astype(np.float32)
+        for m, img in zip(maps, images, strict=True)
+    ]
+
+
+def topk_mean(values: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean of the largest ``fraction`` of each row of ``(B, N)`` (at least one value)."""
+    k = max(1, int(round(values.shape[1] * fraction)))
+    return values.topk(k, dim=1).values.mean(dim=1)

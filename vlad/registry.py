@@ -1,0 +1,69 @@
+"""Scorer registry: one dict from name to class, filled lazily for built-ins and by a decorator for plugins."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from vlad.errors import UnknownScorerError
+
+# Built-in scorers, imported on first use so `import vlad` stays fast.
+_BUILTIN: dict[str, str] = {
+    "winclip": "vlad.scorers.winclip:WinCLIP",
+    "maeday": "vlad.scorers.maeday:MAEDAY",
+    "anomalydino": "vlad.scorers.anomalydino:AnomalyDINO",
+    "patchcore": "vlad.scorers.patchcore:PatchCore",
+    "padim": "vlad.scorers.padim:PaDiM",
+    "fastflow": "vlad.scorers.fastflow:FastFlow",
+    "stpm": "vlad.scorers.stpm:STPM",
+    "efficientad": "vlad.scorers.efficientad:EfficientAD",
+    "autoencoder": "vlad.scorers.autoencoder:AutoEncoder",
+    "draem": "vlad.scorers.draem:DRAEM",
+    "patchsvdd": "vlad.scorers.svdd:PatchSVDD",
+    "spade": "vlad.scorers.spade:SPADE",
+}
+_PLUGINS: dict[str, type] = {}
+
+
+def register_scorer(name: str) -> Callable[[type], type]:
+    """Class decorator that registers a scorer under ``name``.
+
+    Raises:
+        ValueError: the name is already taken.
+    """
+
+    def decorator(cls: type) -> type:
+        if name in _BUILTIN or name in _PLUGINS:
+            raise ValueError(f"a scorer named {name!r} is already registered")
+        _PLUGINS[name] = cls
+        cls.scorer_name = name
+        return cls
+
+    return decorator
+
+
+def list_scorers() -> list[str]:
+    """Names of every registered scorer, sorted."""
+    return sorted({*_BUILTIN, *_PLUGINS})
+
+
+def get_scorer_class(name: str) -> type:
+    """The class registered as ``name``.
+
+    Raises:
+        UnknownScorerError: no scorer has that name; the message lists those that exist.
+    """
+    if name in _PLUGINS:
+        return _PLUGINS[name]
+    if name not in _BUILTIN:
+        raise UnknownScorerError(f"unknown scorer {name!r}; available: {', '.join(list_scorers())}")
+    module_name, cls_name = _BUILTIN[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    cls.scorer_name = name
+    return cls
+
+
+def create_scorer(name: str, **params: Any):
+    """Build the scorer ``name`` with ``params`` (stored only; nothing loads until ``fit``)."""
+    return get_scorer_class(name)(**params)

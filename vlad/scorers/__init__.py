@@ -1,0 +1,1 @@
+"""One module per anomaly-detection method; each registers in :mod:`vlad.registry`."""

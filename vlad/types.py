@@ -1,0 +1,121 @@
+"""Core data types: the result every scorer returns and the image inputs it accepts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from os import PathLike
+from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+#: One image: a path, a PIL image, an ``(H, W)`` / ``(H, W, C)`` array or a ``(C, H, W)`` tensor.
+ImageLike = Union[str, "PathLike[str]", "Image.Image", np.ndarray, "torch.Tensor"]
+#: One image or a sequence of them.
+ImagesLike = Union[ImageLike, Sequence[ImageLike]]
+
+
+@dataclass(frozen=True)
+class AnomalyResult:
+    """Scores and maps for a batch of images. Higher always means more anomalous.
+
+    Attributes:
+        image_scores: float32 ``(B,)``.
+        anomaly_maps: float32 ``(B, H, W)`` when all images share one size, else a list of ``(H_i, W_i)``
+            arrays, each at its image's own resolution.
+        labels: bool ``(B,)`` once an image threshold is set, else None.
+        masks: bool maps shaped like ``anomaly_maps`` once a pixel threshold is set, else None.
+        components: per-scorer results of a fused detector (name -> AnomalyResult), else empty.
+        names: optional identifier per image (e.g. file paths).
+    """
+
+    image_scores: np.ndarray
+    anomaly_maps: np.ndarray | list[np.ndarray]
+    labels: np.ndarray | None = None
+    masks: np.ndarray | list[np.ndarray] | None = None
+    components: Mapping[str, AnomalyResult] = field(default_factory=dict)
+    names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        scores = np.asarray(self.image_scores, dtype=np.float32).reshape(-1)
+        object.__setattr__(self, "image_scores", scores)
+        maps = self.anomaly_maps
+        if isinstance(maps, np.ndarray):
+            maps = maps.astype(np.float32, copy=False)
+            if maps.ndim != 3:
+                raise ValueError(f"anomaly_maps must be (B, H, W), got shape {maps.shape}")
+        else:
+            maps = [np.asarray(m, dtype=np.float32) for m in maps]
+            if maps and all(m.shape == maps[0].shape for m in maps):
+                maps = np.stack(maps)
+            elif not maps:
+                maps = np.zeros((0, 0, 0), dtype=np.float32)
+        object.__setattr__(self, "anomaly_maps", maps)
+        if len(maps) != len(scores):
+            raise ValueError(f"{len(scores)} image scores but {len(maps)} anomaly maps")
+
+    def __len__(self) -> int:
+        return len(self.image_scores)
+
+    def map_list(self) -> list[np.ndarray]:
+        """The anomaly maps as a list of ``(H_i, W_i)`` arrays, whatever their sizes."""
+        return list(self.anomaly_maps)
+
+    def with_thresholds(self, image_threshold: float | None, pixel_threshold: float | None) -> AnomalyResult:
+        """A copy with ``labels`` (score > image_threshold) and ``masks`` (map > pixel_threshold) set."""
+        labels = None if image_threshold is None else self.image_scores > image_threshold
+        masks = None
+        if pixel_threshold is not None:
+            if isinstance(self.anomaly_maps, np.ndarray):
+                masks = self.anomaly_maps > pixel_threshold
+            else:
+                masks = [m > pixel_threshold for m in self.anomaly_maps]
+        return replace(self, labels=labels, masks=masks)
+
+    @staticmethod
+    def concatenate(results: Sequence[AnomalyResult]) -> AnomalyResult:
+        """Join the results of several batches, in order (labels, masks and components included)."""
+        if not results:
+            raise ValueError("nothing to concatenate")
+        if len(results) == 1:
+            return results[0]
+        scores = np.concatenate([r.image_scores for r in results])
+        maps = [m for r in results for m in r.map_list()]
+        labels = None
+        if all(r.labels is not None for r in results):
+            labels = np.concatenate([r.labels for r in results])
+        masks = None
+        if all(r.masks is not None for r in results):
+            masks = [m for r in results for m in list(r.masks)]
+            if all(m.shape == masks[0].shape for m in masks):
+                masks = np.stack(masks)
+        components = {}
+        for name in results[0].components:
+            if all(name in r.components for r in results):
+                components[name] = AnomalyResult.concatenate([r.components[name] for r in results])
+        names = None
+        if all(r.names is not None for r in results):
+            names = tuple(n for r in results for n in r.names)
+        return AnomalyResult(scores, maps, labels, masks, components, names)
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """What every scorer offers (scikit-learn estimator conventions)."""
+
+    def fit(self, reference_images: ImagesLike | None = None) -> Scorer: ...
+
+    def predict(self, images: ImagesLike) -> AnomalyResult: ...
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class FewShotScorer(Scorer, Protocol):
+    """A scorer whose reference memory grows without refitting from scratch."""
+
+    def add_references(self, images: ImagesLike) -> FewShotScorer: ...
