@@ -50,7 +50,7 @@ class WeightSpec:
         library: ``open_clip``, ``timm`` or ``transformers``.
         arch: the architecture name inside that library.
         hub_repo: Hugging Face repository holding the weights.
-        files: files of that repository needed to load the model.
+        files: files of that repository needed to load the model; ``"a|b"`` means either a or b.
         preprocess: the preprocessing the weights were trained with.
         sha256: known checksums per file (verified when present).
         pretrained_tag: open_clip's pretrained tag.
@@ -79,12 +79,13 @@ WEIGHTS: dict[str, WeightSpec] = {
     for spec in [
         WeightSpec(
             "ViT-B-16-plus-240", "open_clip", "ViT-B-16-plus-240",
-            "timm/vit_base_patch16_plus_240.laion400m_e31", ("open_clip_pytorch_model.bin",),
+            "timm/vit_base_patch16_plus_clip_240.laion400m_e31",
+            ("open_clip_model.safetensors|open_clip_pytorch_model.bin",),
             _CLIP_PRE, pretrained_tag="laion400m_e31",
         ),
         WeightSpec(
             "ViT-B-16", "open_clip", "ViT-B-16", "timm/vit_base_patch16_clip_224.openai",
-            ("open_clip_pytorch_model.bin",), Preprocess(224, CLIP_MEAN, CLIP_STD), pretrained_tag="openai",
+            ("open_clip_model.safetensors|open_clip_pytorch_model.bin",), Preprocess(224, CLIP_MEAN, CLIP_STD), pretrained_tag="openai",
         ),
         WeightSpec(
             "vit_small_patch14_dinov2.lvd142m", "timm", "vit_small_patch14_dinov2",
@@ -103,7 +104,7 @@ WEIGHTS: dict[str, WeightSpec] = {
         ),
         WeightSpec(
             "facebook/vit-mae-base", "transformers", "ViTMAEForPreTraining", "facebook/vit-mae-base",
-            ("config.json", "pytorch_model.bin"), Preprocess(224, IMAGENET_MEAN, IMAGENET_STD),
+            ("config.json", "model.safetensors|pytorch_model.bin"), Preprocess(224, IMAGENET_MEAN, IMAGENET_STD),
         ),
         WeightSpec(
             "wide_resnet50_2.tv_in1k", "timm", "wide_resnet50_2", "timm/wide_resnet50_2.tv_in1k",
@@ -114,7 +115,7 @@ WEIGHTS: dict[str, WeightSpec] = {
             ("model.safetensors",), Preprocess(224, IMAGENET_MEAN, IMAGENET_STD),
         ),
         # Tiny random-init twins of the real architectures: for tests and smoke runs only.
-        WeightSpec("tiny-clip", "open_clip", "tiny", None, (), Preprocess(64, CLIP_MEAN, CLIP_STD), tiny=True),
+        WeightSpec("tiny-clip", "open_clip", "tiny", None, (), Preprocess(96, CLIP_MEAN, CLIP_STD), tiny=True),
         WeightSpec("tiny-dino", "timm", "tiny", None, (), Preprocess(56, IMAGENET_MEAN, IMAGENET_STD), tiny=True),
         WeightSpec("tiny-mae", "transformers", "tiny", None, (), Preprocess(64, IMAGENET_MEAN, IMAGENET_STD), tiny=True),
         WeightSpec("tiny-cnn", "timm", "tiny", None, (), Preprocess(64, IMAGENET_MEAN, IMAGENET_STD), tiny=True),
@@ -155,14 +156,28 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _present(folder: Path, entry: str) -> Path | None:
+    """The first existing file among the alternatives ``"a|b"`` in ``folder``."""
+    for fname in entry.split("|"):
+        if (folder / fname).is_file():
+            return folder / fname
+    return None
+
+
+def hub_patterns(spec: WeightSpec) -> list[str]:
+    """File names to fetch from the hub (every alternative; missing ones are simply not there)."""
+    return [f for entry in spec.files for f in entry.split("|")]
+
+
 def verify(spec: WeightSpec, folder: Path) -> list[str]:
     """Check the files of ``spec`` in ``folder``; returns the problems found (empty when all is well)."""
     problems = []
-    for fname in spec.files:
-        path = folder / fname
-        if not path.is_file():
-            problems.append(f"missing {path}")
+    for entry in spec.files:
+        path = _present(folder, entry)
+        if path is None:
+            problems.append(f"missing {folder / entry.split('|')[0]}")
             continue
+        fname = path.name
         expected = spec.sha256.get(fname)
         if expected and sha256_of(path) != expected:
             problems.append(f"sha256 mismatch for {path} (expected {expected})")
@@ -170,14 +185,14 @@ def verify(spec: WeightSpec, folder: Path) -> list[str]:
 
 
 def _has_files(spec: WeightSpec, folder: Path) -> bool:
-    return folder.is_dir() and all((folder / f).is_file() for f in spec.files)
+    return folder.is_dir() and all(_present(folder, f) is not None for f in spec.files)
 
 
 def _from_hub_cache(spec: WeightSpec) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(spec.hub_repo, allow_patterns=list(spec.files), local_files_only=True))
+        path = Path(snapshot_download(spec.hub_repo, allow_patterns=hub_patterns(spec), local_files_only=True))
     except Exception:  # noqa: BLE001 - any failure here just means "not cached"
         return None
     return path if _has_files(spec, path) else None
@@ -201,7 +216,7 @@ def download(name: str, target: str | os.PathLike | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(spec.hub_repo, allow_patterns=list(spec.files), local_dir=target)
+        snapshot_download(spec.hub_repo, allow_patterns=hub_patterns(spec), local_dir=target)
     except Exception as exc:  # noqa: BLE001
         raise WeightsNotAvailableError(
             f"downloading {name} from the Hugging Face hub ({spec.hub_repo}) failed: {exc}"

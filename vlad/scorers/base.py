@@ -184,6 +184,30 @@ class FewShotMixin:
         self._memory_changed()
         return self
 
+    def leave_one_out_scores(self) -> np.ndarray:
+        """Image score of each reference against a memory of all the *other* references: ``(n_refs,)``.
+
+        These are scores of known-normal images under the scorer's own rules, so they describe its
+        normal score distribution (used for normalisation, thresholds and :meth:`check_references`).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement leave_one_out_scores")
+
+    def check_references(self, z_threshold: float = 3.5) -> list[str]:
+        """Names of references whose leave-one-out score is an outlier (robust z-score above
+        ``z_threshold``, from median and MAD): likely defective or mislabelled references.
+
+        Needs at least 3 references; with fewer, returns an empty list.
+        """
+        self._check_fitted()
+        if len(self.reference_names_) < 3:
+            return []
+        scores = np.asarray(self.leave_one_out_scores(), dtype=np.float64)
+        med = np.median(scores)
+        mad = np.median(np.abs(scores - med)) * 1.4826
+        scale = mad if mad > 1e-12 else (np.std(scores) or 1.0)
+        z = (scores - med) / scale
+        return [name for name, zi in zip(self.reference_names_, z) if zi > z_threshold]
+
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (np.integer, np.floating)):

@@ -1,0 +1,80 @@
+"""Registry, AnomalyResult and the BaseScorer contract, through a minimal registered scorer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import vlad
+from vlad.scorers.base import BaseScorer
+
+
+@vlad.register_scorer("test-brightness")
+class Brightness(BaseScorer):
+    """Scores each pixel by its distance from the references' mean brightness."""
+
+    requires_references = True
+
+    def __init__(self, size: int = 32, device: str = "cpu", batch_size: int = 2):
+        self.size = size
+        self.device = device
+        self.batch_size = batch_size
+
+    def _fit(self, references):
+        self.mean_ = float(np.mean([r.pixels.mean() for r in references]))
+
+    def _predict_batch(self, images):
+        from vlad.ops import to_batch
+
+        x = to_batch(images, self.size, None, None).mean(1)
+        maps = (x - self.mean_).abs()
+        return maps.flatten(1).amax(1), maps
+
+    def _get_state(self):
+        return {"mean": torch.tensor([self.mean_])}, {"note": "ok"}
+
+    def _set_state(self, tensors, meta):
+        self.mean_ = float(tensors["mean"][0])
+
+
+def test_registry():
+    assert {"patchcore", "winclip", "maeday", "anomalydino", "test-brightness"} <= set(vlad.list_scorers())
+    with pytest.raises(vlad.UnknownScorerError, match="available: .*patchcore"):
+        vlad.create_scorer("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        vlad.register_scorer("patchcore")(Brightness)
+
+
+def test_scorer_contract_and_sizes(good_images, defect_image):
+    s = vlad.create_scorer("test-brightness", size=16)
+    assert s.get_params() == {"size": 16, "device": "cpu", "batch_size": 2}
+    with pytest.raises(vlad.NotFittedError):
+        s.predict(defect_image)
+    with pytest.raises(vlad.EmptyReferenceSetError):
+        s.fit([])
+    assert s.fit(good_images) is s
+    res = s.predict([defect_image, defect_image[:50, :70], good_images[0]])
+    assert isinstance(res.anomaly_maps, list) and [m.shape for m in res.anomaly_maps] == [(96, 96), (50, 70), (96, 96)]
+    assert res.image_scores.shape == (3,) and res.image_scores.dtype == np.float32
+    same = s.predict([good_images[0], good_images[1]])
+    assert same.anomaly_maps.shape == (2, 96, 96)
+    labelled = same.with_thresholds(0.0, 0.0)
+    assert labelled.labels.dtype == bool and labelled.masks.shape == (2, 96, 96)
+
+
+def test_save_load_round_trip(tmp_path, good_images, defect_image):
+    s = vlad.create_scorer("test-brightness").fit(good_images)
+    s.save(tmp_path / "m")
+    loaded = vlad.scorers.base.load_scorer(tmp_path / "m")
+    assert type(loaded) is Brightness and loaded.get_params() == s.get_params()
+    np.testing.assert_array_equal(loaded.predict(defect_image).anomaly_maps, s.predict(defect_image).anomaly_maps)
+
+
+def test_result_concatenate_and_validation():
+    a = vlad.AnomalyResult(np.array([1.0]), np.zeros((1, 4, 4)))
+    b = vlad.AnomalyResult(np.array([2.0]), [np.zeros((5, 5))])
+    c = vlad.AnomalyResult.concatenate([a, b])
+    assert c.image_scores.tolist() == [1.0, 2.0] and isinstance(c.anomaly_maps, list)
+    with pytest.raises(ValueError, match="2 image scores but 1"):
+        vlad.AnomalyResult(np.array([1.0, 2.0]), np.zeros((1, 4, 4)))

@@ -1,0 +1,115 @@
+"""Every image kind a plant produces loads to float RGB; bad inputs raise InvalidImageError naming them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlad.errors import InvalidImageError
+from vlad.images import expand_paths, list_images, load_image, load_images
+
+
+def _rgb(h=20, w=30):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_path_pil_numpy_tensor_agree(tmp_path):
+    arr = _rgb()
+    path = tmp_path / "a.png"
+    Image.fromarray(arr).save(path)
+    expected = arr.astype(np.float32) / 255
+    for item in (path, str(path), Image.fromarray(arr), arr, torch.from_numpy(arr).permute(2, 0, 1).float() / 255):
+        img = load_image(item)
+        assert img.pixels.shape == (20, 30, 3) and img.pixels.dtype == np.float32
+        np.testing.assert_allclose(img.pixels, expected, atol=1e-6)
+    assert load_image(path).name == str(path)
+
+
+def test_gray_rgba_palette_16bit(tmp_path):
+    gray = (np.arange(20 * 30).reshape(20, 30) % 256).astype(np.uint8)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    g = load_image(tmp_path / "g.png").pixels
+    assert g.shape == (20, 30, 3) and np.allclose(g[..., 0], g[..., 2])
+
+    rgba = np.dstack([_rgb(), np.full((20, 30), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    np.testing.assert_allclose(load_image(tmp_path / "a.png").pixels, rgba[..., :3] / 255, atol=1e-6)
+
+    Image.fromarray(_rgb()).convert("P").save(tmp_path / "p.png")
+    assert load_image(tmp_path / "p.png").pixels.shape == (20, 30, 3)
+
+    deep = (np.linspace(0, 65535, 20 * 30).reshape(20, 30)).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    d = load_image(tmp_path / "d.png").pixels
+    assert d.max() == pytest.approx(1.0) and d.min() == pytest.approx(0.0)
+    # 16-bit detail survives (an 8-bit conversion would collapse neighbouring values)
+    assert len(np.unique(d[..., 0])) > 256
+    np.testing.assert_allclose(load_image(deep).pixels[..., 0], deep / 65535, atol=1e-6)
+
+
+def test_jpeg_exif_rotation(tmp_path):
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = 255  # left half white
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    img.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    out = load_image(tmp_path / "r.jpg").pixels
+    assert out.shape == (40, 20, 3)
+    assert out[:20].mean() > 0.9 and out[20:].mean() < 0.1  # white half now on top
+
+
+def test_mixed_sizes_batch_and_4d_arrays():
+    imgs = load_images([_rgb(20, 30), _rgb(25, 25)])
+    assert [i.size for i in imgs] == [(20, 30), (25, 25)]
+    assert len(load_images(np.stack([_rgb(), _rgb()]))) == 2
+    assert len(load_images(torch.rand(3, 3, 16, 16))) == 3
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [(b"", "empty"), (b"this is text, not pixels", "not an image"), ("truncated", "corrupt or truncated")],
+)
+def test_bad_files_name_the_file(tmp_path, content, match):
+    path = tmp_path / "bad.png"
+    if content == "truncated":
+        Image.fromarray(_rgb(64, 64)).save(path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(InvalidImageError, match=match) as info:
+        load_images([path])
+    assert str(path) in str(info.value)
+
+
+def test_bad_arrays_and_types(tmp_path):
+    with pytest.raises(InvalidImageError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(InvalidImageError, match=r"\[0, 1\]"):
+        load_image(np.full((20, 20, 3), 200.0))
+    with pytest.raises(InvalidImageError, match="NaN"):
+        load_image(np.full((20, 20), np.nan, np.float32))
+    with pytest.raises(InvalidImageError, match="shape"):
+        load_image(np.zeros((20, 20, 5), np.uint8))
+    with pytest.raises(InvalidImageError, match="at least"):
+        load_image(np.zeros((4, 20), np.uint8))
+    with pytest.raises(InvalidImageError, match="expected a path"):
+        load_image(42)
+    with pytest.raises(InvalidImageError, match="no images"):
+        load_images([])
+
+
+def test_folders(tmp_path):
+    Image.fromarray(_rgb()).save(tmp_path / "b.png")
+    Image.fromarray(_rgb()).save(tmp_path / "a.jpg")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png"]
+    assert len(expand_paths([tmp_path, tmp_path / "b.png"])) == 3
+    with pytest.raises(InvalidImageError, match="no image files"):
+        list_images(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else tmp_path)
+    with pytest.raises(InvalidImageError, match="is a folder"):
+        load_image(tmp_path)

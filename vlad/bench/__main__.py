@@ -1,0 +1,5 @@
+import sys
+
+from vlad.bench import main
+
+sys.exit(main())
