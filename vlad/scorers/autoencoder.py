@@ -1,0 +1,301 @@
+"""A convolutional autoencoder trained from scratch on normal images; anomalies = poor reconstructions.
+
+The reconstruction family of the surveys, in the form of Bergmann et al., "Improving Unsupervised Defect
+Segmentation by Applying Structural Similarity to Autoencoders" (VISAPP 2019, arXiv 1807.02011): a
+convolutional AE with a narrow bottleneck, trained with an SSIM term, and a per-pixel ``1 - SSIM`` map
+between an image and its reconstruction (DSSIM). No pretrained weights are involved, so results on real
+data are real even on machines without a model hub.
+
+Defaults (a CPU budget of a few minutes on 2 cores): 256 px input, five stride-2 stages down to an
+``8 x 8 x 32`` bottleneck, Adam lr 1e-3, ``train_steps=400`` steps of ``batch_size=8`` random references
+(sampled with replacement), light augmentation (flips only when ``augment=True``). Map = mean over RGB of
+``1 - SSIM`` (11 x 11 Gaussian window, sigma 1.5) blended with the squared error, smoothed with a Gaussian
+(``sigma=4`` px at the training size); image score = max of the smoothed map.
+
+Stopping: a KeyboardInterrupt (Ctrl-C) during training stops it cleanly: the model trained so far is kept,
+a warning is logged, ``interrupted_`` is True and ``fit`` returns normally. A second Ctrl-C aborts.
+
+This module also holds the small training helpers shared by vlad's trainable scorers (DRAEM, STPM,
+EfficientAD): :func:`train_loop`, :func:`ssim_map`, :func:`seeded`, :func:`images_to_tensor`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vlad.images import LoadedImage
+from vlad.ops import gaussian_blur, to_batch
+from vlad.progress import track
+from vlad.scorers.base import BaseScorer
+
+logger = logging.getLogger(__name__)
+
+
+# -- helpers shared by the trainable scorers ------------------------------------------------------------
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the block with torch's global RNG seeded to ``seed``, restoring the caller's RNG state after."""
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0 if seed is None else int(seed))
+        yield
+
+
+def resolve_size(image_size: int | Sequence[int] | None, default: int | Sequence[int], multiple: int = 1) -> tuple[int, int]:
+    """``image_size`` (int, (H, W) or None for ``default``) as ``(H, W)``, checked to be a multiple of ``multiple``."""
+    size = default if image_size is None else image_size
+    hw = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
+    if len(hw) != 2 or min(hw) < multiple or any(s % multiple for s in hw):
+        raise ValueError(
+            f"image_size must be an int or (H, W) of positive multiples of {multiple}, got {image_size!r}; "
+            f"e.g. image_size={multiple * max(1, round(256 / multiple))}"
+        )
+    return hw
+
+
+def images_to_tensor(images: Sequence[LoadedImage], size: tuple[int, int], device="cpu") -> torch.Tensor:
+    """Images resized to ``size``: float32 ``(N, 3, H, W)`` in [0, 1]."""
+    return to_batch(images, size, None, None, device, "bilinear")
+
+
+def train_loop(
+    step: Callable[[int], float], n_steps: int, desc: str, log: logging.Logger = logger
+) -> tuple[list[float], bool]:
+    """Run ``step(i) -> loss`` for ``n_steps`` steps with a progress bar.
+
+    A KeyboardInterrupt stops training cleanly: the steps done so far are kept and a warning logged.
+
+    Returns:
+        ``(losses, interrupted)``: the loss of each completed step and whether training was interrupted.
+    """
+    losses: list[float] = []
+    try:
+        for i in track(range(n_steps), desc, total=n_steps):
+            losses.append(float(step(i)))
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(
+                    f"{desc}: training loss became {losses[-1]} at step {i}; lower the learning rate"
+                )
+    except KeyboardInterrupt:
+        log.warning("%s: training interrupted after %d of %d steps; keeping the model trained so far",
+                    desc, len(losses), n_steps)
+        return losses, True
+    if losses:
+        log.info("%s: %d steps, loss %.4g -> %.4g", desc, n_steps, losses[0], losses[-1])
+    return losses, False
+
+
+def _gauss_window(size: int, sigma: float, channels: int, device, dtype) -> torch.Tensor:
+    x = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-pixel SSIM of ``x`` and ``y`` ``(B, C, H, W)`` in [0, 1], averaged over channels: ``(B, H, W)``.
+
+    Gaussian window (Wang et al. 2004 constants, data range 1), reflect padding so the map keeps the
+    input's size.
+    """
+    c = x.shape[1]
+    win = _gauss_window(window, sigma, c, x.device, x.dtype)
+    pad = window // 2
+    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
+
+    def filt(t):
+        return F.conv2d(F.pad(t, (pad, pad, pad, pad), mode=mode), win, groups=c)
+
+    mu_x, mu_y = filt(x), filt(y)
+    sxx = filt(x * x) - mu_x**2
+    syy = filt(y * y) - mu_y**2
+    sxy = filt(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    ssim = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return ssim.mean(dim=1)
+
+
+def check_weights_mode(weights: Any, name: str) -> str:
+    """Scorers trained from scratch accept ``"random"`` (full width) or ``"tiny"`` (narrow, for tests).
+
+    ``"pretrained"`` (the library-wide default, e.g. of ``vlad eval``) is accepted and means the same as
+    ``"random"``: such a method has no pretrained part, so nothing is silently replaced.
+    """
+    if weights == "pretrained":  # the common default: this method uses no pretrained network at all
+        return "random"
+    if weights not in ("random", "tiny"):
+        raise ValueError(
+            f"{name} is trained from scratch and has no pretrained weights: expected weights='random' "
+            f"(full width; 'pretrained' is accepted as a synonym) or 'tiny' (narrow, for tests), got "
+            f"{weights!r}. To reuse a trained {name}, save() it and load it with vlad.load_scorer(path)."
+        )
+    return weights
+
+
+# -- the network ----------------------------------------------------------------------------------------
+class ConvAutoEncoder(nn.Module):
+    """Fully convolutional AE: ``depth`` stride-2 stages down to ``latent_channels`` at ``H / 2**depth``.
+
+    Input/output ``(B, 3, H, W)`` in [0, 1] (sigmoid output); ``H`` and ``W`` multiples of ``2**depth``.
+    """
+
+    def __init__(self, base_channels: int = 16, latent_channels: int = 32, depth: int = 5):
+        super().__init__()
+        chans = [min(base_channels * 2**i, base_channels * 8) for i in range(depth)]
+        enc: list[nn.Module] = []
+        cin = 3
+        for c in chans:
+            enc += [nn.Conv2d(cin, c, 4, 2, 1, bias=False), nn.BatchNorm2d(c), nn.LeakyReLU(0.2, inplace=True)]
+            cin = c
+        enc += [nn.Conv2d(cin, cin, 3, 1, 1, bias=False), nn.BatchNorm2d(cin), nn.LeakyReLU(0.2, inplace=True),
+                nn.Conv2d(cin, latent_channels, 1)]
+        self.encoder = nn.Sequential(*enc)
+        dec: list[nn.Module] = [nn.Conv2d(latent_channels, cin, 1), nn.BatchNorm2d(cin), nn.LeakyReLU(0.2, inplace=True)]
+        for c in [*reversed(chans[:-1]), base_channels]:
+            dec += [nn.ConvTranspose2d(cin, c, 4, 2, 1, bias=False), nn.BatchNorm2d(c), nn.LeakyReLU(0.2, inplace=True)]
+            cin = c
+        dec += [nn.Conv2d(cin, 3, 3, 1, 1), nn.Sigmoid()]
+        self.decoder = nn.Sequential(*dec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of ``x``: ``(B, 3, H, W)``."""
+        return self.decoder(self.encoder(x))
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal/vertical flips per sample (same generator as the batch sampling)."""
+    flips = torch.rand(x.shape[0], 2, generator=gen)
+    out = x.clone()
+    for i in range(x.shape[0]):
+        if flips[i, 0] < 0.5:
+            out[i] = out[i].flip(-1)
+        if flips[i, 1] < 0.5:
+            out[i] = out[i].flip(-2)
+    return out
+
+
+class AutoEncoder(BaseScorer):
+    """Convolutional autoencoder with an SSIM reconstruction map (trained from scratch on references).
+
+    Args:
+        backbone: unused (no pretrained network); kept for the common scorer signature. Must be None.
+        weights: ``"random"`` (default width; ``"pretrained"`` is a synonym, nothing pretrained is
+            used) or ``"tiny"`` (a quarter of the width, for tests).
+        device: torch device or ``"auto"``.
+        batch_size: images per training step and per prediction batch.
+        random_state: seed of the initialisation and of the batch sampling.
+        image_size: training/inference size, int or ``(H, W)``, multiples of 32; None = 256.
+        train_steps: optimisation steps (the training budget).
+        lr: Adam learning rate.
+        base_channels: width of the first stage (doubling per stage, capped at 8x).
+        latent_channels: channels of the ``H/32 x W/32`` bottleneck.
+        ssim_weight: weight of ``1 - SSIM`` in the loss and the map (the rest is the squared error).
+        sigma: Gaussian smoothing of the map, in pixels at ``image_size``.
+        augment: random flips during training (off by default: orientation may matter on a line).
+    """
+
+    requires_references = True
+
+    def __init__(
+        self,
+        backbone: str | None = None,
+        weights: str = "random",
+        device: str = "cpu",
+        batch_size: int = 8,
+        random_state: int | None = 0,
+        image_size: int | tuple[int, int] | None = None,
+        train_steps: int = 400,
+        lr: float = 1e-3,
+        base_channels: int = 16,
+        latent_channels: int = 32,
+        ssim_weight: float = 0.85,
+        sigma: float = 4.0,
+        augment: bool = False,
+    ):
+        self.backbone = backbone
+        self.weights = weights
+        self.device = device
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.image_size = image_size
+        self.train_steps = train_steps
+        self.lr = lr
+        self.base_channels = base_channels
+        self.latent_channels = latent_channels
+        self.ssim_weight = ssim_weight
+        self.sigma = sigma
+        self.augment = augment
+
+    def _build(self) -> None:
+        if self.backbone is not None:
+            raise ValueError(f"AutoEncoder is trained from scratch and takes no backbone; got {self.backbone!r}, "
+                             "pass backbone=None")
+        mode = check_weights_mode(self.weights, "AutoEncoder")
+        self.size_ = resolve_size(self.image_size, 256, multiple=32)
+        width = max(4, self.base_channels // 4) if mode == "tiny" else self.base_channels
+        latent = max(4, self.latent_channels // 4) if mode == "tiny" else self.latent_channels
+        with seeded(self.random_state):
+            self.model_ = ConvAutoEncoder(width, latent).to(self.device_)
+        self.model_.eval()
+
+    def _error_map(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Per-pixel reconstruction error ``(B, H, W)``: ``w * (1 - SSIM) + (1 - w) * squared error``."""
+        dssim = 1.0 - ssim_map(x, recon)
+        sq = ((x - recon) ** 2).mean(dim=1)
+        return self.ssim_weight * dssim + (1.0 - self.ssim_weight) * sq
+
+    def _fit(self, references: list[LoadedImage] | None) -> None:
+        data = images_to_tensor(references, self.size_)  # (N, 3, H, W), kept on CPU
+        gen = torch.Generator().manual_seed(0 if self.random_state is None else int(self.random_state))
+        opt = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
+        bs = max(1, int(self.batch_size))
+        self.model_.train()
+
+        def step(_: int) -> float:
+            idx = torch.randint(0, data.shape[0], (bs,), generator=gen)
+            x = data[idx]
+            if self.augment:
+                x = _augment(x, gen)
+            x = x.to(self.device_)
+            recon = self.model_(x)
+            loss = self._error_map(x, recon).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        with seeded(self.random_state, self.device_):
+            self.loss_history_, self.interrupted_ = train_loop(step, int(self.train_steps), "AutoEncoder training")
+        self.model_.eval()
+
+    def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images_to_tensor(images, self.size_, self.device_)
+        err = self._error_map(x, self.model_(x))
+        maps = gaussian_blur(err, self.sigma)
+        return maps.flatten(1).amax(dim=1), maps
+
+    def reconstruct(self, images) -> torch.Tensor:
+        """Reconstructions of ``images`` at the model's size: ``(B, 3, H, W)`` in [0, 1] (for inspection)."""
+        from vlad.images import load_images
+
+        self._check_fitted()
+        with torch.inference_mode():
+            return self.model_(images_to_tensor(load_images(images), self.size_, self.device_)).cpu()
+
+    def _get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
+        return tensors, {"loss_history": self.loss_history_, "interrupted": self.interrupted_}
+
+    def _set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.model_.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.model_.eval()
+        self.loss_history_ = list(meta.get("loss_history", []))
+        self.interrupted_ = bool(meta.get("interrupted", False))
