@@ -96,7 +96,9 @@ class BaseScorer(BaseEstimator):
             for batch in iterator:
                 s, m = self._predict_batch(batch)
                 scores.append(s.detach().float().cpu().numpy().reshape(-1))
-                maps.extend(maps_to_image_sizes(m.detach().float(), batch))
+                # m: (B, h, w) tensor, or a list of (h_i, w_i) tensors when sizes differ within a batch
+                m = m.detach().float() if isinstance(m, torch.Tensor) else [x.detach().float() for x in m]
+                maps.extend(maps_to_image_sizes(m, batch))
         return AnomalyResult(np.concatenate(scores), maps, names=tuple(img.name for img in loaded))
 
     def save(self, path: str | Path) -> Path:

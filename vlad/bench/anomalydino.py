@@ -1,0 +1,148 @@
+"""AnomalyDINO cost at the real size: ``python -m vlad.bench anomalydino [options]``.
+
+Figures (DINOv2 ViT-S/14, random weights, 448 x 448 inputs; cost does not depend on the weights):
+
+* one plain ``forward_features`` of the backbone, s/img (batch 1),
+* AnomalyDINO ``predict`` s/img (batch 1) with 1, 8 and 64 references x 8 rotations, and its ratio to
+  the plain forward measured in the same process (target <= 1.3x at 8 refs x 8 rotations),
+* reference embedding time (``fit`` / ``add_references``) per reference,
+* peak RSS of each setting, each in a fresh subprocess.
+
+``--coreset N`` measures the optional per-reference coreset (N patches kept per reference).
+
+By default only up to ``--embed-max`` references are embedded for real and the memory is completed with
+copies of their blocks (slightly perturbed and re-normalised): the search cost depends only on the
+memory size, and embedding 64 x 8 rotated images would take ~10 minutes. ``--embed-max 0`` embeds all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+BACKBONE = "vit_small_patch14_dinov2.lvd142m"
+
+
+def _images(n: int, size: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = []
+    for _ in range(n):
+        fx, fy = rng.uniform(2, 8, 2)
+        base = 0.5 + 0.25 * np.sin(xx / fx) * np.cos(yy / fy)
+        img = base[..., None] + rng.normal(0, 0.03, (size, size, 3))
+        out.append((np.clip(img, 0, 1) * 255).astype(np.uint8))
+    return out
+
+
+def _child(args: argparse.Namespace) -> dict:
+    import torch
+
+    from vlad.bench._util import median_seconds, peak_rss_mb
+    from vlad.registry import create_scorer
+
+    baseline_rss = peak_rss_mb()  # after imports, before any model
+    torch.manual_seed(0)
+    size = args.image_size
+    scorer = create_scorer(
+        "anomalydino", backbone=args.backbone, weights="random", rotations=args.rotations, batch_size=8,
+        image_size=size, coreset_per_reference=args.coreset or None,
+    )
+    n_refs = args.child_refs
+    embed_n = n_refs if args.embed_max <= 0 else min(n_refs, args.embed_max)
+    refs = _images(max(1, embed_n), size, seed=1)
+    t0 = time.perf_counter()
+    scorer.fit(refs[:1])
+    if embed_n > 1:
+        scorer.add_references(refs[1:embed_n])
+    embed_s = (time.perf_counter() - t0) / max(1, embed_n)
+    if n_refs > embed_n:  # complete the memory with perturbed copies (same search cost)
+        gen = torch.Generator().manual_seed(0)
+        blocks = list(scorer.memory_chunks_)
+        infos = list(scorer.ref_info_)
+        for i in range(n_refs - embed_n):
+            src = blocks[i % len(blocks)]
+            blk = torch.nn.functional.normalize(src + 0.01 * torch.randn(src.shape, generator=gen), dim=1)
+            info = dict(infos[i % len(infos)])
+            info["query"] = blk[: info["query"].shape[0]]
+            scorer._pending_infos = [info]
+            scorer.memory_chunks_.append(blk)
+            scorer.reference_names_.append(f"copy{i}")
+            scorer._memory_changed()
+    scorer.n_references_ = len(scorer.reference_names_)
+    test = _images(1, size, seed=2)
+    model = scorer.model_
+    x = torch.randn(1, 3, size, size)
+
+    def forward():
+        with torch.inference_mode():
+            model.forward_features(x)
+
+    def predict():
+        scorer.predict(test)
+
+    # interleave the two measurements so machine load affects both alike
+    fw, pr = [], []
+    forward()
+    predict()
+    for _ in range(args.repeats):
+        fw.append(median_seconds(forward, repeats=1, warmup=0))
+        pr.append(median_seconds(predict, repeats=1, warmup=0))
+    fw.sort()
+    pr.sort()
+    return {
+        "refs": n_refs, "embedded": embed_n, "rotations": args.rotations, "memory_patches": scorer.n_memory_,
+        "forward_s": fw[len(fw) // 2], "predict_s": pr[len(pr) // 2], "embed_s_per_ref": embed_s,
+        "peak_rss_mb": peak_rss_mb(), "import_rss_mb": baseline_rss, "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlad.bench anomalydino", description=__doc__.split("\n")[0])
+    parser.add_argument("--refs", default="1,8,64", help="reference counts, comma-separated (default 1,8,64)")
+    parser.add_argument("--rotations", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=448)
+    parser.add_argument("--backbone", default=BACKBONE)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per setting (median)")
+    parser.add_argument("--embed-max", type=int, default=8,
+                        help="embed at most this many references for real (0 = all); the rest are copies")
+    parser.add_argument("--coreset", type=int, default=0,
+                        help="coreset_per_reference (patches kept per reference incl. rotations); 0 = exact, off")
+    parser.add_argument("--child-refs", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(list(argv) if argv is not None else None)
+
+    if args.child_refs is not None:
+        print(json.dumps(_child(args)))
+        return 0
+
+    from vlad.bench._util import machine_line
+
+    print(machine_line())
+    print(f"AnomalyDINO, {args.backbone} random weights, {args.image_size} px, batch 1, "
+          f"{args.rotations} rotations per reference, median of {args.repeats}, "
+          + (f"coreset {args.coreset} patches/reference" if args.coreset else "exact memory (no coreset)"))
+    print(f"{'refs':>5} {'memory':>8} {'forward s':>10} {'predict s':>10} {'ratio':>6} {'embed s/ref':>12} "
+          f"{'peak RSS MB':>12} {'(imports)':>9}")
+    worst = 0
+    for n in [int(v) for v in args.refs.split(",") if v.strip()]:
+        cmd = [sys.executable, "-m", "vlad.bench", "anomalydino", "--child-refs", str(n),
+               "--rotations", str(args.rotations), "--image-size", str(args.image_size),
+               "--backbone", args.backbone, "--repeats", str(args.repeats), "--embed-max", str(args.embed_max),
+               "--coreset", str(args.coreset)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{n:>5} failed:\n{proc.stderr[-2000:]}")
+            worst = 1
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        ratio = r["predict_s"] / r["forward_s"]
+        note = "" if r["embedded"] == n else f"  ({r['embedded']} embedded, rest copies)"
+        print(f"{n:>5} {r['memory_patches']:>8} {r['forward_s']:>10.3f} {r['predict_s']:>10.3f} {ratio:>5.2f}x "
+              f"{r['embed_s_per_ref']:>12.2f} {r['peak_rss_mb']:>12.0f} {r['import_rss_mb']:>9.0f}{note}", flush=True)
+    return worst
