@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--detector", help="a fused detector spec, e.g. winclip+maeday+anomalydino (default)")
     p.add_argument("--object", dest="object_name", help="what the product is, in words, e.g. 'metal plate'")
     p.add_argument("--prompts", help="a prompt YAML file (see prompts/default.yaml)")
-    p.add_argument("--refs", help="folder (or files, comma-separated) of good reference images")
+    p.add_argument("--refs", nargs="+", help="good reference images: files and/or folders (also comma-separated)")
     p.add_argument("--out", help="folder for scores.csv, scores.json and overlay PNGs")
     _add_model_options(p)
 

@@ -1,0 +1,342 @@
+"""Score normalisation and tiered fusion: many scorers' outputs -> one image score and one map.
+
+Scorers speak different units (WinCLIP: probabilities; MAEDAY: reconstruction errors; AnomalyDINO and
+PatchCore: feature distances). Before fusing, each scorer's image scores and maps are brought to one
+**calibrated scale** in ``[0, 1]`` on which ``0.5`` is the decision boundary and higher is more
+anomalous. A :class:`Normaliser` does this, in one of three ways:
+
+``"reference"`` (when there are at least ``MIN_CALIBRATION`` reference images)
+    The scorer's scores on known-normal references describe its normal distribution. For a few-shot
+    scorer these are *leave-one-out* scores (each reference scored against a memory of the others);
+    a zero-shot scorer simply scores the references. Image level: ``z = (s - loc) / scale`` with
+    ``loc, scale`` = median and 1.4826 * MAD (``method="robust"``, the default: one bad reference
+    barely moves it) or mean and standard deviation (``method="zscore"``). Pixel level: ``loc`` = the
+    median of all reference map values and ``scale = (q - loc) / z0`` with ``q`` their
+    ``pixel_quantile`` (0.999) quantile, so that the reference maps' 99.9th percentile lands exactly on
+    the boundary. Both scales are floored at ``SCALE_FLOOR * |loc|`` (and 1e-6) so that identical
+    references cannot blow the scale up. Then ``c = sigmoid((z - z0) / temperature)``: an image ``z0``
+    (3) normal standard deviations above the normal centre sits on the boundary 0.5.
+``"probability"`` (zero-shot prior for scorers whose outputs already are probabilities: WinCLIP)
+    ``c = clip(s, 0, 1)`` for scores and maps.
+``"self"`` (zero-shot prior for any other scorer, e.g. MAEDAY, and for a few-shot scorer with a single
+    reference, where leave-one-out is impossible)
+    Each image is judged against its own map: ``loc`` = median of the map, ``scale`` = 1.4826 * MAD
+    of the map. Pixels: ``c = sigmoid(((m - loc) / scale - z0_pixel) / temperature)`` with ``z0_pixel``
+    = 4; image: the same on the image score with ``z0_image`` = 6 (the maximum of ~50k normal pixels
+    already lies near 4.5 robust sigmas, so the image boundary sits above it). This is a scale-free
+    prior: it knows nothing of what normal looks like, only how peaked the map is.
+
+Fusion rules (on calibrated values, per image and per pixel, at each image's own resolution):
+``"mean"`` (weighted arithmetic mean), ``"max"`` (maximum over the scorers with a positive weight) and
+``"harmonic"`` (weighted harmonic mean ``sum(w) / sum(w / max(c, eps))``: one confident "normal"
+vote pulls the result down, as WinCLIP fuses its own maps).
+
+Tier weights (:func:`tier_weights`): scorers belong to the zero-shot tier or the few-shot tier. With
+``k`` references the few-shot tier gets ``w_few = k / (k + k0)`` and the zero-shot tier ``1 - w_few``
+(``k0 = 2``: one reference gives the few-shot tier 1/3, four give 2/3, sixteen 0.89); within a tier
+the weight is split by the user's per-scorer weights (equal by default). A tier with no active scorer
+gives its weight to the other.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from vlad.errors import VladError
+from vlad.types import AnomalyResult
+
+FUSION_RULES = ("mean", "max", "harmonic")
+NORMALISER_KINDS = ("reference", "probability", "self")
+NORMALISATION_METHODS = ("robust", "zscore")
+#: fewest normal samples a "reference" normaliser is fitted from; below that a prior is used
+MIN_CALIBRATION = 2
+SCALE_FLOOR = 0.05
+EPS = 1e-6
+#: scorers whose raw image scores and maps already are anomaly probabilities
+PROBABILITY_SCORERS = frozenset({"winclip"})
+_MAX_PIXELS = 2_000_000  # reference pixel statistics use at most this many values (evenly subsampled)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
+
+
+def _robust_loc_scale(values: np.ndarray) -> tuple[float, float]:
+    med = float(np.median(values))
+    return med, float(np.median(np.abs(values - med)) * 1.4826)
+
+
+def _floor(scale: float, loc: float) -> float:
+    return max(float(scale), SCALE_FLOOR * abs(float(loc)), EPS)
+
+
+@dataclass
+class Normaliser:
+    """Maps one scorer's raw scores and maps to the calibrated ``[0, 1]`` scale (see module docstring).
+
+    Attributes:
+        kind: ``"reference"``, ``"probability"`` or ``"self"``.
+        image_loc, image_scale: centre and spread of normal image scores (``"reference"`` only).
+        pixel_loc, pixel_scale: centre and spread of normal map values (``"reference"`` only).
+        z0_image, z0_pixel: standardised distance from normal that maps to the boundary 0.5.
+        temperature: softness of the sigmoid (1 = one standard unit per logit).
+        n_samples: how many reference images the statistics come from.
+        method: ``"robust"`` (median/MAD) or ``"zscore"`` (mean/std), for ``"reference"``.
+    """
+
+    kind: str = "self"
+    image_loc: float = 0.0
+    image_scale: float = 1.0
+    pixel_loc: float = 0.0
+    pixel_scale: float = 1.0
+    z0_image: float = 6.0
+    z0_pixel: float = 4.0
+    temperature: float = 1.0
+    n_samples: int = 0
+    method: str = "robust"
+
+    def __post_init__(self) -> None:
+        if self.kind not in NORMALISER_KINDS:
+            raise VladError(f"normaliser kind must be one of {NORMALISER_KINDS}, got {self.kind!r}")
+        if self.temperature <= 0:
+            raise VladError(f"normaliser temperature must be > 0, got {self.temperature}")
+
+    # -- applying --------------------------------------------------------------------------
+    def transform(self, scores: np.ndarray, maps: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Calibrate ``scores`` ``(B,)`` and ``maps`` (B maps ``(H_i, W_i)``) -> same shapes in ``[0, 1]``."""
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        maps = [np.asarray(m, dtype=np.float64) for m in maps]
+        t = self.temperature
+        if self.kind == "probability":
+            out_s = np.clip(scores, 0.0, 1.0)
+            out_m = [np.clip(m, 0.0, 1.0) for m in maps]
+        elif self.kind == "reference":
+            out_s = _sigmoid(((scores - self.image_loc) / self.image_scale - self.z0_image) / t)
+            out_m = [_sigmoid(((m - self.pixel_loc) / self.pixel_scale - self.z0_pixel) / t) for m in maps]
+        else:  # "self": each image against its own map
+            out_s = np.empty_like(scores)
+            out_m = []
+            for i, (s, m) in enumerate(zip(scores, maps, strict=True)):
+                loc, scale = _robust_loc_scale(m.reshape(-1))
+                scale = _floor(scale, loc)
+                out_s[i] = _sigmoid(((s - loc) / scale - self.z0_image) / t)
+                out_m.append(_sigmoid(((m - loc) / scale - self.z0_pixel) / t))
+        return out_s.astype(np.float32), [m.astype(np.float32) for m in out_m]
+
+    def apply(self, result: AnomalyResult) -> AnomalyResult:
+        """A calibrated copy of ``result`` (names kept; labels, masks and components dropped)."""
+        s, m = self.transform(result.image_scores, result.map_list())
+        return AnomalyResult(s, m, names=result.names)
+
+    # -- (de)serialising -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Normaliser:
+        """Rebuild from :meth:`to_dict` output, checking keys and types.
+
+        Raises:
+            VladError: ``data`` is not a dict of the expected keys with number/str values.
+        """
+        if not isinstance(data, dict):
+            raise VladError(f"a normaliser must be a JSON object, got {type(data).__name__}")
+        known = {f.name: f.type for f in fields(cls)}
+        extra = set(data) - set(known)
+        if extra:
+            raise VladError(f"unexpected normaliser keys {sorted(extra)}; expected some of {sorted(known)}")
+        clean: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in ("kind", "method"):
+                if not isinstance(value, str):
+                    raise VladError(f"normaliser {key!r} must be a string, got {type(value).__name__}")
+            elif key == "n_samples":
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise VladError(f"normaliser 'n_samples' must be an integer, got {value!r}")
+            else:
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                    raise VladError(f"normaliser {key!r} must be a finite number, got {value!r}")
+                value = float(value)
+            clean[key] = value
+        return cls(**clean)
+
+
+def prior_normaliser(scorer_name: str, **overrides: Any) -> Normaliser:
+    """The zero-shot calibration of scorer ``scorer_name`` (no references): ``"probability"`` for
+    scorers whose outputs are probabilities (WinCLIP), otherwise the ``"self"`` prior."""
+    kind = "probability" if scorer_name in PROBABILITY_SCORERS else "self"
+    return Normaliser(kind=kind, **overrides)
+
+
+def fit_reference_normaliser(
+    scores: np.ndarray,
+    maps: Sequence[np.ndarray],
+    method: str = "robust",
+    z0_image: float = 3.0,
+    pixel_quantile: float = 0.999,
+    z0_pixel: float = 3.0,
+    temperature: float = 1.0,
+) -> Normaliser:
+    """Fit a ``"reference"`` normaliser from a scorer's scores and maps of known-normal images.
+
+    Args:
+        scores: ``(n,)`` image scores of normal references (leave-one-out for few-shot scorers).
+        maps: n maps ``(H_i, W_i)`` of the same references.
+        method: ``"robust"`` (median / 1.4826 MAD) or ``"zscore"`` (mean / std) for image scores.
+        z0_image: standardised distance that maps to the boundary 0.5 for image scores.
+        pixel_quantile: the reference maps' quantile that maps to the pixel boundary 0.5.
+        z0_pixel: standardised pixel distance of that quantile.
+        temperature: softness of the sigmoid.
+
+    Raises:
+        VladError: fewer than :data:`MIN_CALIBRATION` samples, or an unknown method.
+    """
+    if method not in NORMALISATION_METHODS:
+        raise VladError(f"normalisation method must be one of {NORMALISATION_METHODS}, got {method!r}")
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if len(scores) < MIN_CALIBRATION or len(maps) != len(scores):
+        raise VladError(
+            f"a reference normaliser needs at least {MIN_CALIBRATION} normal scores and one map each, "
+            f"got {len(scores)} scores and {len(maps)} maps; use prior_normaliser() with fewer references"
+        )
+    if not np.isfinite(scores).all():
+        raise VladError("reference scores contain NaN or infinite values; the scorer is broken")
+    if method == "robust":
+        loc, scale = _robust_loc_scale(scores)
+        if scale <= EPS:  # more than half the scores tie: MAD is 0, fall back to the std
+            scale = float(np.std(scores, ddof=1))
+    else:
+        loc, scale = float(np.mean(scores)), float(np.std(scores, ddof=1))
+    values = np.concatenate([np.asarray(m, dtype=np.float64).reshape(-1) for m in maps])
+    if values.size > _MAX_PIXELS:
+        values = values[:: int(math.ceil(values.size / _MAX_PIXELS))]
+    ploc = float(np.median(values))
+    phigh = float(np.quantile(values, pixel_quantile))
+    pscale = (phigh - ploc) / z0_pixel if z0_pixel > 0 else phigh - ploc
+    return Normaliser(
+        kind="reference",
+        image_loc=loc,
+        image_scale=_floor(scale, loc),
+        pixel_loc=ploc,
+        pixel_scale=_floor(pscale, ploc),
+        z0_image=float(z0_image),
+        z0_pixel=float(z0_pixel),
+        temperature=float(temperature),
+        n_samples=int(len(scores)),
+        method=method,
+    )
+
+
+# -- fusion --------------------------------------------------------------------------------------
+def _check_rule(rule: str) -> None:
+    if rule not in FUSION_RULES:
+        raise VladError(f"fusion rule must be one of {FUSION_RULES}, got {rule!r}")
+
+
+def fuse_arrays(values: Sequence[np.ndarray], weights: Sequence[float], rule: str = "mean") -> np.ndarray:
+    """Fuse same-shaped calibrated arrays (one per scorer) into one.
+
+    Args:
+        values: S arrays of one shape (e.g. ``(B,)`` scores or one ``(H, W)`` map each), in ``[0, 1]``.
+        weights: S non-negative weights, at least one positive (ignored by ``"max"`` except that
+            zero-weight scorers are left out).
+        rule: ``"mean"``, ``"max"`` or ``"harmonic"``.
+
+    Returns:
+        float32 array of the common shape.
+    """
+    _check_rule(rule)
+    if len(values) != len(weights) or not values:
+        raise VladError(f"need one weight per input, got {len(values)} inputs and {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise VladError(f"fusion weights must be finite, >= 0 and not all 0, got {w.tolist()}")
+    keep = [i for i in range(len(w)) if w[i] > 0]
+    stack = np.stack([np.asarray(values[i], dtype=np.float64) for i in keep])
+    w = w[keep] / w[keep].sum()
+    wb = w.reshape((-1,) + (1,) * (stack.ndim - 1))
+    if rule == "mean":
+        out = (wb * stack).sum(axis=0)
+    elif rule == "max":
+        out = stack.max(axis=0)
+    else:
+        out = 1.0 / (wb / np.maximum(stack, EPS)).sum(axis=0)
+    return out.astype(np.float32)
+
+
+def fuse_results(
+    results: Mapping[str, AnomalyResult], weights: Mapping[str, float], rule: str = "mean"
+) -> AnomalyResult:
+    """Fuse calibrated per-scorer results of the same images into one :class:`AnomalyResult`.
+
+    Maps are fused image by image at each image's own resolution (mixed sizes give a list).
+    ``components`` of the output holds the inputs.
+    """
+    names = [n for n in results if weights.get(n, 0.0) > 0]
+    if not names:
+        raise VladError(f"no scorer with a positive weight among {list(results)} (weights {dict(weights)})")
+    w = [float(weights[n]) for n in names]
+    n_images = {len(results[n]) for n in names}
+    if len(n_images) != 1:
+        raise VladError(f"components scored different numbers of images: { {n: len(results[n]) for n in names} }")
+    scores = fuse_arrays([results[n].image_scores for n in names], w, rule)
+    per_scorer_maps = [results[n].map_list() for n in names]
+    maps = []
+    for i in range(len(scores)):
+        shapes = {m[i].shape for m in per_scorer_maps}
+        if len(shapes) != 1:
+            raise VladError(f"image {i}: components returned maps of different sizes {sorted(shapes)}")
+        maps.append(fuse_arrays([m[i] for m in per_scorer_maps], w, rule))
+    first = results[names[0]]
+    return AnomalyResult(scores, maps, components=dict(results), names=first.names)
+
+
+def tier_weights(
+    tiers: Mapping[str, str],
+    n_references: int,
+    k0: float = 2.0,
+    scorer_weights: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Weight per active scorer: the few-shot tier gets ``k / (k + k0)``, the zero-shot tier the rest.
+
+    Args:
+        tiers: active scorer name -> ``"zero"`` or ``"few"``.
+        n_references: k, the number of reference images.
+        k0: references at which both tiers weigh the same (> 0).
+        scorer_weights: optional relative weights within a tier (default 1 each).
+
+    Returns:
+        name -> weight, summing to 1.
+    """
+    if k0 <= 0:
+        raise VladError(f"k0 must be > 0, got {k0}")
+    if not tiers:
+        raise VladError("no active scorer to weigh")
+    bad = {n: t for n, t in tiers.items() if t not in ("zero", "few")}
+    if bad:
+        raise VladError(f"tiers must be 'zero' or 'few', got {bad}")
+    sw = dict(scorer_weights or {})
+    members = {t: [n for n in tiers if tiers[n] == t] for t in ("zero", "few")}
+    k = max(0, int(n_references))
+    w_few = k / (k + k0)
+    tier_w = {"zero": 1.0 - w_few, "few": w_few}
+    if not members["few"]:
+        tier_w = {"zero": 1.0, "few": 0.0}
+    elif not members["zero"]:
+        tier_w = {"zero": 0.0, "few": 1.0}
+    out: dict[str, float] = {}
+    for t, names in members.items():
+        rel = np.array([float(sw.get(n, 1.0)) for n in names], dtype=np.float64)
+        if names and (rel < 0).any():
+            raise VladError(f"scorer weights must be >= 0, got {sw}")
+        total = rel.sum()
+        for n, r in zip(names, rel):
+            out[n] = tier_w[t] * (r / total) if total > 0 else 0.0
+    return out
