@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 from vlad.backbones import Backbone
@@ -24,6 +26,14 @@ def _weight_file(location: Path) -> Path:
     raise FileNotFoundError(f"no open_clip weight file in {location}")
 
 
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip logs a warning when it builds a model without pretrained weights; with
+    ``weights="random"`` that is what the user asked for, so it is not worth a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def load_clip(spec: WeightSpec, location: Path | None) -> Backbone:
     """Build an open_clip model; ``location`` None means random init."""
     import open_clip
@@ -35,7 +45,12 @@ def load_clip(spec: WeightSpec, location: Path | None) -> Backbone:
         tokenizer = open_clip.get_tokenizer("ViT-B-16")
     else:
         pretrained = None if location is None else str(_weight_file(location))
-        model = open_clip.create_model(spec.arch, pretrained=pretrained)
+        quiet = _DropRandomInitNotice()
+        logging.getLogger().addFilter(quiet)
+        try:
+            model = open_clip.create_model(spec.arch, pretrained=pretrained)
+        finally:
+            logging.getLogger().removeFilter(quiet)
         tokenizer = open_clip.get_tokenizer(spec.arch)
     model.requires_grad_(False)
     return Backbone(model, spec, tokenizer)
