@@ -105,3 +105,42 @@ def test_bounded_index_is_exact(structured, chunk):
     torch.testing.assert_close(d[:, 0].double(), ref.values, atol=1e-4, rtol=1e-4)
     pruned = index.stats["rows_searched"] < 0.2 * index.stats["chunks"] * mem.shape[0]
     assert pruned == structured
+
+
+@pytest.mark.parametrize("candidates,max_batch", [(8, 4), (32, 2048), (200, 16)])
+@pytest.mark.parametrize("clustered", [False, True])
+def test_coreset_small_candidate_sets_and_lazy_freezing_keep_the_sequence(candidates, max_batch, clustered):
+    # few candidates per round and N >> 4 * candidates: exercises the frozen points, the level lowering
+    # and the round boundaries, on isotropic and on clustered (mixture of Gaussians) features
+    g = torch.Generator().manual_seed(7)
+    if clustered:
+        centres = 4.0 * torch.randn(20, 96, generator=g)
+        f = centres[torch.randint(0, 20, (4000,), generator=g)] + torch.randn(4000, 96, generator=g)
+    else:
+        f = torch.randn(4000, 96, generator=g)
+    ref = greedy_coreset_reference(f, n_select=300, projection_dim=48, random_state=2)
+    fast = greedy_coreset(
+        f, n_select=300, projection_dim=48, random_state=2, candidates=candidates, max_batch=max_batch
+    )
+    assert fast.tolist() == ref.tolist()
+
+
+def test_coreset_duplicate_points_ties_still_greedy():
+    # exact ties (duplicated rows) reach the fallback; every pick must still be a farthest point
+    base = torch.randn(40, 16, generator=torch.Generator().manual_seed(3))
+    f = base.repeat(30, 1)  # 1200 rows, 40 distinct points
+    sel = greedy_coreset(f, n_select=60, projection_dim=None, random_state=1, candidates=8)
+    x, start = _projected(f, None, 1)
+    x = x.double()
+    min_d = torch.linalg.norm(x - x[start], dim=1)
+    for idx in sel.tolist():
+        assert min_d[idx] >= min_d.max() * (1 - 1e-5) - 1e-6
+        min_d = torch.minimum(min_d, torch.linalg.norm(x - x[idx], dim=1))
+    assert len(set(sel.tolist())) == 60
+    assert len({tuple(f[i].tolist()) for i in sel[:39].tolist()}) == 39  # the distinct points come first
+
+
+def test_coreset_restores_the_thread_count():
+    before = torch.get_num_threads()
+    greedy_coreset(torch.randn(300, 8), n_select=10)
+    assert torch.get_num_threads() == before
