@@ -34,3 +34,19 @@ def machine_line() -> str:
 
     return (f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}")
+
+
+def synthetic_images(n: int, size: int, seed: int) -> list:
+    """``n`` seeded striped-texture uint8 RGB images ``(size, size, 3)``: benchmark inputs (cost does
+    not depend on content)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = []
+    for _ in range(n):
+        fx, fy = rng.uniform(2, 8, 2)
+        base = 0.5 + 0.25 * np.sin(xx / fx) * np.cos(yy / fy)
+        img = base[..., None] + rng.normal(0, 0.03, (size, size, 3))
+        out.append((np.clip(img, 0, 1) * 255).astype(np.uint8))
+    return out

@@ -24,21 +24,9 @@ import sys
 import time
 from collections.abc import Sequence
 
+from vlad.bench._util import synthetic_images as _images
+
 BACKBONE = "vit_small_patch14_dinov2.lvd142m"
-
-
-def _images(n: int, size: int, seed: int):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    out = []
-    for _ in range(n):
-        fx, fy = rng.uniform(2, 8, 2)
-        base = 0.5 + 0.25 * np.sin(xx / fx) * np.cos(yy / fy)
-        img = base[..., None] + rng.normal(0, 0.03, (size, size, 3))
-        out.append((np.clip(img, 0, 1) * 255).astype(np.uint8))
-    return out
 
 
 def _child(args: argparse.Namespace) -> dict:
