@@ -9,7 +9,7 @@ from conftest import textured, with_defect
 
 import vlad
 from vlad.errors import EmptyReferenceSetError, NotFittedError
-from vlad.scorers.autoencoder import ssim_map, train_loop
+from vlad.scorers.autoencoder import aspect_size, ssim_map, train_loop
 
 PARAMS = dict(weights="tiny", image_size=64, train_steps=12, batch_size=4, random_state=0)
 
@@ -33,6 +33,14 @@ def test_training_loss_decreases(fitted):
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3])
 
 
+def test_map_is_in_units_of_the_references_error(fitted):
+    # each of the two error terms is divided by its mean over the references, so on the references
+    # themselves the map averages about 1 + 1 (smoothing and resizing keep the mean up to borders)
+    assert all(v > 0 for v in fitted.error_scale_)
+    maps = fitted.predict([textured(i) for i in range(4)]).anomaly_maps
+    assert np.mean([m.mean() for m in maps]) == pytest.approx(2.0, rel=0.15)
+
+
 def test_predict_finite_maps_at_image_size(fitted):
     res = fitted.predict([textured(50), with_defect(textured(51)), textured(52, size=80)[:, :70]])
     assert res.image_scores.shape == (3,) and np.isfinite(res.image_scores).all()
@@ -48,6 +56,27 @@ def test_save_load_identical(fitted, tmp_path):
     np.testing.assert_array_equal(before.image_scores, after.image_scores)
     np.testing.assert_array_equal(before.anomaly_maps, after.anomaly_maps)
     assert loaded.loss_history_ == fitted.loss_history_
+    assert loaded.error_scale_ == fitted.error_scale_
+
+
+@pytest.mark.parametrize("name", ["autoencoder", "draem"])
+def test_default_size_keeps_the_references_aspect_ratio(name, tmp_path):
+    # tall references (like KolektorSDD's 203 x 512) must not be squashed into a square
+    refs = [np.ascontiguousarray(textured(i, size=160)[:, :64]) for i in range(2)]
+    params = {**PARAMS, "image_size": None, "train_steps": 2}
+    scorer = vlad.create_scorer(name, **params).fit(refs)
+    assert scorer.size_ == (416, 160)
+    loaded = vlad.scorers.base.load_scorer(scorer.save(tmp_path / name))
+    assert loaded.size_ == (416, 160)
+    res = loaded.predict([refs[0]])
+    assert res.anomaly_maps[0].shape == (160, 64)
+
+
+def test_aspect_size_rounds_to_multiples():
+    square = [vlad.images.load_image(np.zeros((512, 512, 3), np.float32))]
+    wide = [vlad.images.load_image(np.zeros((100, 300, 3), np.float32))]
+    assert aspect_size(square, 256, 32) == (256, 256)
+    assert aspect_size(wide, 256, 32) == (160, 448)
 
 
 def test_seeded_training_is_deterministic(fitted):

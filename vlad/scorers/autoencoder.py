@@ -6,11 +6,16 @@ convolutional AE with a narrow bottleneck, trained with an SSIM term, and a per-
 between an image and its reconstruction (DSSIM). No pretrained weights are involved, so results on real
 data are real even on machines without a model hub.
 
-Defaults (a CPU budget of a few minutes on 2 cores): 256 px input, five stride-2 stages down to an
-``8 x 8 x 32`` bottleneck, Adam lr 1e-3, ``train_steps=400`` steps of ``batch_size=8`` random references
+Defaults (a CPU budget of a few minutes on 2 cores): about 256 x 256 px input in the references' aspect
+ratio (:func:`aspect_size`), five stride-2 stages down to an ``8 x 8 x 32`` bottleneck (at 256 x 256), Adam lr 1e-3, ``train_steps=400`` steps of ``batch_size=8`` random references
 (sampled with replacement), light augmentation (flips only when ``augment=True``). Map = mean over RGB of
-``1 - SSIM`` (11 x 11 Gaussian window, sigma 1.5) blended with the squared error, smoothed with a Gaussian
-(``sigma=4`` px at the training size); image score = max of the smoothed map.
+``1 - SSIM`` (11 x 11 Gaussian window, sigma 1.5) plus the squared error, each divided by its mean over the
+references after training so that neither dominates by scale, smoothed with a Gaussian (``sigma=4`` px at the
+training size); image score = max of the smoothed map. SSIM alone suits structured objects (MPDD metal
+plates) but on fine random texture (KolektorSDD commutators) the autoencoder cannot reproduce the grain and
+``1 - SSIM`` is high everywhere; the squared error keeps thin dark cracks visible. Measured with 16 references
+and the defaults: image/pixel AUROC on KolektorSDD 56.9/70.7 (SSIM map) -> 77.9/88.4 (this map), on MPDD
+94.2/97.4 -> 92.3/97.4.
 
 Stopping: a KeyboardInterrupt (Ctrl-C) during training stops it cleanly: the model trained so far is kept,
 a warning is logged, ``interrupted_`` is True and ``fit`` returns normally. A second Ctrl-C aborts.
@@ -27,6 +32,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,6 +65,18 @@ def resolve_size(image_size: int | Sequence[int] | None, default: int | Sequence
             f"e.g. image_size={multiple * max(1, round(256 / multiple))}"
         )
     return hw
+
+
+def aspect_size(images: Sequence[LoadedImage], side: int, multiple: int) -> tuple[int, int]:
+    """``(H, W)``, multiples of ``multiple``, of about ``side**2`` pixels in the images' median aspect ratio.
+
+    The from-scratch scorers' default working size: squashing a 203 x 512 image into a square would halve
+    its height and make thin horizontal defects vanish, so the shape of the references is kept instead.
+    """
+    ratio = float(np.median([img.size[0] / img.size[1] for img in images]))
+    h = max(multiple, int(round(side * math.sqrt(ratio) / multiple)) * multiple)
+    w = max(multiple, int(round(side / math.sqrt(ratio) / multiple)) * multiple)
+    return h, w
 
 
 def images_to_tensor(images: Sequence[LoadedImage], size: tuple[int, int], device="cpu") -> torch.Tensor:
@@ -192,12 +210,13 @@ class AutoEncoder(BaseScorer):
         device: torch device or ``"auto"``.
         batch_size: images per training step and per prediction batch.
         random_state: seed of the initialisation and of the batch sampling.
-        image_size: training/inference size, int or ``(H, W)``, multiples of 32; None = 256.
+        image_size: training/inference size, int or ``(H, W)``, multiples of 32; None = about 256 x 256
+            pixels in the references' aspect ratio (e.g. 416 x 160 for 203 x 512 images).
         train_steps: optimisation steps (the training budget).
         lr: Adam learning rate.
         base_channels: width of the first stage (doubling per stage, capped at 8x).
         latent_channels: channels of the ``H/32 x W/32`` bottleneck.
-        ssim_weight: weight of ``1 - SSIM`` in the loss and the map (the rest is the squared error).
+        ssim_weight: weight of ``1 - SSIM`` in the training loss (the rest is the squared error).
         sigma: Gaussian smoothing of the map, in pixels at ``image_size``.
         augment: random flips during training (off by default: orientation may matter on a line).
     """
@@ -246,13 +265,30 @@ class AutoEncoder(BaseScorer):
             self.model_ = ConvAutoEncoder(width, latent).to(self.device_)
         self.model_.eval()
 
+    @staticmethod
+    def _error_terms(x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel ``1 - SSIM`` and squared error (mean over channels), each ``(B, H, W)``."""
+        return 1.0 - ssim_map(x, recon), ((x - recon) ** 2).mean(dim=1)
+
     def _error_map(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """Per-pixel reconstruction error ``(B, H, W)``: ``w * (1 - SSIM) + (1 - w) * squared error``."""
-        dssim = 1.0 - ssim_map(x, recon)
-        sq = ((x - recon) ** 2).mean(dim=1)
-        return self.ssim_weight * dssim + (1.0 - self.ssim_weight) * sq
+        """The anomaly map before smoothing: both error terms in units of their mean over the references."""
+        dssim, sq = self._error_terms(x, recon)
+        return dssim / self.error_scale_[0] + sq / self.error_scale_[1]
+
+    def _reference_error_scale(self, data: torch.Tensor) -> list[float]:
+        """Mean ``1 - SSIM`` and mean squared error of the trained model on the references."""
+        sums = [0.0, 0.0]
+        bs = max(1, int(self.batch_size))
+        with torch.inference_mode():
+            for i in range(0, data.shape[0], bs):
+                x = data[i : i + bs].to(self.device_)
+                for j, term in enumerate(self._error_terms(x, self.model_(x))):
+                    sums[j] += term.mean(dim=(1, 2)).sum().item()
+        return [max(v / data.shape[0], 1e-8) for v in sums]
 
     def _fit(self, references: list[LoadedImage] | None) -> None:
+        if self.image_size is None:
+            self.size_ = aspect_size(references, 256, multiple=32)
         data = images_to_tensor(references, self.size_)  # (N, 3, H, W), kept on CPU
         gen = torch.Generator().manual_seed(0 if self.random_state is None else int(self.random_state))
         opt = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
@@ -266,7 +302,8 @@ class AutoEncoder(BaseScorer):
                 x = _augment(x, gen)
             x = x.to(self.device_)
             recon = self.model_(x)
-            loss = self._error_map(x, recon).mean()
+            dssim, sq = self._error_terms(x, recon)
+            loss = (self.ssim_weight * dssim + (1.0 - self.ssim_weight) * sq).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -275,6 +312,7 @@ class AutoEncoder(BaseScorer):
         with seeded(self.random_state, self.device_):
             self.loss_history_, self.interrupted_ = train_loop(step, int(self.train_steps), "AutoEncoder training")
         self.model_.eval()
+        self.error_scale_ = self._reference_error_scale(data)
 
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
         x = images_to_tensor(images, self.size_, self.device_)
@@ -292,10 +330,17 @@ class AutoEncoder(BaseScorer):
 
     def _get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
-        return tensors, {"loss_history": self.loss_history_, "interrupted": self.interrupted_}
+        return tensors, {"loss_history": self.loss_history_, "interrupted": self.interrupted_,
+                         "size": list(self.size_), "error_scale": list(self.error_scale_)}
 
     def _set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.model_.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         self.model_.eval()
         self.loss_history_ = list(meta.get("loss_history", []))
         self.interrupted_ = bool(meta.get("interrupted", False))
+        if "size" in meta:
+            self.size_ = resolve_size(meta["size"], 256, multiple=32)
+        if "error_scale" not in meta:
+            logger.warning("this AutoEncoder was saved by an older vlad without reference error statistics; "
+                           "its maps are uncalibrated until it is fitted again")
+        self.error_scale_ = [float(v) for v in meta.get("error_scale", (1.0, 1.0))]

@@ -13,7 +13,8 @@ image score is the max of the smoothed map.
 
 Reduced for a CPU (documented departures from the paper): the paper's widths are 128 (reconstructive) and
 64 (discriminative) with 700 epochs on 256 px images and DTD textures; here the reconstructive network is
-vlad's strided convolutional autoencoder (width 16, ``16 x 16 x 64`` code at 256 px) and the
+vlad's strided convolutional autoencoder (width 16, ``16 x 16 x 64`` code at 256 x 256 px;
+inputs keep the references' aspect ratio at about that area) and the
 discriminative U-Net has width 16 (strided convolutions, skip connections, working at half resolution), trained for
 ``train_steps=400`` steps of ``batch_size=4`` with Adam lr 1e-3 (paper: 1e-4, decayed) -- a few minutes on
 2 cores. The texture of each synthetic anomaly is another reference image (or the image itself), re-styled
@@ -37,6 +38,7 @@ from vlad.images import LoadedImage
 from vlad.ops import gaussian_blur
 from vlad.scorers.autoencoder import (
     ConvAutoEncoder,
+    aspect_size,
     check_weights_mode,
     images_to_tensor,
     resolve_size,
@@ -121,7 +123,8 @@ class DRAEM(BaseScorer):
         device: torch device or ``"auto"``.
         batch_size: images per training step and per prediction batch.
         random_state: seed of the initialisation, the batch sampling and the anomaly synthesis.
-        image_size: int or ``(H, W)``, multiples of 32; None = 256.
+        image_size: int or ``(H, W)``, multiples of 32; None = about 256 x 256 pixels in the
+            references' aspect ratio (e.g. 416 x 160 for 203 x 512 images).
         train_steps: optimisation steps (the training budget).
         lr: Adam learning rate (decayed x0.2 at 80% and 90% of the steps, as the paper's schedule).
         recon_channels, latent_channels, disc_channels: network widths.
@@ -192,6 +195,8 @@ class DRAEM(BaseScorer):
                 to_t(data[idx]).permute(0, 3, 1, 2).contiguous())
 
     def _fit(self, references: list[LoadedImage] | None) -> None:
+        if self.image_size is None:
+            self.size_ = aspect_size(references, 256, multiple=32)
         data = images_to_tensor(references, self.size_).permute(0, 2, 3, 1).contiguous().numpy()
         seed = 0 if self.random_state is None else int(self.random_state)
         rng = np.random.default_rng(seed)
@@ -225,10 +230,13 @@ class DRAEM(BaseScorer):
 
     def _get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
-        return tensors, {"loss_history": self.loss_history_, "interrupted": self.interrupted_}
+        return tensors, {"loss_history": self.loss_history_, "interrupted": self.interrupted_,
+                         "size": list(self.size_)}
 
     def _set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.model_.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         self.model_.eval()
         self.loss_history_ = list(meta.get("loss_history", []))
         self.interrupted_ = bool(meta.get("interrupted", False))
+        if "size" in meta:
+            self.size_ = resolve_size(meta["size"], 256, multiple=32)
