@@ -6,16 +6,16 @@ convolutional AE with a narrow bottleneck, trained with an SSIM term, and a per-
 between an image and its reconstruction (DSSIM). No pretrained weights are involved, so results on real
 data are real even on machines without a model hub.
 
-Defaults (a CPU budget of a few minutes on 2 cores): about 256 x 256 px input in the references' aspect
-ratio (:func:`aspect_size`), five stride-2 stages down to an ``8 x 8 x 32`` bottleneck (at 256 x 256), Adam lr 1e-3, ``train_steps=400`` steps of ``batch_size=8`` random references
-(sampled with replacement), light augmentation (flips only when ``augment=True``). Map = mean over RGB of
-``1 - SSIM`` (11 x 11 Gaussian window, sigma 1.5) plus the squared error, each divided by its mean over the
-references after training so that neither dominates by scale, smoothed with a Gaussian (``sigma=4`` px at the
-training size); image score = max of the smoothed map. SSIM alone suits structured objects (MPDD metal
-plates) but on fine random texture (KolektorSDD commutators) the autoencoder cannot reproduce the grain and
-``1 - SSIM`` is high everywhere; the squared error keeps thin dark cracks visible. Measured with 16 references
-and the defaults: image/pixel AUROC on KolektorSDD 56.9/70.7 (SSIM map) -> 77.9/88.4 (this map), on MPDD
-94.2/97.4 -> 92.3/97.4.
+Defaults (a CPU budget of a few minutes on 2 cores): about 256 x 256 px input in the references' aspect ratio
+(:func:`aspect_size`), five stride-2 stages down to an ``8 x 8 x 32`` bottleneck (at 256 x 256), Adam lr 1e-3,
+``train_steps=400`` steps of ``batch_size=8`` random references (sampled with replacement), light augmentation
+(flips only when ``augment=True``). Map = mean over RGB of ``1 - SSIM`` (11 x 11 Gaussian window, sigma 1.5)
+plus the squared error, each divided by its mean over the references after training so that neither dominates
+by scale, smoothed with a Gaussian (``sigma=4`` px at the training size); image score = max of the smoothed
+map. SSIM alone suits structured objects (MPDD metal plates) but on fine random texture (KolektorSDD
+commutators) the autoencoder cannot reproduce the grain and ``1 - SSIM`` is high everywhere; the squared error
+keeps thin dark cracks visible. Measured with 16 references and the defaults: image/pixel AUROC on KolektorSDD
+56.9/70.7 (SSIM map) -> 77.9/88.4 (this map), on MPDD 94.2/97.4 -> 92.3/97.4.
 
 Stopping: a KeyboardInterrupt (Ctrl-C) during training stops it cleanly: the model trained so far is kept,
 a warning is logged, ``interrupted_`` is True and ``fit`` returns normally. A second Ctrl-C aborts.

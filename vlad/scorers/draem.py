@@ -11,15 +11,14 @@ with synthetic anomalies (:func:`vlad.synthesis.perlin_blend`: Perlin-noise mask
 At test time the map is the discriminative network's anomaly probability, smoothed with a Gaussian; the
 image score is the max of the smoothed map.
 
-Reduced for a CPU (documented departures from the paper): the paper's widths are 128 (reconstructive) and
-64 (discriminative) with 700 epochs on 256 px images and DTD textures; here the reconstructive network is
-vlad's strided convolutional autoencoder (width 16, ``16 x 16 x 64`` code at 256 x 256 px;
-inputs keep the references' aspect ratio at about that area) and the
-discriminative U-Net has width 16 (strided convolutions, skip connections, working at half resolution), trained for
-``train_steps=400`` steps of ``batch_size=4`` with Adam lr 1e-3 (paper: 1e-4, decayed) -- a few minutes on
-2 cores. The texture of each synthetic anomaly is another reference image (or the image itself), re-styled
-by :func:`vlad.synthesis.augment_texture` (no DTD dataset is shipped); half the training samples carry no
-anomaly, as in the paper.
+Reduced for a CPU (documented departures from the paper): the paper's widths are 128 (reconstructive) and 64
+(discriminative) with 700 epochs on 256 px images and DTD textures; here the reconstructive network is vlad's
+strided convolutional autoencoder (width 16, ``16 x 16 x 64`` code at 256 x 256 px; inputs keep the
+references' aspect ratio at about that area) and the discriminative U-Net has width 16 (strided convolutions,
+skip connections, working at half resolution), trained for ``train_steps=400`` steps of ``batch_size=4`` with
+Adam lr 1e-3 (paper: 1e-4, decayed) -- a few minutes on 2 cores. The texture of each synthetic anomaly is
+another reference image (or the image itself), re-styled by :func:`vlad.synthesis.augment_texture` (no DTD
+dataset is shipped); half the training samples carry no anomaly, as in the paper.
 
 Stopping: Ctrl-C during training keeps the model trained so far (warning logged, ``interrupted_=True``).
 """
