@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vlad import AnomalyResult, VladError
-from vlad.fusion import (
+from vlad.detector.fusion import (
     Normaliser,
     fit_reference_normaliser,
     fuse_arrays,
@@ -65,12 +65,12 @@ def test_reference_normaliser_floors_zero_spread_and_needs_two():
 
 
 def test_priors():
-    p = prior_normaliser("winclip")
+    p = prior_normaliser("probability")
     assert p.kind == "probability"
     s, m = p.transform([0.3, 1.2], [np.full((4, 4), 0.7), np.full((4, 4), -1.0)])
     np.testing.assert_allclose(s, [0.3, 1.0])
     assert m[0].max() == pytest.approx(0.7) and m[1].max() == 0.0
-    self_prior = prior_normaliser("maeday")
+    self_prior = prior_normaliser("score")
     assert self_prior.kind == "self"
     rng = np.random.default_rng(0)
     flat = np.abs(rng.normal(size=(32, 32)))
@@ -149,7 +149,7 @@ def test_tier_weights_shift_with_references():
     for w in (w0, w1, w4):
         assert sum(w.values()) == pytest.approx(1.0)
     # user weights inside a tier, configurable k0
-    w = tier_weights(tiers, 2, k0=1.0, scorer_weights={"winclip": 3.0})
+    w = tier_weights(tiers, 2, k0=1.0, fusion_weights={"winclip": 3.0})
     assert w["anomalydino"] == pytest.approx(2 / 3)
     assert w["winclip"] == pytest.approx(0.75 / 3) and w["maeday"] == pytest.approx(0.25 / 3)
     # a tier without members gives its weight away

@@ -42,7 +42,7 @@ class ZeroS(BaseScorer):
 
 class FewS(FewShotMixin, BaseScorer):
     requires_references = True
-    few_shot = True
+
 
     def __init__(self, weights="pretrained", device="cpu", batch_size=4, patch=4):
         self.weights = weights

@@ -30,3 +30,17 @@ class NotFittedError(VladError, _SklearnNotFittedError):
 
 class EmptyReferenceSetError(VladError, ValueError):
     """A few-shot scorer was given no reference images."""
+
+
+class InvalidParameterError(VladError, ValueError):
+    """A parameter or option has a value outside what it accepts (the message lists what it does accept)."""
+
+
+class NonFiniteScoreError(VladError, ArithmeticError):
+    """A scorer produced NaN or infinite scores or maps: its result cannot be trusted, so it is refused
+    rather than labelled (a NaN compared with a threshold would otherwise read as "normal")."""
+
+
+class IntegrityError(VladError):
+    """A saved detector or scorer does not match the checksums recorded when it was saved (the file was
+    changed, truncated or corrupted after saving), or the folder is ambiguous."""

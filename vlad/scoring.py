@@ -155,7 +155,7 @@ def _write_outputs(out: Path, paths: list[Path], res, rows: list[dict[str, Any]]
     summary = {
         "detector": "+".join(det.scorers),
         "active_scorers": [n for n, a in det.active_.items() if a],
-        "weights": det.weights,
+        "fusion_weights": det.fusion_weights,
         "n_references": len(det.list_references()),
         "image_threshold": det.image_threshold,
         "pixel_threshold": det.pixel_threshold,

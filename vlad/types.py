@@ -66,14 +66,17 @@ class AnomalyResult:
         return list(self.anomaly_maps)
 
     def with_thresholds(self, image_threshold: float | None, pixel_threshold: float | None) -> AnomalyResult:
-        """A copy with ``labels`` (score > image_threshold) and ``masks`` (map > pixel_threshold) set."""
-        labels = None if image_threshold is None else self.image_scores > image_threshold
+        """A copy with ``labels`` (score > image_threshold) and ``masks`` (map > pixel_threshold) set.
+
+        A value that is not a number (NaN) is never below a threshold: it counts as anomalous.
+        """
+        labels = None if image_threshold is None else ~(self.image_scores <= image_threshold)
         masks = None
         if pixel_threshold is not None:
             if isinstance(self.anomaly_maps, np.ndarray):
-                masks = self.anomaly_maps > pixel_threshold
+                masks = ~(self.anomaly_maps <= pixel_threshold)
             else:
-                masks = [m > pixel_threshold for m in self.anomaly_maps]
+                masks = [~(m <= pixel_threshold) for m in self.anomaly_maps]
         return replace(self, labels=labels, masks=masks)
 
     @staticmethod

@@ -225,7 +225,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
     """
 
     requires_references = True
-    few_shot = True
+    _aligned_lists = ("ref_info_",)
 
     def __init__(
         self,
@@ -352,9 +352,9 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
         if pending is not None:
             self.ref_info_.extend(pending)
             self._pending_infos = None
-        if len(self.ref_info_) != len(self.memory_chunks_):
-            live = {id(c) for c in self.memory_chunks_}
-            self.ref_info_ = [info for info in self.ref_info_ if id(info["block"]) in live]
+        if len(self.ref_info_) != len(self.memory_chunks_):  # the mixin keeps them aligned: a bug if not
+            raise VladError(f"AnomalyDINO state out of step: {len(self.memory_chunks_)} memory blocks but "
+                            f"{len(self.ref_info_)} reference records; please report this")
         self._rebuild_search_blocks()
         for info, block in zip(self.ref_info_, self.memory_chunks_):
             info["block"] = block
@@ -453,7 +453,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
         n = len(self.memory_chunks_)
         if n < 2:
             raise VladError(f"leave_one_out_scores needs at least 2 references, have {n}; add_references() first")
-        out = np.empty(n, dtype=np.float64)
+        out = np.full(n, np.nan, dtype=np.float64)
         with torch.inference_mode():
             for i, info in enumerate(self.ref_info_):
                 others = [c for j, c in enumerate(self.memory_chunks_) if j != i]

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vlad.errors import InvalidParameterError
 from vlad.images import LoadedImage
 from vlad.ops import gaussian_blur, to_batch
 from vlad.progress import track
@@ -60,7 +61,7 @@ def resolve_size(image_size: int | Sequence[int] | None, default: int | Sequence
     size = default if image_size is None else image_size
     hw = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
     if len(hw) != 2 or min(hw) < multiple or any(s % multiple for s in hw):
-        raise ValueError(
+        raise InvalidParameterError(
             f"image_size must be an int or (H, W) of positive multiples of {multiple}, got {image_size!r}; "
             f"e.g. image_size={multiple * max(1, round(256 / multiple))}"
         )
@@ -150,7 +151,7 @@ def check_weights_mode(weights: Any, name: str) -> str:
     if weights == "pretrained":  # the common default: this method uses no pretrained network at all
         return "random"
     if weights not in ("random", "tiny"):
-        raise ValueError(
+        raise InvalidParameterError(
             f"{name} is trained from scratch and has no pretrained weights: expected weights='random' "
             f"(full width; 'pretrained' is accepted as a synonym) or 'tiny' (narrow, for tests), got "
             f"{weights!r}. To reuse a trained {name}, save() it and load it with vlad.load_scorer(path)."
@@ -255,7 +256,7 @@ class AutoEncoder(BaseScorer):
 
     def _build(self) -> None:
         if self.backbone is not None:
-            raise ValueError(f"AutoEncoder is trained from scratch and takes no backbone; got {self.backbone!r}, "
+            raise InvalidParameterError(f"AutoEncoder is trained from scratch and takes no backbone; got {self.backbone!r}, "
                              "pass backbone=None")
         mode = check_weights_mode(self.weights, "AutoEncoder")
         self.size_ = resolve_size(self.image_size, 256, multiple=32)

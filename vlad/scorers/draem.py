@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vlad.errors import InvalidParameterError
 from vlad.images import LoadedImage
 from vlad.ops import gaussian_blur
 from vlad.scorers.autoencoder import (
@@ -165,11 +166,11 @@ class DRAEM(BaseScorer):
 
     def _build(self) -> None:
         if self.backbone is not None:
-            raise ValueError(f"DRAEM is trained from scratch and takes no backbone; got {self.backbone!r}, "
+            raise InvalidParameterError(f"DRAEM is trained from scratch and takes no backbone; got {self.backbone!r}, "
                              "pass backbone=None")
         mode = check_weights_mode(self.weights, "DRAEM")
         if not 0.0 <= self.anomaly_probability <= 1.0:
-            raise ValueError(f"anomaly_probability must be in [0, 1], got {self.anomaly_probability}")
+            raise InvalidParameterError(f"anomaly_probability must be in [0, 1], got {self.anomaly_probability}")
         self.size_ = resolve_size(self.image_size, 256, multiple=32)
         div = 4 if mode == "tiny" else 1
         with seeded(self.random_state):

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlad.backbones import load_backbone
+from vlad.errors import InvalidParameterError
 from vlad.images import LoadedImage
 from vlad.ops import preprocess_batch, to_batch
 from vlad.scorers.autoencoder import resolve_size, seeded, train_loop
@@ -140,14 +141,14 @@ class EfficientAD(BaseScorer):
     def _build(self) -> None:
         layers = tuple(int(i) for i in self.layers)
         if not layers or any(i < 1 or i > 4 for i in layers):
-            raise ValueError(f"layers must be backbone stages in 1..4, got {self.layers!r}; e.g. (2, 3)")
+            raise InvalidParameterError(f"layers must be backbone stages in 1..4, got {self.layers!r}; e.g. (2, 3)")
         qa, qb = (float(q) for q in self.map_quantiles)
         if not 0.0 <= qa < qb <= 1.0:
-            raise ValueError(f"map_quantiles must satisfy 0 <= q_a < q_b <= 1, got {self.map_quantiles!r}")
+            raise InvalidParameterError(f"map_quantiles must satisfy 0 <= q_a < q_b <= 1, got {self.map_quantiles!r}")
         self.size_ = resolve_size(self.image_size, 256)
         self.grid_ = (pdn_grid(self.size_[0]), pdn_grid(self.size_[1]))
         if min(self.grid_) < 1:
-            raise ValueError(f"image_size {self.size_} is too small for the PDN (receptive field "
+            raise InvalidParameterError(f"image_size {self.size_} is too small for the PDN (receptive field "
                              f"{PDN_RECEPTIVE_FIELD} px); use at least 48 px, 256 is the paper's")
         self.teacher_ = load_backbone(self.backbone, self.weights, self.device_, out_indices=layers)
         tiny = self.weights == "tiny"

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from vlad.backbones import load_backbone
+from vlad.errors import InvalidParameterError, VladError
 from vlad.images import LoadedImage
 from vlad.ops import gaussian_blur, preprocess_batch, resize_maps, to_batch, topk_mean
 from vlad.scorers.base import BaseScorer
@@ -63,13 +64,13 @@ def stratified_masks(n_masks: int, n_patches: int, n_hidden: int, generator: tor
     """
     n_keep = n_patches - n_hidden
     if n_hidden < 1 or n_keep < 1:
-        raise ValueError(
+        raise InvalidParameterError(
             f"each mask must hide at least one patch and keep at least one visible; got {n_hidden} hidden "
             f"of {n_patches} patches. Fix: use a mask_ratio strictly between 0 and 1 (MAEDAY uses 0.75)."
         )
     if n_masks * n_hidden < n_patches:
         need = math.ceil(n_patches / n_hidden)
-        raise ValueError(
+        raise InvalidParameterError(
             f"{n_masks} masks hiding {n_hidden} of {n_patches} patches each cannot hide every patch; "
             f"Fix: use n_masks >= {need} (MAEDAY uses 32) or a larger mask_ratio."
         )
@@ -164,28 +165,28 @@ class MAEDAY(BaseScorer):
     # -- building -----------------------------------------------------------------------------
     def _check_params(self) -> None:
         if self.score not in SCORE_MODES:
-            raise ValueError(f"score must be one of {SCORE_MODES}, got {self.score!r}")
+            raise InvalidParameterError(f"score must be one of {SCORE_MODES}, got {self.score!r}")
         if self.large_images not in LARGE_IMAGE_MODES:
-            raise ValueError(
+            raise InvalidParameterError(
                 f"large_images must be one of {LARGE_IMAGE_MODES}, got {self.large_images!r}"
             )
         if not 0.0 < float(self.mask_ratio) < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio!r}; MAEDAY uses 0.75")
+            raise InvalidParameterError(f"mask_ratio must be in (0, 1), got {self.mask_ratio!r}; MAEDAY uses 0.75")
         if int(self.n_masks) < 1 or int(self.mask_batch) < 1:
-            raise ValueError(
+            raise InvalidParameterError(
                 f"n_masks and mask_batch must be positive integers, got {self.n_masks!r} and {self.mask_batch!r}"
             )
         if self.score == "topk" and not 0.0 < float(self.topk) <= 1.0:
-            raise ValueError(f"topk must be a fraction in (0, 1], got {self.topk!r}")
+            raise InvalidParameterError(f"topk must be a fraction in (0, 1], got {self.topk!r}")
         if float(self.sigma) < 0:
-            raise ValueError(f"sigma must be >= 0 (0 disables smoothing), got {self.sigma!r}")
+            raise InvalidParameterError(f"sigma must be >= 0 (0 disables smoothing), got {self.sigma!r}")
 
     def _build(self) -> None:
         self._check_params()
         bb = load_backbone(self.backbone, self.weights, self.device_)
         model = bb.model
         if not hasattr(model, "decoder") or not hasattr(model, "patchify") or not hasattr(model, "config"):
-            raise ValueError(
+            raise InvalidParameterError(
                 f"MAEDAY needs a masked autoencoder with its decoder (transformers ViTMAEForPreTraining); "
                 f"backbone {self.backbone!r} built a {type(model).__name__}. Fix: use 'facebook/vit-mae-base'."
             )
@@ -195,7 +196,7 @@ class MAEDAY(BaseScorer):
         native = int(config.image_size)
         size = int(self.image_size or bb.spec.preprocess.size)
         if size % patch != 0 or size < 2 * patch:
-            raise ValueError(
+            raise InvalidParameterError(
                 f"image_size must be a multiple of the patch size {patch} and at least {2 * patch}, got {size}; "
                 f"Fix: use e.g. {max(2, round(size / patch)) * patch}"
             )
@@ -227,7 +228,7 @@ class MAEDAY(BaseScorer):
         masks = tensors["masks"].bool().cpu()
         expected = (int(self.n_masks), self.n_patches_)
         if tuple(masks.shape) != expected or int(meta.get("grid", self.grid_)) != self.grid_:
-            raise ValueError(
+            raise InvalidParameterError(
                 f"saved MAEDAY masks have shape {tuple(masks.shape)} (grid {meta.get('grid')}), but the "
                 f"parameters need {expected} (grid {self.grid_}); the saved folder is inconsistent: re-save it"
             )
@@ -280,7 +281,7 @@ class MAEDAY(BaseScorer):
             logits, applied = self._reconstruct(pixels[img_idx], noise_all[mask_idx])
             hidden = hidden_all[mask_idx]
             if not torch.equal(applied.bool(), hidden):
-                raise RuntimeError(
+                raise VladError(
                     "the MAE hid other patches than the ones asked for; this transformers version handles "
                     "the `noise` argument differently (expected: lowest noise kept). Please report it."
                 )

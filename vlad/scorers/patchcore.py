@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from vlad.backbones import load_backbone
-from vlad.errors import EmptyReferenceSetError, VladError
+from vlad.errors import EmptyReferenceSetError, InvalidParameterError, VladError
 from vlad.images import LoadedImage
 from vlad.memory import DEFAULT_MAX_BYTES, BoundedL2Index, greedy_coreset, knn_distances, squared_norms
 from vlad.ops import gaussian_blur, preprocess_batch, resize_maps
@@ -64,7 +64,6 @@ class PatchCore(FewShotMixin, BaseScorer):
     """
 
     requires_references = True
-    few_shot = True
     #: memories at least this large are searched with the exact pruned index (BoundedL2Index)
     _INDEX_MIN_ROWS = 4096
 
@@ -103,12 +102,12 @@ class PatchCore(FewShotMixin, BaseScorer):
     # -- building and embedding ---------------------------------------------------------------
     def _build(self) -> None:
         if not 0.0 < float(self.coreset_ratio) <= 1.0:
-            raise ValueError(f"coreset_ratio must be in (0, 1] (1.0 keeps every patch), got {self.coreset_ratio}")
+            raise InvalidParameterError(f"coreset_ratio must be in (0, 1] (1.0 keeps every patch), got {self.coreset_ratio}")
         if int(self.num_neighbors) < 1:
-            raise ValueError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
+            raise InvalidParameterError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
         layers = tuple(int(i) for i in self.layers)
         if not layers:
-            raise ValueError("layers must name at least one backbone stage, e.g. (2, 3)")
+            raise InvalidParameterError("layers must name at least one backbone stage, e.g. (2, 3)")
         self.backbone_ = load_backbone(self.backbone, self.weights, self.device_, out_indices=layers)
         self.input_size_ = int(self.image_size or self.backbone_.spec.preprocess.size)
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlad.backbones import load_backbone
+from vlad.errors import InvalidParameterError
 from vlad.images import LoadedImage
 from vlad.ops import gaussian_blur, preprocess_batch
 from vlad.scorers.autoencoder import resolve_size, seeded, train_loop
@@ -102,7 +103,7 @@ class STPM(BaseScorer):
     def _build(self) -> None:
         layers = tuple(int(i) for i in self.layers)
         if not layers or any(i < 1 or i > 4 for i in layers):
-            raise ValueError(f"layers must be backbone stages in 1..4, got {self.layers!r}; the paper uses (1, 2, 3)")
+            raise InvalidParameterError(f"layers must be backbone stages in 1..4, got {self.layers!r}; the paper uses (1, 2, 3)")
         self.teacher_ = load_backbone(self.backbone, self.weights, self.device_, out_indices=layers)
         student_weights = "tiny" if self.weights == "tiny" else "random"
         with seeded(self.random_state, self.device_):

@@ -300,8 +300,11 @@ class WinCLIP(FewShotMixin, BaseScorer):
             so another size is an error).
     """
 
-    few_shot = True
     requires_references = False
+    output_scale = "probability"  # zero-shot: the softmax probability of the anomalous prompts
+    #: with references (WinCLIP+), the score is (zero-shot probability + few-shot distance) / 2; the two
+    #: parts are returned in ``components`` so each is calibrated as what it is
+    part_scales = {"zero_shot": "probability", "few_shot": "score"}
 
     def __init__(
         self,
@@ -453,14 +456,15 @@ class WinCLIP(FewShotMixin, BaseScorer):
     def _grid(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.reshape(flat.shape[0], *self.encoder_.grid)
 
-    def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict_batch(self, images: list[LoadedImage]) -> tuple:
         feats = self._features(images)
         score, amap = self._zero_shot(feats)
-        if self.memory_ is not None:
-            fs = self._few_shot_map(feats, self.memory_)
-            amap = (amap + fs) / 2.0
-            score = (score + fs.amax(dim=1)) / 2.0
-        return score, self._grid(amap)
+        if self.memory_ is None:
+            return score, self._grid(amap)
+        fs = self._few_shot_map(feats, self.memory_)
+        fs_score = fs.amax(dim=1)
+        parts = {"zero_shot": (score, self._grid(amap)), "few_shot": (fs_score, self._grid(fs))}
+        return (score + fs_score) / 2.0, self._grid((amap + fs) / 2.0), parts
 
     # -- few-shot memory --------------------------------------------------------------------------
     def _fit(self, references: list[LoadedImage] | None) -> None:

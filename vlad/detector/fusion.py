@@ -2,8 +2,8 @@
 
 Scorers speak different units (WinCLIP: probabilities; MAEDAY: reconstruction errors; AnomalyDINO and
 PatchCore: feature distances). Before fusing, each scorer's image scores and maps are brought to one
-**calibrated scale** in ``[0, 1]`` on which ``0.5`` is the decision boundary and higher is more
-anomalous. A :class:`Normaliser` does this, in one of three ways:
+**calibrated scale** in ``[0, 1]``, higher more anomalous, on which ``0.5`` is the boundary of the
+priors (without references); with references the thresholds come from :mod:`vlad.detector.calibration`. A :class:`Normaliser` does this, in one of three ways:
 
 ``"reference"`` (when there are at least ``MIN_CALIBRATION`` reference images)
     The scorer's scores on known-normal references describe its normal distribution. For a few-shot
@@ -16,9 +16,10 @@ anomalous. A :class:`Normaliser` does this, in one of three ways:
     the boundary. Both scales are floored at ``SCALE_FLOOR * |loc|`` (and 1e-6) so that identical
     references cannot blow the scale up. Then ``c = sigmoid((z - z0) / temperature)``: an image ``z0``
     (3) normal standard deviations above the normal centre sits on the boundary 0.5.
-``"probability"`` (zero-shot prior for scorers whose outputs already are probabilities: WinCLIP)
+``"probability"`` (prior for outputs that already are probabilities: a scorer or part whose
+    declared scale is ``"probability"``, e.g. WinCLIP's zero-shot part)
     ``c = clip(s, 0, 1)`` for scores and maps.
-``"self"`` (zero-shot prior for any other scorer, e.g. MAEDAY, and for a few-shot scorer with a single
+``"self"`` (prior for any other output, e.g. MAEDAY, and for a few-shot scorer or part with a single
     reference, where leave-one-out is impossible)
     Each image is judged against its own map: ``loc`` = median of the map, ``scale`` = 1.4826 * MAD
     of the map. Pixels: ``c = sigmoid(((m - loc) / scale - z0_pixel) / temperature)`` with ``z0_pixel``
@@ -34,7 +35,7 @@ vote pulls the result down, as WinCLIP fuses its own maps).
 Tier weights (:func:`tier_weights`): scorers belong to the zero-shot tier or the few-shot tier. With
 ``k`` references the few-shot tier gets ``w_few = k / (k + k0)`` and the zero-shot tier ``1 - w_few``
 (``k0 = 2``: one reference gives the few-shot tier 1/3, four give 2/3, sixteen 0.89); within a tier
-the weight is split by the user's per-scorer weights (equal by default). A tier with no active scorer
+the weight is split by the user's relative weights (``fusion_weights``, equal by default). A tier with no active scorer
 gives its weight to the other.
 """
 
@@ -47,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from vlad.errors import VladError
+from vlad.errors import NonFiniteScoreError, VladError
 from vlad.types import AnomalyResult
 
 FUSION_RULES = ("mean", "max", "harmonic")
@@ -57,8 +58,6 @@ NORMALISATION_METHODS = ("robust", "zscore")
 MIN_CALIBRATION = 2
 SCALE_FLOOR = 0.05
 EPS = 1e-6
-#: scorers whose raw image scores and maps already are anomaly probabilities
-PROBABILITY_SCORERS = frozenset({"winclip"})
 _MAX_PIXELS = 2_000_000  # reference pixel statistics use at most this many values (evenly subsampled)
 
 
@@ -168,11 +167,10 @@ class Normaliser:
         return cls(**clean)
 
 
-def prior_normaliser(scorer_name: str, **overrides: Any) -> Normaliser:
-    """The zero-shot calibration of scorer ``scorer_name`` (no references): ``"probability"`` for
-    scorers whose outputs are probabilities (WinCLIP), otherwise the ``"self"`` prior."""
-    kind = "probability" if scorer_name in PROBABILITY_SCORERS else "self"
-    return Normaliser(kind=kind, **overrides)
+def prior_normaliser(output_scale: str, **overrides: Any) -> Normaliser:
+    """The calibration used without normal data to fit on: ``"probability"`` for outputs whose declared
+    scale is ``"probability"`` (WinCLIP's zero-shot part), otherwise the scale-free ``"self"`` prior."""
+    return Normaliser(kind="probability" if output_scale == "probability" else "self", **overrides)
 
 
 def fit_reference_normaliser(
@@ -206,8 +204,9 @@ def fit_reference_normaliser(
             f"a reference normaliser needs at least {MIN_CALIBRATION} normal scores and one map each, "
             f"got {len(scores)} scores and {len(maps)} maps; use prior_normaliser() with fewer references"
         )
-    if not np.isfinite(scores).all():
-        raise VladError("reference scores contain NaN or infinite values; the scorer is broken")
+    if not np.isfinite(scores).all() or not all(np.isfinite(np.asarray(m)).all() for m in maps):
+        raise NonFiniteScoreError("reference scores or maps contain NaN or infinite values; the scorer or its "
+                                  "saved state is broken: fit it again")
     if method == "robust":
         loc, scale = _robust_loc_scale(scores)
         if scale <= EPS:  # more than half the scores tie: MAD is 0, fall back to the std
@@ -302,7 +301,7 @@ def tier_weights(
     tiers: Mapping[str, str],
     n_references: int,
     k0: float = 2.0,
-    scorer_weights: Mapping[str, float] | None = None,
+    fusion_weights: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Weight per active scorer: the few-shot tier gets ``k / (k + k0)``, the zero-shot tier the rest.
 
@@ -310,7 +309,7 @@ def tier_weights(
         tiers: active scorer name -> ``"zero"`` or ``"few"``.
         n_references: k, the number of reference images.
         k0: references at which both tiers weigh the same (> 0).
-        scorer_weights: optional relative weights within a tier (default 1 each).
+        fusion_weights: optional relative weights within a tier (default 1 each).
 
     Returns:
         name -> weight, summing to 1.
@@ -322,7 +321,7 @@ def tier_weights(
     bad = {n: t for n, t in tiers.items() if t not in ("zero", "few")}
     if bad:
         raise VladError(f"tiers must be 'zero' or 'few', got {bad}")
-    sw = dict(scorer_weights or {})
+    sw = dict(fusion_weights or {})
     members = {t: [n for n in tiers if tiers[n] == t] for t in ("zero", "few")}
     k = max(0, int(n_references))
     w_few = k / (k + k0)
@@ -335,7 +334,7 @@ def tier_weights(
     for t, names in members.items():
         rel = np.array([float(sw.get(n, 1.0)) for n in names], dtype=np.float64)
         if names and (rel < 0).any():
-            raise VladError(f"scorer weights must be >= 0, got {sw}")
+            raise VladError(f"fusion weights must be >= 0, got {sw}")
         total = rel.sum()
         for n, r in zip(names, rel):
             out[n] = tier_w[t] * (r / total) if total > 0 else 0.0

@@ -1,0 +1,544 @@
+"""The tiered detector: zero-shot scorers from the first image, few-shot scorers as good images arrive.
+
+>>> det = vlad.create_detector(object_name="metal plate")        # doctest: +SKIP
+>>> det.fit()                      # zero-shot: WinCLIP + MAEDAY, no images needed
+>>> det.add_references(good)       # AnomalyDINO joins; normalisers and thresholds come from `good`
+>>> res = det.predict(images)      # res.image_scores, res.anomaly_maps, res.labels, res.masks,
+...                                # res.components["winclip"], ...
+>>> det.threshold_info().describe()
+'20 references: at most 5% of good parts will be flagged (asked for 5%)'
+
+**Spec.** ``"winclip+maeday+anomalydino"`` names the scorers (see ``vlad.list_scorers()``); the default
+(``spec=None``) is :data:`~vlad.detector.spec.DEFAULT_SPEC`. Options are routed by
+:mod:`vlad.detector.spec`.
+
+**Tiers.** A scorer whose declared ``tier`` is ``"few"`` (it needs references: AnomalyDINO, PatchCore,
+...) is *inactive* until the first reference arrives; the others work from the start. Tier weights
+follow :func:`vlad.detector.fusion.tier_weights` (``w_few = k / (k + k0)``), scaled within a tier by
+``fusion_weights``.
+
+**References.** ``fit(references)`` and ``add_references(images)`` hand the images to every scorer that
+learns from them: ``incremental`` scorers (AnomalyDINO, PatchCore, WinCLIP -> WinCLIP+) grow their
+memory; other few-tier scorers are (re)fitted on the references not held out for calibration; zero-tier
+scorers that are not incremental (MAEDAY) are fitted once without references and the references only
+calibrate them. ``remove_reference(i | name)`` forgets one everywhere.
+
+**Normalisation and thresholds** (recomputed lazily after the references change): see
+:mod:`vlad.detector.calibration`. In short, the thresholds come from the ``false_alarm_rate`` the user
+states (default 5%) by the split-conformal rule on references scored as new images would be;
+:meth:`Detector.threshold_info` says which guarantee is in force, in numbers and words.
+``set_thresholds`` overrides either threshold or the rate.
+
+**Save/load.** :meth:`Detector.save` / :func:`vlad.detector.persistence.load_detector`: JSON and
+safetensors only, every file's sha256 checked on load.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlad.detector.calibration import (
+    Calibration,
+    ThresholdInfo,
+    check_rate,
+    conformal_threshold,
+    evenly,
+    held_out_indices,
+    references_for_rate,
+)
+from vlad.detector.fusion import (
+    FUSION_RULES,
+    MIN_CALIBRATION,
+    NORMALISATION_METHODS,
+    Normaliser,
+    fit_reference_normaliser,
+    fuse_results,
+    prior_normaliser,
+    tier_weights,
+)
+from vlad.detector.spec import SHARED_OPTIONS, build_scorers, did_you_mean, parse_spec
+from vlad.errors import EmptyReferenceSetError, InvalidParameterError, NotFittedError, VladError
+from vlad.images import LoadedImage, load_images
+from vlad.scorers.base import check_finite
+from vlad.types import AnomalyResult, ImagesLike
+
+logger = logging.getLogger(__name__)
+
+#: detector options and their defaults (everything else is routed to the scorers)
+DETECTOR_DEFAULTS: dict[str, Any] = {
+    "fusion": "mean",
+    "k0": 2.0,
+    "fusion_weights": None,
+    "normalisation": "robust",
+    "z0": 3.0,
+    "temperature": 1.0,
+    "pixel_quantile": 0.999,
+    "false_alarm_rate": 0.05,
+    "calibration_refs": None,
+    "calibration_split": 0.25,
+    "prior_image_threshold": 0.5,
+    "prior_pixel_threshold": 0.5,
+    "image_threshold": None,
+    "pixel_threshold": None,
+}
+
+
+def create_detector(spec: str | Sequence[str] | None = None, **options: Any) -> Detector:
+    """Build a :class:`Detector` from a spec (options routed as in :mod:`vlad.detector.spec`).
+
+    Args:
+        spec: ``"winclip+maeday+anomalydino"``-style names (one name is a one-scorer detector); None
+            for the default.
+        **options: detector options (:data:`DETECTOR_DEFAULTS`, e.g. ``false_alarm_rate=0.01``),
+            ``scorer_options`` (name -> params), and shared scorer parameters (``object_name``,
+            ``weights``, ``device``, ...).
+
+    Raises:
+        VladError: an option no scorer and not the detector accepts, or bad ``scorer_options``.
+    """
+    names = parse_spec(spec)
+    scorer_options = options.pop("scorer_options", None)
+    det_opts = {k: options.pop(k) for k in list(options) if k in DETECTOR_DEFAULTS}
+    scorers = build_scorers(names, options, scorer_options, detector_options=DETECTOR_DEFAULTS)
+    return Detector(scorers, **det_opts)
+
+
+def _number(o: Mapping[str, Any], key: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
+    v = o[key]
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise InvalidParameterError(f"detector option {key} must be a number in {lb}{lo}, {hi}{rb}, got {v!r}")
+
+
+class Detector:
+    """Several scorers, calibrated and fused into one image score and one map per image.
+
+    Args:
+        scorers: name -> unfitted scorer (as built by :func:`create_detector`).
+        **options: see :data:`DETECTOR_DEFAULTS` and the module docstring.
+    """
+
+    def __init__(self, scorers: Mapping[str, Any], **options: Any) -> None:
+        if not scorers:
+            raise VladError("a detector needs at least one scorer")
+        unknown = sorted(set(options) - set(DETECTOR_DEFAULTS))
+        if unknown:
+            hints = "".join(did_you_mean(k, DETECTOR_DEFAULTS) for k in unknown)
+            raise InvalidParameterError(f"unknown detector option(s) {unknown}{hints}; known: {sorted(DETECTOR_DEFAULTS)}")
+        self.scorers = dict(scorers)
+        self.options = {**DETECTOR_DEFAULTS, **options}
+        self._check_options()
+        self.tiers = {n: type(s).tier for n, s in self.scorers.items()}
+        self.references_: list[LoadedImage] = []
+        self.active_: dict[str, bool] = {n: False for n in self.scorers}
+        self.fitted_ = False
+        self._image_override = self.options["image_threshold"]
+        self._pixel_override = self.options["pixel_threshold"]
+        self._calibration: Calibration | None = None
+
+    def _check_options(self) -> None:
+        o = self.options
+        if o["fusion"] not in FUSION_RULES:
+            raise InvalidParameterError(f"fusion must be one of {FUSION_RULES}, got {o['fusion']!r}")
+        if o["normalisation"] not in NORMALISATION_METHODS:
+            raise InvalidParameterError(f"normalisation must be one of {NORMALISATION_METHODS}, got {o['normalisation']!r}")
+        for key in ("k0", "temperature", "z0"):
+            _number(o, key, 0, float("inf"), lo_open=True, hi_open=True)
+        _number(o, "pixel_quantile", 0, 1)
+        _number(o, "calibration_split", 0, 1, hi_open=True)
+        check_rate(o["false_alarm_rate"])
+        for key in ("prior_image_threshold", "prior_pixel_threshold"):
+            _number(o, key, 0, 1)
+        for key in ("image_threshold", "pixel_threshold"):
+            if o[key] is not None:
+                _number(o, key, float("-inf"), float("inf"), lo_open=True, hi_open=True)
+        c = o["calibration_refs"]
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < MIN_CALIBRATION):
+            raise InvalidParameterError(f"calibration_refs must be None (all references) or an integer >= "
+                                        f"{MIN_CALIBRATION}, got {c!r}")
+        fw = o["fusion_weights"]
+        if fw is not None:
+            if not isinstance(fw, Mapping) or set(fw) - set(self.scorers):
+                raise InvalidParameterError(f"fusion_weights must map names of this detector's scorers "
+                                            f"({list(self.scorers)}) to weights >= 0, got {fw!r}")
+
+    @property
+    def requires_references(self) -> bool:
+        """True when every scorer needs reference images (no zero-shot tier)."""
+        return all(t == "few" for t in self.tiers.values())
+
+    @property
+    def batch_size(self) -> int:
+        """The largest batch size of the scorers (how many images to hand ``predict`` at once)."""
+        return max(int(getattr(s, "batch_size", 8) or 8) for s in self.scorers.values())
+
+    def get_params(self, deep: bool = False) -> dict[str, Any]:
+        """Detector options plus every scorer parameter (first scorer's value), shared options included:
+        the keys :func:`create_detector` accepts for this spec."""
+        params: dict[str, Any] = {k: None for k in SHARED_OPTIONS}
+        for scorer in self.scorers.values():
+            for k, v in scorer.get_params(deep=False).items():
+                if params.get(k) is None:
+                    params[k] = v
+        params.update(self.options)
+        return params
+
+    def __repr__(self) -> str:
+        active = [n for n, a in self.active_.items() if a]
+        return (f"Detector({'+'.join(self.scorers)}, fusion={self.options['fusion']!r}, "
+                f"references={len(self.references_)}, active={active})")
+
+    # -- fitting ---------------------------------------------------------------------------
+    def _trained_on_references(self, name: str) -> bool:
+        """Few-tier scorers that are not incremental learn from (and so score too well) their references."""
+        return self.tiers[name] == "few" and not type(self.scorers[name]).incremental
+
+    def _held_out(self) -> list[int]:
+        if not any(self._trained_on_references(n) for n in self.scorers):
+            return []
+        return held_out_indices(len(self.references_), float(self.options["calibration_split"]))
+
+    def _training_references(self) -> list[LoadedImage]:
+        held = set(self._held_out())
+        return [r for i, r in enumerate(self.references_) if i not in held]
+
+    def fit(self, references: ImagesLike | None = None) -> Detector:
+        """Fit every scorer that can run: zero-shot ones always, few-shot ones when there are references.
+
+        Raises:
+            EmptyReferenceSetError: no references and every scorer needs some.
+            InvalidImageError: a reference is unreadable (the message names it).
+        """
+        refs = [] if references is None else load_images(references)
+        if not refs and self.requires_references:
+            raise EmptyReferenceSetError(
+                f"every scorer of this detector ({'+'.join(self.scorers)}) needs reference images: pass "
+                "good images to fit(), or add a zero-shot scorer (winclip, maeday) to the spec"
+            )
+        self.references_ = list(refs)
+        self.fitted_ = False
+        for name, scorer in self.scorers.items():
+            if self.tiers[name] == "few" and not refs:
+                self.active_[name] = False
+            elif type(scorer).incremental:
+                scorer.fit(refs or None)
+                self.active_[name] = True
+            elif self.tiers[name] == "few":
+                scorer.fit(self._training_references())
+                self.active_[name] = True
+            else:
+                scorer.fit(None)
+                self.active_[name] = True
+        self.fitted_ = True
+        self._calibration = None
+        return self
+
+    def add_references(self, images: ImagesLike) -> Detector:
+        """Add good images: incremental scorers grow their memory, few-shot scorers join or refit."""
+        self._check_fitted()
+        new = load_images(images)
+        if not new:
+            return self
+        self.references_.extend(new)
+        for name, scorer in self.scorers.items():
+            if type(scorer).incremental and self.active_[name]:
+                scorer.add_references(new)
+            elif type(scorer).incremental and self.tiers[name] == "few":
+                scorer.fit(list(self.references_))  # joins now
+                self.active_[name] = True
+            elif self.tiers[name] == "few":
+                scorer.fit(self._training_references())  # joins now, or refits (no incremental memory)
+                self.active_[name] = True
+        self._calibration = None
+        return self
+
+    def list_references(self) -> list[str]:
+        """Names of the references, in the order they were added."""
+        return [r.name for r in self.references_]
+
+    def _reference_index(self, which: Any) -> int:
+        names = self.list_references()
+        if isinstance(which, str):
+            if which not in names:
+                raise InvalidParameterError(f"no reference named {which!r}; references: {names}")
+            return names.index(which)
+        if isinstance(which, bool) or not isinstance(which, (int, np.integer)):
+            raise InvalidParameterError(f"a reference is chosen by its index (int) or name (str), got {which!r} "
+                                        f"({type(which).__name__}); see list_references()")
+        if not -len(names) <= int(which) < len(names):
+            raise InvalidParameterError(f"reference index {which!r} out of range (have {len(names)} references)")
+        return int(which) % len(names)
+
+    def remove_reference(self, which: int | str) -> Detector:
+        """Forget one reference (index or name) in every scorer; few-shot scorers with none left go idle.
+
+        Raises:
+            InvalidParameterError: no such reference, or ``which`` is neither an int nor a str.
+        """
+        self._check_fitted()
+        which = self._reference_index(which)
+        del self.references_[which]
+        for name, scorer in self.scorers.items():
+            if not self.active_[name]:
+                continue
+            if self.tiers[name] == "few" and not self.references_:
+                self.active_[name] = False
+            elif type(scorer).incremental:
+                scorer.remove_reference(which)
+            elif self.tiers[name] == "few":
+                scorer.fit(self._training_references())
+        if not any(self.active_.values()):
+            self.fitted_ = False
+        self._calibration = None
+        return self
+
+    def recalibrate(self) -> Detector:
+        """Forget the normalisers and derived thresholds; they are recomputed at the next use. Call it
+        after changing a scorer in place (e.g. edited WinCLIP prompts)."""
+        self._calibration = None
+        return self
+
+    def check_references(self, z_threshold: float = 3.5) -> dict[str, list[str]]:
+        """Suspicious references per incremental scorer (``FewShotMixin.check_references``: a robust
+        z-score of the leave-one-out score above ``z_threshold``; needs >= 3 references). Remove a
+        flagged one with :meth:`remove_reference`."""
+        self._check_fitted()
+        out = {}
+        for name, scorer in self.scorers.items():
+            if self.active_[name] and type(scorer).incremental:
+                try:
+                    out[name] = scorer.check_references(z_threshold)
+                except NotImplementedError:
+                    continue
+        return out
+
+    # -- thresholds ------------------------------------------------------------------------
+    def set_thresholds(
+        self, image: float | str | None = None, pixel: float | str | None = None,
+        false_alarm_rate: float | None = None,
+    ) -> Detector:
+        """Override the image and/or pixel threshold (calibrated scale); ``"auto"`` returns to the derived
+        one, None leaves it as it is. ``false_alarm_rate`` restates the rate the derived thresholds keep.
+
+        Raises:
+            InvalidParameterError: a threshold that is not a finite number or ``"auto"``, or a rate
+                outside (0, 1).
+        """
+        if false_alarm_rate is not None:
+            self.options["false_alarm_rate"] = check_rate(false_alarm_rate)
+            if self._calibration is not None:  # same references: only the order statistic changes
+                self._set_thresholds_from_references(self._calibration)
+        for key, value in (("image", image), ("pixel", pixel)):
+            if value is None:
+                continue
+            if isinstance(value, str) and value == "auto":
+                value = None
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidParameterError(f"{key} threshold must be a finite number or 'auto', got {value!r}")
+            else:
+                value = float(value)
+            setattr(self, f"_{key}_override", value)
+        return self
+
+    @property
+    def image_threshold(self) -> float:
+        """The image threshold in use: the override, else derived from the references (or the prior)."""
+        if self._image_override is not None:
+            return self._image_override
+        return self._calibrated().image_threshold
+
+    @property
+    def pixel_threshold(self) -> float:
+        """The pixel threshold in use: the override, else derived from the references (or the prior)."""
+        if self._pixel_override is not None:
+            return self._pixel_override
+        return self._calibrated().pixel_threshold
+
+    def threshold_info(self) -> ThresholdInfo:
+        """What the thresholds in force promise (rule, guaranteed rate, references needed) and a plain
+        sentence for it (``.describe()``)."""
+        cal = self._calibrated()
+        alpha = float(self.options["false_alarm_rate"])
+        n = len(self.references_)
+        need = references_for_rate(alpha)
+        if any(self._trained_on_references(s) and self.active_[s] for s in self.scorers):
+            split, total = float(self.options["calibration_split"]), n
+            while len(held_out_indices(total, split)) < need:
+                total += 1
+            more = total - n
+        else:
+            more = need - (len(cal.reference_scores) if cal.rule != "prior" else n)
+        overridden = self._image_override is not None or self._pixel_override is not None
+        return ThresholdInfo(
+            rule="override" if overridden else cal.rule,
+            path=cal.path,
+            false_alarm_rate=alpha,
+            guaranteed_rate=None if overridden else cal.guaranteed_rate,
+            n_references=n,
+            n_calibration=len(cal.reference_scores),
+            references_needed=max(0, more),
+            image_threshold=self.image_threshold,
+            pixel_threshold=self.pixel_threshold,
+        )
+
+    @property
+    def normalisers(self) -> dict[str, Normaliser]:
+        """Calibration unit (scorer name, or ``name/part``) -> its current normaliser."""
+        return dict(self._calibrated().normalisers)
+
+    @property
+    def fusion_weights(self) -> dict[str, float]:
+        """Active scorer name -> its fusion weight (tier weights for the current number of references)."""
+        return self._weights()
+
+    def reference_scores(self) -> np.ndarray:
+        """Fused image scores of the calibration references, each scored as a new image ``(n,)``
+        (empty below 2 references)."""
+        return np.asarray(self._calibrated().reference_scores, dtype=np.float32)
+
+    # -- predicting ------------------------------------------------------------------------
+    def predict(self, images: ImagesLike) -> AnomalyResult:
+        """Score ``images``: fused scores ``(B,)``, maps at each image's size, labels and masks from the
+        thresholds, and ``components`` (name -> that scorer's calibrated result).
+
+        Raises:
+            NotFittedError: ``fit`` was not called.
+            InvalidImageError: an input is unreadable (named).
+            NonFiniteScoreError: a scorer produced NaN or infinity (named); never labelled normal.
+        """
+        self._check_fitted()
+        loaded = load_images(images)
+        cal = self._calibrated()
+        comps = {name: self._apply(cal, name, raw) for name, raw in self._raw_predict(loaded).items()}
+        fused = fuse_results(comps, self._weights(), self.options["fusion"])
+        check_finite(fused, "the fused detector")
+        return fused.with_thresholds(self.image_threshold, self.pixel_threshold)
+
+    def _raw_predict(self, loaded: list[LoadedImage]) -> dict[str, AnomalyResult]:
+        return {n: s.predict(loaded) for n, s in self.scorers.items() if self.active_[n]}
+
+    def _weights(self) -> dict[str, float]:
+        tiers = {n: t for n, t in self.tiers.items() if self.active_[n]}
+        return tier_weights(tiers, len(self.references_), self.options["k0"], self.options["fusion_weights"])
+
+    def _check_fitted(self) -> None:
+        if not self.fitted_:
+            raise NotFittedError("this Detector is not fitted yet; call fit() (optionally with good images) first")
+
+    # -- calibration -----------------------------------------------------------------------
+    def _units(self, name: str, raw: AnomalyResult) -> dict[str, tuple[str, AnomalyResult]]:
+        """Calibration units of one scorer's raw result: unit -> (declared scale, result). A scorer whose
+        result carries its declared parts is calibrated part by part; otherwise as a whole."""
+        cls = type(self.scorers[name])
+        parts = {p: raw.components[p] for p in cls.part_scales if p in raw.components}
+        if parts:
+            return {f"{name}/{p}": (cls.part_scales[p], r) for p, r in parts.items()}
+        return {name: (cls.output_scale, raw)}
+
+    def _apply(self, cal: Calibration, name: str, raw: AnomalyResult) -> AnomalyResult:
+        """One scorer's calibrated result: its units calibrated and averaged (parts kept as components)."""
+        units = self._units(name, raw)
+        done = {}
+        for unit, (_, r) in units.items():
+            if unit not in cal.normalisers:
+                raise VladError(f"no calibration for {unit!r}: the detector changed without recalibrating; call "
+                                "recalibrate()")
+            done[unit] = cal.normalisers[unit].apply(r)
+        if len(done) == 1:
+            return next(iter(done.values()))
+        merged = fuse_results(done, {u: 1.0 for u in done}, "mean")
+        return AnomalyResult(merged.image_scores, merged.anomaly_maps, names=raw.names,
+                             components={u.split("/", 1)[1]: r for u, r in done.items()})
+
+    def _calibrated(self) -> Calibration:
+        self._check_fitted()
+        if self._calibration is None:
+            self._calibration = self._calibrate()
+        return self._calibration
+
+    def _calibrate(self) -> Calibration:
+        o = self.options
+        n = len(self.references_)
+        held = self._held_out()
+        trained = any(self._trained_on_references(s) and self.active_[s] for s in self.scorers)
+        candidates = held if trained else list(range(n))
+        idx = evenly(candidates, o["calibration_refs"]) if n >= MIN_CALIBRATION else []
+        active = [s for s in self.scorers if self.active_[s]]
+        if len(idx) < MIN_CALIBRATION:
+            return self._prior_calibration(active, held)
+        results = {name: self._reference_results(name, idx) for name in active}
+        normalisers: dict[str, Normaliser] = {}
+        for name, result in results.items():
+            for unit, (_, r) in self._units(name, result).items():
+                normalisers[unit] = fit_reference_normaliser(
+                    r.image_scores, r.map_list(), method=o["normalisation"], z0_image=o["z0"],
+                    pixel_quantile=o["pixel_quantile"], z0_pixel=o["z0"], temperature=o["temperature"],
+                )
+        cal = Calibration(normalisers, 0.0, 0.0, rule="conformal", held_out=held, n_references=n)
+        fused = fuse_results({nm: self._apply(cal, nm, r) for nm, r in results.items()}, self._weights(), o["fusion"])
+        cal.reference_scores = fused.image_scores.astype(np.float64).tolist()
+        cal.reference_map_maxima = [float(m.max()) for m in fused.map_list()]
+        cal.path = ("held-out" if trained else
+                    "leave-one-out" if any(type(self.scorers[s]).incremental for s in active) else "exchangeable")
+        self._set_thresholds_from_references(cal)
+        return cal
+
+    def _set_thresholds_from_references(self, cal: Calibration) -> None:
+        """The conformal thresholds of ``cal``'s calibration scores for the stated rate (priors untouched)."""
+        if cal.rule == "prior":
+            return
+        alpha = float(self.options["false_alarm_rate"])
+        cal.image_threshold, cal.rule, cal.guaranteed_rate = conformal_threshold(cal.reference_scores, alpha)
+        cal.pixel_threshold, _, _ = conformal_threshold(cal.reference_map_maxima, alpha)
+
+    def _prior_calibration(self, active: list[str], held: list[int]) -> Calibration:
+        """Too few references to calibrate on: each unit's explicit prior, the prior thresholds."""
+        normalisers = {}
+        for name in active:
+            cls = type(self.scorers[name])
+            has_memory = cls.incremental and len(self.references_) > 0
+            if cls.part_scales and has_memory:
+                for part, scale in cls.part_scales.items():
+                    normalisers[f"{name}/{part}"] = prior_normaliser(scale)
+            else:
+                normalisers[name] = prior_normaliser(cls.output_scale)
+        o = self.options
+        return Calibration(normalisers, float(o["prior_image_threshold"]), float(o["prior_pixel_threshold"]),
+                           rule="prior", path="none", held_out=held, n_references=len(self.references_))
+
+    def _reference_results(self, name: str, idx: list[int]) -> AnomalyResult:
+        """The references ``idx`` scored by scorer ``name`` as new images would be: against a memory
+        without each (incremental scorers), or as they are (zero-shot scorers, and scorers trained
+        without these held-out references)."""
+        scorer = self.scorers[name]
+        refs = self.references_
+        if not type(scorer).incremental:
+            return scorer.predict([refs[i] for i in idx])
+        held = scorer.list_references()
+        if len(held) != len(refs):
+            raise VladError(f"{name} holds {len(held)} references but the detector {len(refs)}; refit the detector")
+        with torch.inference_mode():
+            return AnomalyResult.concatenate([scorer.without_reference(i).predict([refs[i]]) for i in idx])
+
+    # -- save / load -----------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the detector to the folder ``path`` (see :mod:`vlad.detector.persistence`)."""
+        from vlad.detector.persistence import save_detector
+
+        return save_detector(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> Detector:
+        """Load a detector saved with :meth:`save`; checked, never executes code from the files."""
+        from vlad.detector.persistence import load_detector
+
+        return load_detector(path, device=device)
