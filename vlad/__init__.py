@@ -11,7 +11,10 @@ from typing import Any
 
 from vlad.errors import (
     EmptyReferenceSetError,
+    IntegrityError,
     InvalidImageError,
+    InvalidParameterError,
+    NonFiniteScoreError,
     NotFittedError,
     UnknownScorerError,
     VladError,
@@ -25,7 +28,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AnomalyResult",
     "EmptyReferenceSetError",
+    "IntegrityError",
     "InvalidImageError",
+    "InvalidParameterError",
+    "NonFiniteScoreError",
     "NotFittedError",
     "UnknownScorerError",
     "VladError",

@@ -30,9 +30,9 @@ words, with how many references would reach alpha.
     inference with the jackknife+"); the benchmark measures it.
 ``"held-out"``
     Scorers trained on their references (PaDiM, autoencoders, flows, ...) score their own training
-    images too well. The detector holds out a share of the references (``calibration_split``, evenly
-    spaced in the order given), trains on the rest and calibrates on the held-out ones: split conformal
-    again, with n = the held-out count.
+    images too well. The detector holds out a share of the references (``calibration_split``, at least
+    2, evenly spaced in the order given; from 4 references on), trains on the rest and calibrates on
+    the held-out ones: split conformal again, with n = the held-out count.
 
 **Masks.** The pixel threshold uses the same rule on one number per calibration reference: the maximum
 of its fused map. A new good image's mask is then empty with probability at least ``1 - alpha``.
@@ -94,11 +94,12 @@ def conformal_threshold(values: Sequence[float], alpha: float) -> tuple[float, s
 
 
 def held_out_indices(n_references: int, split: float) -> list[int]:
-    """References held out from scorers trained on them: ``max(1, floor(n * split))`` of n (none below
-    2), evenly spaced in the order given so that drift along a sequence is spread over both sides."""
-    if n_references < 2 or split <= 0:
+    """References held out from scorers trained on them: ``max(2, floor(n * split))`` of n, evenly
+    spaced in the order given (so drift along a sequence is spread over both sides), provided at least
+    2 remain to train on; otherwise none (the detector then uses its priors)."""
+    m = max(2, int(math.floor(n_references * split)))
+    if split <= 0 or n_references - m < 2:
         return []
-    m = min(n_references - 1, max(1, int(math.floor(n_references * split))))
     return sorted({int(round(x)) for x in np.linspace(0, n_references - 1, m)})
 
 

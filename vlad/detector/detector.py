@@ -154,7 +154,7 @@ class Detector:
         for key in ("k0", "temperature", "z0"):
             _number(o, key, 0, float("inf"), lo_open=True, hi_open=True)
         _number(o, "pixel_quantile", 0, 1)
-        _number(o, "calibration_split", 0, 1, hi_open=True)
+        _number(o, "calibration_split", 0, 1, lo_open=True, hi_open=True)
         check_rate(o["false_alarm_rate"])
         for key in ("prior_image_threshold", "prior_pixel_threshold"):
             _number(o, key, 0, 1)

@@ -117,7 +117,7 @@ class BaseScorer(BaseEstimator):
             cls.tier = "few" if cls.requires_references else "zero"
         for attr, allowed in (("tier", TIERS), ("output_scale", OUTPUT_SCALES)):
             if getattr(cls, attr) not in allowed:
-                raise TypeError(f"{cls.__name__}.{attr} must be one of {allowed}, got {getattr(cls, attr)!r}")
+                raise VladError(f"{cls.__name__}.{attr} must be one of {allowed}, got {getattr(cls, attr)!r}")
 
     # -- to implement -------------------------------------------------------------------------
     def _build(self) -> None:

@@ -1,0 +1,272 @@
+"""Do the thresholds keep the false-alarm rate the user states? ``python -m vlad.bench calibration``.
+
+For each setting (set, detector spec, k references, seeded draw) the detector is fitted on k images
+drawn from ``train/good``; its normal test images (``test/good``: never seen, so held-out normals) give
+the **measured false-alarm rate** (share flagged anomalous) and its defect images the **miss rate**
+(share labelled normal), at each stated rate alpha. The rule in force and its bound come from
+``Detector.threshold_info()``. Rates are pooled over the draws with a 95% Clopper-Pearson interval;
+``ok`` means the interval reaches down to alpha or below (the rate is within alpha plus binomial noise)
+and is checked only where the references allow the guarantee (rule ``conformal``).
+
+Distribution-free, so random weights are fine: the guarantee does not depend on how good the scorer
+is (the miss rates do: with random weights they say nothing about detection quality).
+
+To fit in the hour, each draw's backbone features are computed once per image and reused as the
+references grow (:func:`feature_cache`: the same numbers the scorer would compute again; the scores
+are unchanged, only the repeated backbone passes are skipped). This benchmark measures decisions, not
+speed.
+
+Default plan (about an hour on a quiet 2-core machine):
+- patchcore on ksdd and mpdd, k in {1, 2, 4, 8, 16, 32} x 5 draws;
+- autoencoder on ksdd and mpdd, k in {8, 32} x 3 draws, ``--ae-steps`` (default 100) training steps;
+- the default detector on mpdd, k in {0, 1, 4, 16} x 2 draws, MAEDAY at 8 masks, at most 60 test
+  images (40 good + 20 defective).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlad.bench._util import machine_line
+
+logger = logging.getLogger(__name__)
+
+ALPHAS = (0.05, 0.2)
+
+
+def _index(out, i):
+    if isinstance(out, torch.Tensor):
+        return out[i]
+    if isinstance(out, tuple):
+        return tuple(_index(o, i) for o in out)
+    if isinstance(out, list):
+        return out[i]
+    if isinstance(out, dict):
+        return {k: _index(v, i) for k, v in out.items()}
+    raise TypeError(type(out))
+
+
+def _stack(items):
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(items) if all(t.shape == first.shape for t in items) else list(items)
+    if isinstance(first, tuple):
+        return tuple(_stack([it[j] for it in items]) for j in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _stack([it[k] for it in items]) for k in first}
+    raise TypeError(type(first))
+
+
+@contextmanager
+def feature_cache():
+    """Memoise the per-image backbone work of PatchCore, WinCLIP, AnomalyDINO and MAEDAY, keyed by the
+    backbone object and the image content, for the duration of the block."""
+    from vlad.scorers.anomalydino import AnomalyDINO
+    from vlad.scorers.maeday import MAEDAY
+    from vlad.scorers.patchcore import PatchCore
+    from vlad.scorers.winclip import WinCLIP
+
+    cache: dict = {}
+    alive: dict = {}  # keeps each keyed backbone alive so its id() is never reused
+
+    def key_of(scorer, arr, extra=()):
+        bb = scorer.backbone_
+        alive[id(bb)] = bb
+        data = np.ascontiguousarray(arr)
+        return (id(bb), type(scorer).__name__, data.shape, hashlib.sha1(data.tobytes()).hexdigest(), *extra)
+
+    def per_image(orig):
+        def wrapped(self, images):
+            extra = (getattr(self, "input_size_", None), getattr(self, "image_size_", None))
+            keys = [key_of(self, im.pixels, extra) for im in images]
+            missing = [i for i, k in enumerate(keys) if k not in cache]
+            if missing:
+                out = orig(self, [images[i] for i in missing])
+                for j, i in enumerate(missing):
+                    cache[keys[i]] = _index(out, j)
+            return _stack([cache[k] for k in keys])
+        return wrapped
+
+    def per_row(orig):
+        def wrapped(self, x):
+            keys = [key_of(self, x[i].cpu().numpy()) for i in range(x.shape[0])]
+            missing = [i for i, k in enumerate(keys) if k not in cache]
+            if missing:
+                out = orig(self, x[missing])
+                for j, i in enumerate(missing):
+                    cache[keys[i]] = out[j]
+            return torch.stack([cache[k] for k in keys])
+        return wrapped
+
+    patches = [(PatchCore, "_embed", per_image), (WinCLIP, "_features", per_image),
+               (AnomalyDINO, "_tokens", per_row), (MAEDAY, "_predict_batch", per_image)]
+    saved = [(cls, name, cls.__dict__[name]) for cls, name, _ in patches]
+    try:
+        for cls, name, wrap in patches:
+            setattr(cls, name, wrap(cls.__dict__[name]))
+        yield cache
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+        cache.clear()
+        alive.clear()
+
+
+def _interval(count: int, n: int) -> tuple[float, float]:
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(count, n).proportion_ci(confidence_level=0.95, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def _test_split(category, limit_good: int | None, limit_defect: int | None):
+    labels = np.asarray(category.labels)
+    good = [i for i in range(len(labels)) if labels[i] == 0][:limit_good]
+    bad = [i for i in range(len(labels)) if labels[i] == 1]
+    if limit_defect is not None and len(bad) > limit_defect:
+        bad = [bad[int(round(x))] for x in np.linspace(0, len(bad) - 1, limit_defect)]
+    return [category.test_paths[i] for i in good], [category.test_paths[i] for i in bad]
+
+
+def run_setting(name: str, category, spec: str | None, ks: Sequence[int], draws: int, options: dict,
+                limit_good: int | None, limit_defect: int | None, zero_once: bool = False) -> list[dict]:
+    """Fit one detector per draw, growing its references through ``ks`` (nested draws), and measure."""
+    import vlad
+
+    good, bad = _test_split(category, limit_good, limit_defect)
+    rows: dict[tuple[int, float], dict] = {}
+    n_train = len(category.train_paths)
+    for d in range(draws):
+        rng = np.random.default_rng(1000 + d)
+        order = [category.train_paths[i] for i in rng.permutation(n_train)[: max(ks)]]
+        with feature_cache():
+            _one_draw(vlad.create_detector(spec, **options), name, d, ks, order, good, bad, rows, zero_once)
+    return _summarise(rows)
+
+
+def _one_draw(det, name, d, ks, order, good, bad, rows, zero_once) -> None:
+    have = 0
+    for k in ks:
+        if k == 0 and zero_once and d > 0:
+            continue
+        t0 = time.perf_counter()
+        if have == 0:
+            det.fit(order[:k] or None)
+        else:
+            det.add_references(order[have:k])
+        have = k
+        det.set_thresholds(false_alarm_rate=ALPHAS[0])
+        res = det.predict(good + bad)
+        scores = res.image_scores
+        for alpha in ALPHAS:
+            det.set_thresholds(false_alarm_rate=alpha)
+            info = det.threshold_info()
+            flagged = ~(scores <= det.image_threshold)
+            fa, miss = int(flagged[: len(good)].sum()), int((~flagged[len(good):]).sum())
+            row = rows.setdefault((k, alpha), {
+                "setting": name, "k": k, "alpha": alpha, "draws": 0, "fa": 0, "n_good": 0, "miss": 0,
+                "n_bad": 0, "rules": set(), "bounds": [], "path": info.path, "seconds": 0.0,
+                "per_draw_far": []})
+            row["draws"] += 1
+            row["fa"] += fa
+            row["n_good"] += len(good)
+            row["miss"] += miss
+            row["n_bad"] += len(bad)
+            row["rules"].add(info.rule)
+            row["bounds"].append(info.guaranteed_rate)
+            row["per_draw_far"].append(fa / max(1, len(good)))
+            row["seconds"] += time.perf_counter() - t0
+        logger.info("%s draw %d k=%d done in %.0f s", name, d, k, time.perf_counter() - t0)
+
+
+def _summarise(rows: dict) -> list[dict]:
+    out = []
+    for (k, alpha), r in sorted(rows.items()):
+        lo, hi = _interval(r["fa"], r["n_good"])
+        rule = "/".join(sorted(r["rules"]))
+        bounds = [b for b in r["bounds"] if b is not None]
+        far = r["fa"] / max(1, r["n_good"])
+        guaranteed = rule == "conformal"
+        out.append({
+            "setting": r["setting"], "k": k, "alpha": alpha, "draws": r["draws"], "rule": rule, "path": r["path"],
+            "bound": max(bounds) if bounds else None, "far": far, "far_ci": [lo, hi],
+            "far_per_draw": r["per_draw_far"],
+            "miss": r["miss"] / max(1, r["n_bad"]), "n_good": r["n_good"] // r["draws"],
+            "n_bad": r["n_bad"] // r["draws"], "ok": (lo <= alpha) if guaranteed else None,
+            "seconds_per_draw": r["seconds"] / r["draws"] / len(ALPHAS),
+        })
+    return out
+
+
+def _print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        bound = "-" if r["bound"] is None else f"{r['bound']:.3f}"
+        ok = {True: "ok", False: "ABOVE", None: "(no guarantee)"}[r["ok"]]
+        print(f"| {r['setting']} | {r['k']} | {r['alpha']:.2f} | {r['rule']} ({r['path']}) | {bound} | "
+              f"{r['far']:.3f} [{r['far_ci'][0]:.3f}, {r['far_ci'][1]:.3f}] | {ok} | {r['miss']:.3f} | "
+              f"{r['draws']} x {r['n_good']} good / {r['n_bad']} bad | {r['seconds_per_draw']:.0f} |", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlad.bench calibration", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default="../shared/data", help="folder holding ksdd/ and mpdd/")
+    parser.add_argument("--parts", default="patchcore,autoencoder,default",
+                        help="which parts to run (comma-separated: patchcore, autoencoder, default)")
+    parser.add_argument("--draws", type=int, default=5, help="patchcore draws (autoencoder: 3, default: 2)")
+    parser.add_argument("--ks", default="1,2,4,8,16,32", help="patchcore reference counts")
+    parser.add_argument("--ae-steps", type=int, default=100, help="autoencoder training steps (paper-scale: 400)")
+    parser.add_argument("--weights", default="random")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    from vlad.data import discover_categories
+
+    torch.manual_seed(0)
+    data = Path(args.data)
+    cats = {s: discover_categories(data / s)[0] for s in ("ksdd", "mpdd")}
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    print(machine_line())
+    print("| setting | k | alpha | rule in force (path) | bound | measured FAR [95% CI] | within alpha | miss rate | "
+          "draws x test images | s per draw |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    if "patchcore" in parts:
+        ks = [int(x) for x in args.ks.split(",")]
+        for s, cat in cats.items():
+            new = run_setting(f"patchcore/{s}", cat, "patchcore", ks, args.draws,
+                              {"weights": args.weights}, None, None)
+            _print_rows(new)
+            rows += new
+    if "autoencoder" in parts:
+        for s, cat in cats.items():
+            new = run_setting(f"autoencoder({args.ae_steps} steps)/{s}", cat, "autoencoder", [8, 32], 3,
+                              {"scorer_options": {"autoencoder": {"train_steps": args.ae_steps}}, "random_state": 0},
+                              None, None)
+            _print_rows(new)
+            rows += new
+    if "default" in parts:
+        cat = cats["mpdd"]
+        new = run_setting("default/mpdd", cat, None, [0, 1, 4, 16], 2,
+                          {"object_name": cat.object_name, "weights": args.weights,
+                           "scorer_options": {"maeday": {"n_masks": 8}}}, 40, 20, zero_once=True)
+        _print_rows(new)
+        rows += new
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    return 0
