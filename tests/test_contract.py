@@ -203,6 +203,9 @@ def test_not_fitted_error(name, tmp_path):
         scorer.predict([textured(0)])
     with pytest.raises(vlad.NotFittedError):
         scorer.save(tmp_path / "unfitted")
+    if hasattr(scorer, "add_references"):  # few-shot scorers grow a fitted memory
+        with pytest.raises(vlad.NotFittedError):
+            scorer.add_references([textured(0)])
 
 
 @pytest.mark.parametrize("name", SCORERS)
