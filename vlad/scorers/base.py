@@ -43,6 +43,7 @@ Incremental scorers mix in :class:`FewShotMixin` and implement ``_embed_referenc
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -402,7 +403,10 @@ def check_params(name: str, cls: type, params: Any, where: str) -> dict[str, Any
     if extra:
         raise VladError(f"{where}: scorer {name!r} has no parameter(s) {sorted(extra)}; it accepts "
                         f"{sorted(_param_names(cls))}")
-    return dict(params)
+    # JSON has no tuples: give back a tuple where the parameter's default is one (layers, scales, ...)
+    defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
+    return {k: tuple(v) if isinstance(v, list) and isinstance(defaults.get(k), tuple) else v
+            for k, v in params.items()}
 
 
 def load_scorer(path: str | Path, device: str | None = None, expected: str | None = None) -> BaseScorer:
