@@ -51,6 +51,15 @@ class NeedsRefs(PixelStat):
     requires_references = True
 
 
+@vlad.register_scorer("test_global_rng")
+class GlobalRng(PixelStat):
+    """Draws its reference colour from torch's global generator, as a random-weight backbone does."""
+
+    def _fit(self, references):
+        self.mean_ = torch.rand(3)
+        self.seen_object_name_ = self.object_name
+
+
 @pytest.fixture
 def dataset(tmp_path):
     make_mvtec(tmp_path / "set", "metal_plate", n_train=4, n_good=3, n_bad=3)
@@ -250,3 +259,13 @@ def test_single_scorer_ranking_uses_the_raw_scorer(dataset):
     masks = [load_mask(p, m.shape) for p, m in zip(cat.mask_paths, raw.map_list())]
     expected = evaluate(raw.image_scores, cat.labels, raw.map_list(), masks)
     assert {k: run["metrics"][k] for k in expected} == pytest.approx(expected, abs=1e-9)
+
+
+def test_cells_are_repeatable_with_global_rng_draws(dataset):
+    # torch's global generator starts at a random state in every process; each cell seeds it
+    kwargs = {"scorer": "test_global_rng", "shots": "0", "categories": ["metal_plate"], "weights": "tiny"}
+    torch.rand(5)  # whatever ran before must not matter
+    first = run_eval(dataset, **kwargs)["runs"][0]["metrics"]
+    torch.rand(7)
+    second = run_eval(dataset, **kwargs)["runs"][0]["metrics"]
+    assert first == second

@@ -44,6 +44,7 @@ import numpy as np
 
 from vlad.data import Category, discover_categories, draw_references, load_mask
 from vlad.errors import VladError
+from vlad.features import forked_rng
 from vlad.metrics import (
     DECISION_METRICS,
     IMAGE_METRICS,
@@ -352,13 +353,16 @@ def run_eval(
             run_seeds = range(int(seeds)) if (k not in (0, "all") or builder.seeded) else range(1)
             for seed in run_seeds:
                 refs = draw_references(cat, k, seed)
-                model = builder.build(cat.object_name, seed)
-                t0 = time.perf_counter()
-                model.fit([str(p) for p in refs] if refs else None)
-                thresholds = _thresholds(model)  # calibration (leave-one-out on the references) is fitting
-                fit_s = time.perf_counter() - t0
-                ranking_scorer = model.scorers[builder.single] if builder.single else None
-                pred = _predict(model, ranking_scorer, cat.test_paths, f"{cat.name} {k}-shot seed {seed}")
+                # Random-weight backbones are drawn from torch's global generator, whose start is random in
+                # every process: seeding it per cell makes a cell's figures repeatable run to run.
+                with forked_rng(seed):
+                    model = builder.build(cat.object_name, seed)
+                    t0 = time.perf_counter()
+                    model.fit([str(p) for p in refs] if refs else None)
+                    thresholds = _thresholds(model)  # calibration (leave-one-out on the references) is fitting
+                    fit_s = time.perf_counter() - t0
+                    ranking_scorer = model.scorers[builder.single] if builder.single else None
+                    pred = _predict(model, ranking_scorer, cat.test_paths, f"{cat.name} {k}-shot seed {seed}")
                 scores = np.concatenate(pred.scores)
                 maps = pred.maps
                 pred_s = pred.detector_seconds / max(1, cat.n_test)
