@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data import make_mvtec
 
 import vlad
 import vlad.cli
-from test_data import make_mvtec
-from vlad.evaluation import format_table, parse_shots, run_eval
 from vlad.errors import VladError
+from vlad.evaluation import format_table, parse_shots, run_eval
 from vlad.scorers.base import BaseScorer
 from vlad.visualize import colorize, overlay, panel
 
@@ -51,6 +51,15 @@ class NeedsRefs(PixelStat):
     requires_references = True
 
 
+@vlad.register_scorer("test_global_rng")
+class GlobalRng(PixelStat):
+    """Draws its reference colour from torch's global generator, as a random-weight backbone does."""
+
+    def _fit(self, references):
+        self.mean_ = torch.rand(3)
+        self.seen_object_name_ = self.object_name
+
+
 @pytest.fixture
 def dataset(tmp_path):
     make_mvtec(tmp_path / "set", "metal_plate", n_train=4, n_good=3, n_bad=3)
@@ -78,7 +87,9 @@ def test_run_eval_end_to_end(dataset, tmp_path):
         assert r["metrics"]["image_auroc"] == 1.0
         assert r["metrics"]["pixel_auroc"] > 0.99 and r["metrics"]["pixel_aupro"] > 0.9
     bottle = [r for r in runs if r["category"] == "bottle"]
-    assert all(set(r["metrics"]) == {"image_auroc", "image_ap", "image_f1max"} for r in bottle)
+    # no masks: image metrics and the image decisions only
+    assert all(set(r["metrics"]) == {"image_auroc", "image_ap", "image_f1max", "false_alarm_rate", "miss_rate"}
+               for r in bottle)
     two = [r for r in mp if r["shots"] == 2]
     assert all(r["n_references"] == 2 for r in two) and two[0]["references"] != [] and two[0]["fit_seconds"] >= 0
     summ = res["summary"]["2"]
@@ -169,3 +180,92 @@ def test_colorize_overlay_panel():
     assert panel(image, amap).size == (2 * 64 + 4, 48)
     with pytest.raises(ValueError, match=r"\(H, W\)"):
         colorize(np.zeros((2, 3, 4)))
+
+
+def _box_pixels() -> int:
+    from test_data import BOX
+
+    return (BOX[1] - BOX[0]) * (BOX[3] - BOX[2])
+
+
+def test_eval_reports_the_detectors_decisions(dataset):
+    res = run_eval(dataset, scorer="test_pixelstat", shots="0,2", categories=["metal_plate"], weights="tiny",
+                   device="cpu")
+    for r in res["runs"]:
+        m, d = r["metrics"], r["decisions"]
+        assert set(m) >= {"pixel_aupro05", "false_alarm_rate", "miss_rate", "seg_f1"}
+        assert all(0.0 <= m[key] <= 1.0 for key in ("pixel_aupro05", "false_alarm_rate", "miss_rate", "seg_f1"))
+        assert (d["n_normal"], d["n_anomalous"]) == (3, 3)
+        assert m["false_alarm_rate"] == d["n_false_alarms"] / 3 and m["miss_rate"] == d["n_missed"] / 3
+        assert d["false_alarm_rate_low"] <= m["false_alarm_rate"] <= d["false_alarm_rate_high"]
+        assert d["image_threshold"] is not None and d["pixel_threshold"] is not None
+    pooled = res["summary"]["2"]["pooled"]["metal_plate"]["false_alarm_rate"]
+    assert pooled["n"] == 3 and 0.0 <= pooled["low"] <= pooled["high"] <= 1.0
+    table = format_table(res)
+    for column in ("AUPRO.05", "FAR", "FAR 95% CI", "Miss", "SegF1"):
+        assert column in table
+
+
+@pytest.mark.parametrize("flag_all", [True, False])
+def test_far_and_miss_follow_the_detectors_thresholds(dataset, flag_all):
+    # image threshold 0 flags every image (calibrated scores are > 0), 1 flags none (they are <= 1);
+    # pixel threshold 1 marks no pixel (SegF1 0), 0 marks every pixel: SegF1 = 2G / (2G + (P - G)).
+    image_t, pixel_t = (0.0, 1.0) if flag_all else (1.0, 0.0)
+    res = run_eval(dataset, scorer="test_pixelstat", shots="2", categories=["metal_plate"], weights="tiny",
+                   device="cpu", params={"image_threshold": image_t, "pixel_threshold": pixel_t})
+    (run,) = res["runs"]
+    m = run["metrics"]
+    assert (m["false_alarm_rate"], m["miss_rate"]) == ((1.0, 0.0) if flag_all else (0.0, 1.0))
+    assert run["decisions"]["image_threshold"] == image_t
+    g, p = 3 * _box_pixels(), 6 * 64 * 64  # 3 defect images with one box each; 6 test images of 64x64
+    assert m["seg_f1"] == (0.0 if flag_all else pytest.approx(2 * g / (2 * g + p - g)))
+    # the ranking metrics do not depend on the thresholds
+    assert m["image_auroc"] == 1.0 and m["pixel_aupro05"] > 0.9
+
+
+def test_false_alarm_rate_reaches_create_detector_only_when_given(dataset, monkeypatch):
+    import vlad.detector
+
+    seen = []
+    real = vlad.detector.create_detector
+
+    def spy(spec, **options):
+        seen.append(options.get("false_alarm_rate", "absent"))
+        options.pop("false_alarm_rate", None)  # not a detector option yet
+        return real(spec, **options)
+
+    monkeypatch.setattr(vlad.detector, "create_detector", spy)
+    run_eval(dataset, scorer="test_pixelstat", shots="1", categories=["metal_plate"], weights="tiny")
+    assert seen and set(seen) == {"absent"}
+    seen.clear()
+    res = run_eval(dataset, scorer="test_pixelstat", shots="1", categories=["metal_plate"], weights="tiny",
+                   false_alarm_rate=0.1)
+    assert seen and set(seen) == {0.1}
+    assert res["false_alarm_rate"] == 0.1 and "stated false-alarm rate 0.1" in format_table(res)
+
+
+def test_single_scorer_ranking_uses_the_raw_scorer(dataset):
+    # At 1 reference the detector judges each image against its own map ("self" prior), which changes
+    # the ranking (here image AP 0.38 instead of 0.5); the ranking metrics of a single scorer stay the
+    # scorer's own, as before eval went through the detector.
+    from vlad.data import discover_categories, load_mask
+    from vlad.metrics import evaluate
+
+    res = run_eval(dataset, scorer="test_pixelstat", shots="1", categories=["metal_plate"], weights="tiny",
+                   params={"invert": True})
+    (run,) = res["runs"]
+    (cat,) = discover_categories(dataset, ["metal_plate"])
+    raw = PixelStat(weights="tiny", invert=True).fit(None).predict([str(p) for p in cat.test_paths])
+    masks = [load_mask(p, m.shape) for p, m in zip(cat.mask_paths, raw.map_list())]
+    expected = evaluate(raw.image_scores, cat.labels, raw.map_list(), masks)
+    assert {k: run["metrics"][k] for k in expected} == pytest.approx(expected, abs=1e-9)
+
+
+def test_cells_are_repeatable_with_global_rng_draws(dataset):
+    # torch's global generator starts at a random state in every process; each cell seeds it
+    kwargs = {"scorer": "test_global_rng", "shots": "0", "categories": ["metal_plate"], "weights": "tiny"}
+    torch.rand(5)  # whatever ran before must not matter
+    first = run_eval(dataset, **kwargs)["runs"][0]["metrics"]
+    torch.rand(7)
+    second = run_eval(dataset, **kwargs)["runs"][0]["metrics"]
+    assert first == second

@@ -69,6 +69,11 @@ def test_aupro_hand_computed():
     amap[1, 3] = 0.85
     expected = (0.5 / 12 + (0.3 - 1 / 12)) / 0.3
     assert M.aupro(amap[None], mask[None]) == pytest.approx(expected, abs=1e-12)
+    # up to FPR 0.05 (< 1/12) the curve is flat at PRO 0.5: area 0.05 * 0.5, normalised by 0.05 -> 0.5
+    assert M.aupro(amap[None], mask[None], fpr_limit=0.05) == pytest.approx(0.5, abs=1e-12)
+    pix = M.pixel_metrics(amap[None], mask[None])
+    assert pix["pixel_aupro"] == pytest.approx(expected, abs=1e-12)
+    assert pix["pixel_aupro05"] == pytest.approx(0.5, abs=1e-12)
     # a perfect map scores 1, an inverted one 0
     assert M.aupro(mask[None].astype(float), mask[None]) == pytest.approx(1.0)
     assert M.aupro(1.0 - mask[None].astype(float), mask[None]) == pytest.approx(0.0)
@@ -125,6 +130,9 @@ def test_aupro_matches_naive_full_sort(ties):
         maps = np.round(maps * 2)
     assert M.aupro(maps, masks) == pytest.approx(_naive_aupro(maps, masks), abs=1e-10)
     assert M.aupro(maps, masks, fpr_limit=1.0) == pytest.approx(_naive_aupro(maps, masks, 1.0), abs=1e-10)
+    low = _naive_aupro(maps, masks, 0.05)
+    assert M.aupro(maps, masks, fpr_limit=0.05) == pytest.approx(low, abs=1e-10)
+    assert M.pixel_metrics(maps, masks)["pixel_aupro05"] == pytest.approx(low, abs=1e-10)
 
 
 def test_degenerate_cases_give_nan_and_warn(caplog):
@@ -175,3 +183,69 @@ def test_pixel_metrics_are_fast():
     t0 = time.perf_counter()
     M.pixel_metrics(maps, masks)
     assert time.perf_counter() - t0 < 10.0
+
+
+def test_seg_f1_pools_pixels_of_all_images_hand_computed():
+    # Image A (4x4, anomalous): ground truth 4 pixels, the mask hits 3 of them and 1 normal pixel.
+    # Image B (3x5, anomaly-free): the mask marks 2 pixels.  Pooled: TP 3, FP 1 + 2, FN 1
+    # -> SegF1 = 2*3 / (2*3 + 3 + 1) = 0.6.  (Per-image mean: (0.75 + 0) / 2; good images left out: 0.75.)
+    gt_a = np.zeros((4, 4), bool)
+    gt_a[1:3, 1:3] = True
+    pred_a = np.zeros((4, 4), bool)
+    pred_a[1, 1] = pred_a[1, 2] = pred_a[2, 1] = True
+    pred_a[0, 3] = True
+    gt_b = np.zeros((3, 5), bool)
+    pred_b = np.zeros((3, 5), bool)
+    pred_b[0, 0] = pred_b[2, 4] = True
+    assert M.seg_f1([pred_a, pred_b], [gt_a, gt_b]) == pytest.approx(0.6, abs=1e-12)
+    assert M.seg_f1([pred_a, pred_b], [gt_a.astype(np.uint8) * 255, gt_b]) == pytest.approx(0.6)  # 0/255 masks
+    assert M.seg_f1([gt_a, np.zeros((3, 5), bool)], [gt_a, gt_b]) == 1.0  # perfect masks
+    assert M.seg_f1([~gt_a, np.zeros((3, 5), bool)], [gt_a, gt_b]) == 0.0
+
+
+def test_seg_f1_degenerate_and_bad_inputs(caplog):
+    with caplog.at_level(logging.WARNING, logger="vlad.metrics"):
+        assert math.isnan(M.seg_f1(np.ones((2, 4, 4), bool), np.zeros((2, 4, 4), bool)))
+    assert "no anomalous pixel" in caplog.text
+    with pytest.raises(ValueError, match="resize the masks"):
+        M.seg_f1(np.zeros((1, 4, 4), bool), np.zeros((1, 8, 8), bool))
+    with pytest.raises(ValueError, match="0/1"):
+        M.seg_f1(np.full((1, 4, 4), 0.7), np.ones((1, 4, 4), bool))
+
+
+def test_rate_with_ci_is_clopper_pearson():
+    # closed forms of the exact interval at the edges: 0 of n -> [0, 1 - (a/2)^(1/n)]; n of n -> [(a/2)^(1/n), 1]
+    rate, low, high = M.rate_with_ci(0, 4)
+    assert (rate, low) == (0.0, 0.0) and high == pytest.approx(1 - 0.025 ** 0.25, abs=1e-9)  # 0.6024
+    rate, low, high = M.rate_with_ci(10, 10)
+    assert rate == 1.0 and low == pytest.approx(0.025 ** 0.1, abs=1e-9) and high == 1.0
+    # 1 of 4: lower bound 1 - (1 - a/2)^(1/n)
+    assert M.rate_with_ci(1, 4)[1] == pytest.approx(1 - 0.975 ** 0.25, abs=1e-9)
+    assert M.rate_with_ci(0, 4, confidence=0.9)[2] == pytest.approx(1 - 0.05 ** 0.25, abs=1e-9)
+    assert all(math.isnan(v) for v in M.rate_with_ci(0, 0))
+    with pytest.raises(ValueError, match="count <= n"):
+        M.rate_with_ci(5, 4)
+
+
+def test_decision_metrics_hand_computed():
+    # 4 normal images, 1 flagged -> false-alarm rate 1/4; 3 anomalous, 1 labelled normal -> miss rate 1/3
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    pred = np.array([True, False, False, False, False, True, True])
+    out = M.decision_metrics(pred, labels)
+    assert out["false_alarm_rate"] == 0.25 and out["miss_rate"] == pytest.approx(1 / 3)
+    assert (out["n_normal"], out["n_false_alarms"], out["n_anomalous"], out["n_missed"]) == (4, 1, 3, 1)
+    assert out["false_alarm_rate_low"] == pytest.approx(1 - 0.975 ** 0.25, abs=1e-9)
+    assert out["false_alarm_rate_low"] < 0.25 < out["false_alarm_rate_high"] < 1.0
+    assert out["miss_rate_low"] < 1 / 3 < out["miss_rate_high"]
+    assert "seg_f1" not in out
+    # only normal images: the miss rate is undefined, not 0
+    only_normal = M.decision_metrics([False, True], [0, 0])
+    assert only_normal["false_alarm_rate"] == 0.5 and math.isnan(only_normal["miss_rate"])
+    # with masks, SegF1 comes along
+    gt = np.zeros((7, 4, 4), bool)
+    gt[4:, 0, 0] = True
+    assert M.decision_metrics(pred, labels, gt, gt)["seg_f1"] == 1.0
+    with pytest.raises(ValueError, match="expected 7 values"):
+        M.decision_metrics(pred[:3], labels)
+    with pytest.raises(ValueError, match="one predicted mask per image"):
+        M.decision_metrics(pred, labels, gt[:3], gt[:3])

@@ -1,4 +1,5 @@
-"""Anomaly-detection metrics: image AUROC / AP / F1-max, pixel AUROC / AP / F1-max and AUPRO.
+"""Anomaly-detection metrics: ranking metrics (image AUROC / AP / F1-max, pixel AUROC / AP / F1-max,
+AUPRO at FPR 0.3 and 0.05) and decision metrics (false-alarm and miss rates, SegF1).
 
 All metrics are *exact* (no threshold binning) and fast enough for whole benchmark splits: the pixel
 metrics sort the normal pixels once (``np.sort``, no argsort) and the anomalous pixels once, then read
@@ -13,7 +14,21 @@ every count they need with ``np.searchsorted``. Hundreds of 512x512 maps take a 
   the fraction of the region's pixels scoring >= t; FPR(t) is the fraction of all normal pixels (of all
   images) scoring >= t. The PRO-vs-FPR curve over every distinct threshold is integrated with the
   trapezoidal rule up to FPR 0.3 (linear interpolation at 0.3) and divided by 0.3, so a perfect map
-  scores 1.
+  scores 1. ``pixel_aupro05`` is the same curve integrated up to FPR 0.05 and divided by 0.05: the
+  low-false-positive AU-PRO that MVTec AD 2 (Heckler-Kram et al., 2025, arXiv:2503.21622) reports.
+
+Decision metrics judge binary outputs (a detector's labels and masks at its own thresholds), not a
+ranking:
+
+* False-alarm rate: the fraction of normal images labelled anomalous; miss rate: the fraction of
+  anomalous images labelled normal; each with an exact (Clopper-Pearson) binomial confidence interval
+  (:func:`rate_with_ci`, via ``scipy.stats.binomtest``).
+* SegF1 (MVTec AD 2's segmentation F1): one F1 = 2 TP / (2 TP + FP + FN) over the pixels of *all* test
+  images pooled (anomaly-free images included: every pixel a mask marks on them is a false positive),
+  for binary masks thresholded at one threshold. This is our reading of the MVTec AD 2 paper's SegF1
+  (the pixel-level F1 of the binarised anomaly maps on the test set); the paper's text and evaluation
+  server code were not available to check the pooling against, so a per-image mean would be a
+  different metric.
 
 Degenerate inputs (only one class present, no anomalous pixel) give NaN and a logged warning.
 """
@@ -25,13 +40,16 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 logger = logging.getLogger(__name__)
 
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
-PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", "pixel_aupro05")
+DECISION_METRICS = ("false_alarm_rate", "miss_rate", "seg_f1")
 DEFAULT_FPR_LIMIT = 0.3
+#: MVTec AD 2's low-false-positive AU-PRO integration limit (``pixel_aupro05``)
+LOW_FPR_LIMIT = 0.05
 _STRUCTURE = np.ones((3, 3), dtype=int)  # 8-connectivity, as MVTec AD's evaluation code
 
 
@@ -178,8 +196,22 @@ def aupro(maps, masks, fpr_limit: float = DEFAULT_FPR_LIMIT) -> float:
 
 
 def _aupro(map_list, mask_list, fpr_limit, neg_sorted) -> float:
+    return _aupro_at(_pro_curve(map_list, mask_list, neg_sorted), fpr_limit)
+
+
+def _aupro_at(curve: tuple[np.ndarray, np.ndarray] | None, fpr_limit: float) -> float:
+    """The PRO curve's area up to ``fpr_limit``, divided by ``fpr_limit``; NaN for no curve."""
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    if curve is None:
+        return math.nan
+    xs, ys = curve
+    return float(_trapezoid_until(xs, ys, fpr_limit) / fpr_limit)
+
+
+def _pro_curve(map_list, mask_list, neg_sorted) -> tuple[np.ndarray, np.ndarray] | None:
+    """The exact PRO-vs-FPR polyline ``(xs, ys)`` from (0, 0) to (1, 1); None (with a warning) when
+    there is no anomalous region or no normal pixel."""
     pos_scores, pos_weights, sizes = [], [], []
     for m, g in zip(map_list, mask_list):
         if not g.any():
@@ -196,7 +228,7 @@ def _aupro(map_list, mask_list, fpr_limit, neg_sorted) -> float:
         neg_sorted = np.sort(np.concatenate(neg_parts)) if neg_parts else np.zeros(0)
     if n_regions == 0 or neg_sorted.size == 0:
         logger.warning("aupro: %d anomalous regions and %d normal pixels; metric is NaN", n_regions, neg_sorted.size)
-        return math.nan
+        return None
     scores = np.concatenate(pos_scores)
     weights = np.concatenate(pos_weights) / n_regions
     order = np.argsort(-scores, kind="stable")
@@ -219,7 +251,7 @@ def _aupro(map_list, mask_list, fpr_limit, neg_sorted) -> float:
     xs[2:-1:2], ys[2:-1:2] = fpr_ge, pro
     xs[-1], ys[-1] = 1.0, 1.0
     ys = np.minimum(ys, 1.0)  # float round-off of the weight sums
-    return float(_trapezoid_until(xs, ys, fpr_limit) / fpr_limit)
+    return xs, ys
 
 
 def _trapezoid_until(xs: np.ndarray, ys: np.ndarray, limit: float) -> float:
@@ -236,7 +268,8 @@ def _trapezoid_until(xs: np.ndarray, ys: np.ndarray, limit: float) -> float:
 
 
 def pixel_metrics(maps, masks, fpr_limit: float = DEFAULT_FPR_LIMIT) -> dict[str, float]:
-    """``pixel_auroc``, ``pixel_ap``, ``pixel_f1max`` and ``pixel_aupro`` over all pixels of all maps.
+    """``pixel_auroc``, ``pixel_ap``, ``pixel_f1max``, ``pixel_aupro`` (up to ``fpr_limit``) and
+    ``pixel_aupro05`` (up to :data:`LOW_FPR_LIMIT`) over all pixels of all maps.
 
     Args:
         maps: ``(N, H, W)`` array or list of ``(H_i, W_i)`` anomaly maps.
@@ -251,11 +284,13 @@ def pixel_metrics(maps, masks, fpr_limit: float = DEFAULT_FPR_LIMIT) -> dict[str
     split = _Split(neg, pos)
     if split.degenerate("pixel metrics"):
         return dict.fromkeys(PIXEL_METRICS, math.nan)
+    curve = _pro_curve(map_list, mask_list, neg_sorted=neg)  # one curve, integrated at both limits
     return {
         "pixel_auroc": split.auroc(),
         "pixel_ap": split.ap(),
         "pixel_f1max": split.f1max(),
-        "pixel_aupro": _aupro(map_list, mask_list, fpr_limit, neg_sorted=neg),
+        "pixel_aupro": _aupro_at(curve, fpr_limit),
+        "pixel_aupro05": _aupro_at(curve, LOW_FPR_LIMIT),
     }
 
 
@@ -277,7 +312,7 @@ def evaluate(
 
     Returns:
         ``{"image_auroc", "image_ap", "image_f1max"}`` plus, with masks,
-        ``{"pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"}``; NaN where undefined.
+        ``{"pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", "pixel_aupro05"}``; NaN where undefined.
     """
     result = image_metrics(scores, labels)
     if maps is not None and masks is not None:
@@ -286,3 +321,93 @@ def evaluate(
             raise ValueError(f"expected one map per image score, got {n_maps} maps for {n_scores} scores")
         result.update(pixel_metrics(maps, masks, fpr_limit))
     return result
+
+
+# -- decision metrics -----------------------------------------------------------------------------
+def rate_with_ci(count: int, n: int, confidence: float = 0.95) -> tuple[float, float, float]:
+    """``count / n`` with its exact (Clopper-Pearson) binomial confidence interval.
+
+    Args:
+        count: how many of the ``n`` trials came out positive (e.g. normal images flagged).
+        n: number of trials.
+        confidence: coverage of the interval.
+
+    Returns:
+        ``(rate, low, high)``; three NaN when ``n`` is 0.
+    """
+    count, n = int(count), int(n)
+    if not 0 <= count <= n:
+        raise ValueError(f"expected 0 <= count <= n, got count={count}, n={n}")
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    ci = stats.binomtest(count, n).proportion_ci(confidence_level=confidence, method="exact")
+    return count / n, float(ci.low), float(ci.high)
+
+
+def _as_decisions(values, n: int, what: str) -> np.ndarray:
+    arr = np.asarray(values).reshape(-1)
+    if arr.size != n:
+        raise ValueError(f"{what}: expected {n} values, got {arr.size}")
+    if arr.dtype != np.bool_:
+        if not np.isin(np.unique(arr), (0, 1)).all():
+            raise ValueError(f"{what}: expected bool or 0/1 decisions, got values {np.unique(arr)[:10].tolist()}")
+        arr = arr.astype(bool)
+    return arr
+
+
+def seg_f1(pred_masks, masks) -> float:
+    """MVTec AD 2's SegF1: the F1 of binary masks over the pixels of all images pooled.
+
+    ``TP``, ``FP`` and ``FN`` are summed over every pixel of every image (anomaly-free images included,
+    so a mask on a good image costs false positives), then ``F1 = 2 TP / (2 TP + FP + FN)``.
+
+    Args:
+        pred_masks: ``(N, H, W)`` or a list of ``(H_i, W_i)`` bool (or 0/1) predicted masks.
+        masks: ground truth of the same shapes (nonzero = anomalous).
+
+    Returns:
+        SegF1 in [0, 1]; NaN (with a warning) when the ground truth has no anomalous pixel.
+    """
+    pred_list, mask_list = _gather_pixels(pred_masks, masks)
+    tp = fp = fn = 0
+    for i, (p, g) in enumerate(zip(pred_list, mask_list)):
+        p = _as_decisions(p, g.size, f"pred_masks[{i}]").reshape(g.shape)
+        tp += int(np.count_nonzero(p & g))
+        fp += int(np.count_nonzero(p & ~g))
+        fn += int(np.count_nonzero(~p & g))
+    if tp + fn == 0:
+        logger.warning("seg_f1: the ground truth has no anomalous pixel; metric is NaN")
+        return math.nan
+    return 2.0 * tp / (2.0 * tp + fp + fn)
+
+
+def decision_metrics(pred_labels, labels, pred_masks=None, masks=None, confidence: float = 0.95) -> dict[str, float]:
+    """How binary decisions fare: image false-alarm and miss rates (with intervals) and SegF1.
+
+    Args:
+        pred_labels: ``(N,)`` bool (or 0/1) decisions, True = labelled anomalous.
+        labels: ``(N,)`` ground truth, 1 = anomalous.
+        pred_masks: predicted binary masks (``(N, H, W)`` or a list), or None.
+        masks: ground-truth masks of the same shapes, or None (then no ``seg_f1``).
+        confidence: coverage of the Clopper-Pearson intervals.
+
+    Returns:
+        ``false_alarm_rate`` (normal images labelled anomalous / normal images) and ``miss_rate``
+        (anomalous images labelled normal / anomalous images), each with ``_low`` / ``_high`` interval
+        bounds; the counts ``n_normal``, ``n_false_alarms``, ``n_anomalous``, ``n_missed``; and, with
+        both mask sets, ``seg_f1``. Rates are NaN when their class is absent.
+    """
+    truth = _as_labels(labels, np.asarray(labels).size, "labels")
+    pred = _as_decisions(pred_labels, truth.size, "pred_labels")
+    n_normal, n_anomalous = int((~truth).sum()), int(truth.sum())
+    n_false_alarms, n_missed = int((pred & ~truth).sum()), int((~pred & truth).sum())
+    out: dict[str, float] = {"n_normal": n_normal, "n_false_alarms": n_false_alarms,
+                             "n_anomalous": n_anomalous, "n_missed": n_missed}
+    for key, count, n in (("false_alarm_rate", n_false_alarms, n_normal), ("miss_rate", n_missed, n_anomalous)):
+        out[key], out[f"{key}_low"], out[f"{key}_high"] = rate_with_ci(count, n, confidence)
+    if pred_masks is not None and masks is not None:
+        n_masks = len(pred_masks)
+        if n_masks != truth.size:
+            raise ValueError(f"expected one predicted mask per image, got {n_masks} masks for {truth.size} labels")
+        out["seg_f1"] = seg_f1(pred_masks, masks)
+    return out
