@@ -31,7 +31,6 @@ takes a ``random_state`` (then each seed is also the scorer's ``random_state``).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -54,6 +53,7 @@ from vlad.metrics import (
     rate_with_ci,
 )
 from vlad.progress import track
+from vlad.serialization import nan_to_none, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -403,24 +403,9 @@ def run_eval(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "results.json"
-        path.write_text(json.dumps(_jsonable(results), indent=2))
+        write_json(path, nan_to_none(results))
         results["results_path"] = str(path)
     return results
-
-
-def _jsonable(obj: Any) -> Any:
-    """NaN -> None (strict JSON), numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return None if math.isnan(obj) else float(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def _fmt(stat: dict[str, Any], scale: float = 100.0, digits: int = 1, with_std: bool = True) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,22 @@ def json_default(obj: Any) -> Any:
     if isinstance(obj, Path) or type(obj).__name__ == "device":  # torch.device, without importing torch
         return str(obj)
     raise TypeError(f"type {type(obj).__name__} is not JSON")
+
+
+def nan_to_none(obj: Any) -> Any:
+    """``obj`` with NaN as None (strict JSON has no NaN; a missing metric reads as null), numpy scalars
+    as Python numbers, tuples as lists and paths as strings."""
+    if isinstance(obj, dict):
+        return {str(k): nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
 
 
 def to_jsonable(value: Any, where: str) -> Any:
