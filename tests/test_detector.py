@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import vlad
 from vlad import EmptyReferenceSetError, NotFittedError, UnknownScorerError, VladError
-from vlad.errors import IntegrityError, InvalidParameterError, NonFiniteScoreError
+from vlad.errors import IntegrityError
 from vlad.serialization import sha256_file
 from vlad.scorers.base import BaseScorer, FewShotMixin
 
