@@ -167,9 +167,10 @@ class _Predictions:
             self.masks.extend(np.asarray(m, dtype=bool) for m in decided.masks)
 
 
-def _predict(model: Any, ranking_scorer: Any, paths: Sequence[Path], desc: str) -> _Predictions:
+def _predict(model: Any, ranking_scorer: str | None, paths: Sequence[Path], desc: str) -> _Predictions:
     """Predict ``paths`` with the detector (decisions) and, for a single-scorer spec, with its fitted
-    scorer (raw ranking scores and maps; ``ranking_scorer`` None uses the detector's fused output)."""
+    scorer named ``ranking_scorer`` (its raw ranking scores and maps, from the same pass; None uses the
+    detector's fused output)."""
     from vlad.images import load_images
 
     chunk = max(1, int(getattr(model, "batch_size", 8) or 8))
@@ -178,9 +179,9 @@ def _predict(model: Any, ranking_scorer: Any, paths: Sequence[Path], desc: str) 
     for group in track(groups, desc, total=len(groups)):
         images = load_images([str(p) for p in group])
         t0 = time.perf_counter()
-        decided = model.predict(images)
+        decided, raw = model.predict_with_raw(images)
         out.detector_seconds += time.perf_counter() - t0
-        out.add(decided, decided if ranking_scorer is None else ranking_scorer.predict(images))
+        out.add(decided, decided if ranking_scorer is None else raw[ranking_scorer])
     return out
 
 
@@ -361,7 +362,7 @@ def run_eval(
                     model.fit([str(p) for p in refs] if refs else None)
                     thresholds = _thresholds(model)  # calibration (leave-one-out on the references) is fitting
                     fit_s = time.perf_counter() - t0
-                    ranking_scorer = model.scorers[builder.single] if builder.single else None
+                    ranking_scorer = builder.single  # rank by that scorer's own raw output
                     pred = _predict(model, ranking_scorer, cat.test_paths, f"{cat.name} {k}-shot seed {seed}")
                 scores = np.concatenate(pred.scores)
                 maps = pred.maps

@@ -415,13 +415,19 @@ class Detector:
             InvalidImageError: an input is unreadable (named).
             NonFiniteScoreError: a scorer produced NaN or infinity (named); never labelled normal.
         """
+        return self.predict_with_raw(images)[0]
+
+    def predict_with_raw(self, images: ImagesLike) -> tuple[AnomalyResult, dict[str, AnomalyResult]]:
+        """:meth:`predict` plus each active scorer's raw (uncalibrated) result, from the same pass: for
+        evaluations that rank by a scorer's own scores while judging the detector's decisions."""
         self._check_fitted()
         loaded = load_images(images)
         cal = self._calibrated()
-        comps = {name: self._apply(cal, name, raw) for name, raw in self._raw_predict(loaded).items()}
+        raw = self._raw_predict(loaded)
+        comps = {name: self._apply(cal, name, r) for name, r in raw.items()}
         fused = fuse_results(comps, self._weights(), self.options["fusion"])
         check_finite(fused, "the fused detector")
-        return fused.with_thresholds(self.image_threshold, self.pixel_threshold)
+        return fused.with_thresholds(self.image_threshold, self.pixel_threshold), raw
 
     def _raw_predict(self, loaded: list[LoadedImage]) -> dict[str, AnomalyResult]:
         return {n: s.predict(loaded) for n, s in self.scorers.items() if self.active_[n]}
