@@ -67,7 +67,7 @@ def prompts_dir() -> Path:
             return candidate
     raise PromptError(
         f"vlad's prompt files were not found: expected default.yaml in {here / 'prompts'} (installed wheel) "
-        f"or {here.parent / 'prompts'} (source tree). Reinstall vlad (`pip install --force-reinstall vlad`)."
+        f"or {here.parent / 'prompts'} (source tree). Reinstall vlad (`pip install --force-reinstall vlad-inspect`)."
     )
 
 
