@@ -66,6 +66,11 @@ def test_device_cuda_without_cuda(capsys, image):
     _fails_with_one_line(capsys, _score(image, "--device", "cuda"), "cuda", "not available")
 
 
+def test_weights_neither_a_mode_nor_a_folder(capsys, image):
+    _fails_with_one_line(capsys, ["score", str(image), "--scorer", "patchcore", "--weights", "pretraind"],
+                         "pretraind", "random")
+
+
 def test_out_is_an_existing_file(capsys, image, tmp_path):
     target = tmp_path / "scores.csv"
     target.write_text("keep me")

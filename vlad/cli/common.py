@@ -112,6 +112,19 @@ def check_param_types(scorer_names: Sequence[str], params: dict[str, Any]) -> No
                 )
 
 
+WEIGHT_MODES = ("pretrained", "random", "tiny")
+
+
+def check_weights(weights: str) -> None:
+    """Fail now if ``--weights`` is neither a mode nor an existing folder or file of weights."""
+    if weights in WEIGHT_MODES or Path(weights).expanduser().exists():
+        return
+    raise VladError(
+        f"--weights {weights!r} is neither one of {', '.join(WEIGHT_MODES)} nor an existing folder or file of "
+        "weights; see `vlad weights list`"
+    )
+
+
 def check_device(device: str) -> None:
     """Fail now if ``device`` is not a device torch knows or not available here (see ``resolve_device``)."""
     from vlad.backbones import resolve_device

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from vlad.cli.common import add_model_options, check_device, check_port_free, port_number
+from vlad.cli.common import (
+    add_model_options,
+    check_device,
+    check_port_free,
+    check_weights,
+    port_number,
+)
 from vlad.errors import VladError
 
 
@@ -28,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         from vlad.detector import parse_spec
 
         parse_spec(args.detector)
+    check_weights(args.weights)
     check_device(args.device)
     check_port_free(args.host, args.port)
     from vlad.app import launch

@@ -10,7 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlad.cli.common import add_model_options, check_device, check_output_folder, check_param_types, parse_params
+from vlad.cli.common import (
+    add_model_options,
+    check_device,
+    check_output_folder,
+    check_param_types,
+    check_weights,
+    parse_params,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = parse_params(args.set)
     check_param_types(parse_spec(args.scorer), params)
+    check_weights(args.weights)
     check_device(args.device)
     if args.out:
         check_output_folder(args.out)

@@ -13,7 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from vlad.cli import demo, eval as eval_cmd, score, weights
+from vlad.cli import demo, score, weights
+from vlad.cli import eval as eval_cmd
 from vlad.cli.common import CliParser
 from vlad.errors import VladError
 

@@ -35,6 +35,7 @@ from vlad.cli.common import (
     check_output_folder,
     check_param_types,
     check_prompts,
+    check_weights,
     parse_params,
 )
 from vlad.errors import EmptyReferenceSetError, VladError
@@ -91,6 +92,7 @@ def check_options(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]
     names = parse_spec(spec)  # unknown scorer names
     params = parse_params(args.set)
     check_param_types(names, params)
+    check_weights(args.weights)
     check_device(args.device)
     if args.prompts and not _uses(names, "prompts"):
         raise VladError(f"--prompts was given but no scorer of {'+'.join(names)} uses prompts; add winclip")
