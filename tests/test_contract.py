@@ -51,7 +51,7 @@ SETTINGS: dict[str, dict] = {
     "patchcore": dict(),
     "patchsvdd": dict(epochs=6, hidden_dim=64, out_dim=16, image_size=96),
     "spade": dict(),
-    "stpm": dict(train_steps=20, batch_size=4, image_size=96),
+    "stpm": dict(train_steps=20, batch_size=4, image_size=128),
     "winclip": dict(object_name="gear", batch_size=4),
 }
 

@@ -3,6 +3,8 @@
 >>> import vlad
 >>> det = vlad.create_detector("winclip+maeday", object_name="metal plate")  # doctest: +SKIP
 >>> res = det.predict(["a.png", "b.png"])  # res.image_scores (B,), res.anomaly_maps (B, H, W)
+
+``import vlad`` is light (no torch, scikit-learn or model libraries): they load when a scorer is built.
 """
 
 from __future__ import annotations
@@ -12,16 +14,16 @@ from typing import Any
 from vlad.errors import (
     EmptyReferenceSetError,
     IntegrityError,
+    InvalidDeviceError,
     InvalidImageError,
     InvalidParameterError,
     NonFiniteScoreError,
-    NotFittedError,
+    UnknownBackboneError,
     UnknownScorerError,
     VladError,
     WeightsNotAvailableError,
 )
 from vlad.registry import create_scorer, list_scorers, register_scorer
-from vlad.types import AnomalyResult
 
 __version__ = "0.1.0"
 
@@ -29,10 +31,12 @@ __all__ = [
     "AnomalyResult",
     "EmptyReferenceSetError",
     "IntegrityError",
+    "InvalidDeviceError",
     "InvalidImageError",
     "InvalidParameterError",
     "NonFiniteScoreError",
     "NotFittedError",
+    "UnknownBackboneError",
     "UnknownScorerError",
     "VladError",
     "WeightsNotAvailableError",
@@ -42,6 +46,19 @@ __all__ = [
     "load",
     "register_scorer",
 ]
+
+# Names resolved on first access, so that `import vlad` does not import numpy or scikit-learn.
+_LAZY = {"AnomalyResult": "vlad.types", "NotFittedError": "vlad.errors"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vlad' has no attribute {name!r}")
 
 
 def create_detector(spec: str | None = None, **options: Any):

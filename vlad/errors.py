@@ -1,8 +1,17 @@
-"""Exceptions raised by vlad. Every message says what was expected, what was got, and the fix."""
+"""Exceptions raised by vlad. Every message says what was expected, what was got, and the fix.
+
+This module imports nothing heavy: ``import vlad`` must stay light. :class:`NotFittedError` also derives
+from scikit-learn's ``NotFittedError`` (scorers follow scikit-learn's estimator rules), but importing
+scikit-learn costs about a second and pulls SciPy, so that class is created on first access (module
+``__getattr__``), by which time a scorer has usually imported scikit-learn anyway.
+"""
 
 from __future__ import annotations
 
-from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
+import threading
+from typing import Any
+
+_LAZY_LOCK = threading.Lock()
 
 
 class VladError(Exception):
@@ -10,7 +19,7 @@ class VladError(Exception):
 
 
 class InvalidImageError(VladError, ValueError):
-    """An input could not be read as an image (corrupt, truncated, empty, wrong shape or type)."""
+    """An input could not be read as an image (corrupt, truncated, empty, too large, wrong shape or type)."""
 
 
 class UnknownScorerError(VladError, KeyError):
@@ -20,20 +29,28 @@ class UnknownScorerError(VladError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownBackboneError(VladError, KeyError):
+    """A backbone (weights) name that is not in :data:`vlad.weights.WEIGHTS`."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidParameterError(VladError, ValueError, TypeError):
+    """A scorer or detector was given a parameter it does not have, or a value of the wrong kind or
+    outside what it accepts (the message lists what it does accept)."""
+
+
+class InvalidDeviceError(VladError, ValueError):
+    """A device string torch does not understand, or a device that is not available on this machine."""
+
+
 class WeightsNotAvailableError(VladError, FileNotFoundError):
     """Pretrained weights could not be found locally and could not be downloaded."""
 
 
-class NotFittedError(VladError, _SklearnNotFittedError):
-    """``predict`` (or another fitted-state method) called before ``fit``."""
-
-
 class EmptyReferenceSetError(VladError, ValueError):
     """A few-shot scorer was given no reference images."""
-
-
-class InvalidParameterError(VladError, ValueError):
-    """A parameter or option has a value outside what it accepts (the message lists what it does accept)."""
 
 
 class NonFiniteScoreError(VladError, ArithmeticError):
@@ -44,3 +61,22 @@ class NonFiniteScoreError(VladError, ArithmeticError):
 class IntegrityError(VladError):
     """A saved detector or scorer does not match the checksums recorded when it was saved (the file was
     changed, truncated or corrupted after saving), or the folder is ambiguous."""
+
+
+def _make_not_fitted_error() -> type:
+    from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
+
+    class NotFittedError(VladError, _SklearnNotFittedError):
+        """``predict`` (or another fitted-state method) called before ``fit``."""
+
+    NotFittedError.__module__ = __name__
+    return NotFittedError
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NotFittedError":
+        with _LAZY_LOCK:  # created once, even when two threads ask at the same time
+            if name not in globals():
+                globals()[name] = _make_not_fitted_error()  # later lookups find it directly
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

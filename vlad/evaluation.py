@@ -474,23 +474,3 @@ def format_table(results: dict[str, Any]) -> str:
     if no_mask:
         lines.append(f"note: no masks (image metrics only): {', '.join(no_mask)}")
     return "\n".join(lines)
-
-
-def main_eval(args) -> int:
-    """``vlad eval``: run :func:`run_eval` from parsed CLI arguments, print the table, save results."""
-    from vlad.cli import parse_params
-
-    params = parse_params(getattr(args, "set", None))
-    cats = [c.strip() for c in args.categories.split(",") if c.strip()] if getattr(args, "categories", None) else None
-    results = run_eval(
-        args.data_dir, scorer=args.scorer, shots=args.shots, seeds=args.seeds, categories=cats,
-        limit=args.limit, weights=args.weights, device=args.device, params=params, out=args.out,
-        false_alarm_rate=getattr(args, "false_alarm_rate", None),
-    )
-    print(format_table(results))
-    if "results_path" in results:
-        n_png = sum(len(v) for v in results["overlays"].values())
-        print(f"results: {results['results_path']}  ({n_png} overlay PNGs under {Path(args.out) / 'overlays'})")
-    else:
-        print("results not saved: pass --out DIR to write results.json and heatmap overlays")
-    return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from vlad.errors import InvalidImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MIN_SIZE = 8  # smaller images cannot give a meaningful map from any backbone
+#: environment variable overriding PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) for files; 0 = no limit
+MAX_PIXELS_ENV = "VLAD_MAX_IMAGE_PIXELS"
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,25 @@ def _array_to_rgb(arr: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+@contextmanager
+def _pixel_limit():
+    """Apply ``$VLAD_MAX_IMAGE_PIXELS`` (if set) to PIL's decompression-bomb limit while reading a file."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        yield
+        return
+    try:
+        limit = int(value)
+    except ValueError:
+        raise InvalidImageError(f"{MAX_PIXELS_ENV}={value!r} is not a whole number of pixels (0: no limit)") from None
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit if limit > 0 else None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
 def _read_file(path: Path) -> np.ndarray:
     name = str(path)
     if not path.exists():
@@ -91,9 +113,15 @@ def _read_file(path: Path) -> np.ndarray:
     if path.stat().st_size == 0:
         raise InvalidImageError(f"{name}: the file is empty")
     try:
-        with Image.open(path) as img:
+        with _pixel_limit(), Image.open(path) as img:
             img.load()  # decode fully now so truncation is caught here, not later
             return _pil_to_array(img, name)
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(
+            f"{name}: {exc.args[0] if exc.args else exc}. Images this large are refused as a safety measure "
+            f"(decompression bombs); downscale it, or raise the limit with the environment variable "
+            f"{MAX_PIXELS_ENV}=<pixels> (or PIL.Image.MAX_IMAGE_PIXELS in Python; 0 means no limit)"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise InvalidImageError(f"{name}: not an image file PIL can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:

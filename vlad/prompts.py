@@ -67,7 +67,7 @@ def prompts_dir() -> Path:
             return candidate
     raise PromptError(
         f"vlad's prompt files were not found: expected default.yaml in {here / 'prompts'} (installed wheel) "
-        f"or {here.parent / 'prompts'} (source tree). Reinstall vlad (`pip install --force-reinstall vlad`)."
+        f"or {here.parent / 'prompts'} (source tree). Reinstall vlad (`pip install --force-reinstall vlad-inspect`)."
     )
 
 
@@ -204,6 +204,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise PromptError(f"cannot read prompt file {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise PromptError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8"
+        ) from exc
+    except RecursionError as exc:
+        raise PromptError(
+            f"{path}: nested too deeply to read; a prompt file is a flat mapping of lists of strings "
+            "(see prompts/default.yaml)"
+        ) from exc
     except yaml.YAMLError as exc:
         raise PromptError(f"{path}: not valid YAML ({exc}); see prompts/default.yaml for the format") from exc
     if data is None:
@@ -223,7 +232,10 @@ def _object_file(folder: Path, object_name: str | None) -> Path | None:
     if not object_name:
         return None
     path = folder / "objects" / f"{object_slug(object_name)}.yaml"
-    return path if path.is_file() else None
+    try:
+        return path if path.is_file() else None
+    except OSError:  # e.g. a name too long for the file system: no such per-object file can exist
+        return None
 
 
 def load_prompts(prompts: PromptsLike = None, object_name: str | None = None) -> PromptSet:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable
 from typing import Any
 
-from vlad.errors import UnknownScorerError
+from vlad.errors import InvalidParameterError, UnknownScorerError
 
 # Built-in scorers, imported on first use so `import vlad` stays fast.
 _BUILTIN: dict[str, str] = {
@@ -64,6 +65,39 @@ def get_scorer_class(name: str) -> type:
     return cls
 
 
+def parameter_names(cls: type) -> list[str]:
+    """The parameters a scorer class accepts (scikit-learn's ``_get_param_names``), sorted."""
+    get_names = getattr(cls, "_get_param_names", None)
+    return sorted(get_names()) if get_names is not None else []
+
+
+def check_parameters(name: str, params: dict[str, Any]) -> None:
+    """Raise if ``params`` holds a key the scorer ``name`` does not accept, suggesting the closest one.
+
+    Raises:
+        UnknownScorerError: no scorer has that name.
+        InvalidParameterError: an unknown parameter; the message suggests the closest valid name and
+            lists them all.
+    """
+    cls = get_scorer_class(name)
+    accepted = parameter_names(cls)
+    if not accepted:  # a plugin that does not follow scikit-learn's rules: let its __init__ decide
+        return
+    for key in params:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise InvalidParameterError(
+                f"scorer {name!r} has no parameter {key!r}; {hint}its parameters are: {', '.join(accepted)}"
+            )
+
+
 def create_scorer(name: str, **params: Any):
-    """Build the scorer ``name`` with ``params`` (stored only; nothing loads until ``fit``)."""
+    """Build the scorer ``name`` with ``params`` (stored only; nothing loads until ``fit``).
+
+    Raises:
+        UnknownScorerError: no scorer has that name; the message lists those that exist.
+        InvalidParameterError: a parameter the scorer does not have (the closest valid name is suggested).
+    """
+    check_parameters(name, params)
     return get_scorer_class(name)(**params)

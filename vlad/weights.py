@@ -15,13 +15,14 @@ Random weights are used only when asked for (``weights="random"``, ``--weights r
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlad.errors import WeightsNotAvailableError
+from vlad.errors import UnknownBackboneError, WeightsNotAvailableError
 
 logger = logging.getLogger(__name__)
 
@@ -127,12 +128,17 @@ def get_spec(name: str) -> WeightSpec:
     """The :class:`WeightSpec` for a backbone name.
 
     Raises:
-        KeyError: unknown name; the message lists the known ones.
+        UnknownBackboneError: unknown name (a ``KeyError``); the message suggests the closest name and
+            lists the known ones (also shown by ``vlad weights list``).
     """
     try:
         return WEIGHTS[name]
     except KeyError:
-        raise KeyError(f"unknown backbone {name!r}; known: {', '.join(WEIGHTS)}") from None
+        close = difflib.get_close_matches(str(name), list(WEIGHTS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UnknownBackboneError(
+            f"unknown backbone {name!r}; {hint}known: {', '.join(WEIGHTS)} (see `vlad weights list`)"
+        ) from None
 
 
 def is_offline() -> bool:

@@ -9,6 +9,11 @@ Usage::
 architecture, random init: for benchmarks) or a path to a folder/file of weights. Names starting with
 ``tiny-`` are miniature twins of the real architectures, always random, for tests; ``weights="tiny"``
 swaps any backbone for the twin of its family.
+
+Random initialisation is reproducible: every backbone is built with torch's CPU generator seeded with
+``seed`` (default 0) inside :func:`torch.random.fork_rng`, so two builds with the same name, weights and
+seed are identical (a saved random-weight scorer reloads the backbone it was fitted with) and the
+caller's global RNG state is left exactly as it was.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 import torch
 
+from vlad.errors import InvalidDeviceError
 from vlad.weights import WeightSpec, get_spec, resolve
 
 WEIGHT_MODES = ("pretrained", "random", "tiny")
@@ -58,7 +64,8 @@ def weights_location(name: str, weights: str | os.PathLike) -> Path | None:
 
 
 def load_backbone(
-    name: str, weights: str | os.PathLike = "pretrained", device: str | torch.device = "cpu", **kwargs: Any
+    name: str, weights: str | os.PathLike = "pretrained", device: str | torch.device = "cpu", seed: int = 0,
+    **kwargs: Any,
 ) -> Backbone:
     """Build backbone ``name`` with the requested weights, in eval mode, on ``device``.
 
@@ -66,6 +73,8 @@ def load_backbone(
         name: a key of :data:`vlad.weights.WEIGHTS`.
         weights: ``"pretrained"``, ``"random"``, ``"tiny"`` or a path to local weights.
         device: torch device.
+        seed: seed of the random initialisation (of the whole model for ``"random"``/``"tiny"``, of any
+            part pretrained weights do not cover otherwise); the caller's RNG state is not touched.
         **kwargs: passed to the family loader (e.g. ``out_indices`` for CNNs).
 
     Raises:
@@ -83,14 +92,42 @@ def load_backbone(
         from vlad.backbones.dino import load_dino as loader
     else:
         from vlad.backbones.cnn import load_cnn as loader
-    backbone = loader(spec, location, **kwargs)
+    with torch.random.fork_rng(devices=[]):  # construction runs on the CPU generator only
+        torch.manual_seed(int(seed))
+        backbone = loader(spec, location, **kwargs)
     backbone.model.to(device).eval()
     backbone.pretrained = location is not None
     return backbone
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None -> cuda when available, else cpu; anything else as given."""
-    if device in (None, "auto"):
+    """``"auto"``/None -> cuda when available, else cpu; anything else checked and returned as a device.
+
+    Raises:
+        InvalidDeviceError: torch does not know the device string (e.g. ``"gpu0"``), or the device is not
+            available here (``"cuda"`` without a GPU, driver or CUDA build of torch; ``"cuda:3"`` on a
+            machine with fewer GPUs; ``"mps"`` off Apple silicon).
+    """
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidDeviceError(
+            f"device {device!r} is not a device name torch knows; use cpu, cuda, cuda:N (N = GPU index), "
+            "mps or auto"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidDeviceError(
+                f"device {device!r} asked for, but CUDA is not available here (no GPU, no driver, or a CPU-only "
+                "build of torch); use device 'cpu' (or 'auto' to take a GPU only when there is one)"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidDeviceError(
+                f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidDeviceError(f"device {device!r} asked for, but MPS is not available here; use 'cpu' or 'auto'")
+    return dev

@@ -37,10 +37,8 @@ class _DropRandomInitNotice(logging.Filter):
 def load_clip(spec: WeightSpec, location: Path | None) -> Backbone:
     """Build an open_clip model; ``location`` None means random init."""
     import open_clip
-    import torch
 
     if spec.tiny:
-        torch.manual_seed(0)
         model = open_clip.CLIP(**TINY_CLIP_CFG)
         tokenizer = open_clip.get_tokenizer("ViT-B-16")
     else:

@@ -11,10 +11,8 @@ from vlad.weights import WeightSpec
 def load_cnn(spec: WeightSpec, location: Path | None, out_indices: tuple[int, ...] = (2, 3)) -> Backbone:
     """A timm ``features_only`` model returning the stages in ``out_indices`` (1 = layer1, ... 4 = layer4)."""
     import timm
-    import torch
 
     if spec.tiny:
-        torch.manual_seed(0)
         # timm's own miniature ResNet: the same stage layout and strides as WRN-50, narrow channels.
         model = timm.create_model("test_resnet", pretrained=False, features_only=True, out_indices=out_indices)
     elif location is None:

@@ -11,11 +11,9 @@ from vlad.weights import WeightSpec
 def load_dino(spec: WeightSpec, location: Path | None) -> Backbone:
     """Build a DINOv2 ViT that accepts any input size that is a multiple of its patch size."""
     import timm
-    import torch
     from timm.models.vision_transformer import VisionTransformer
 
     if spec.tiny:
-        torch.manual_seed(0)
         model = VisionTransformer(
             img_size=56, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_classes=0,
             init_values=1e-5, dynamic_img_size=True,

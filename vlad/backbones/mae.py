@@ -16,14 +16,11 @@ TINY_MAE_CFG = {
 
 def load_mae(spec: WeightSpec, location: Path | None) -> Backbone:
     """Build ``ViTMAEForPreTraining``; ``location`` None means random init (base size by default)."""
-    import torch
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     if spec.tiny:
-        torch.manual_seed(0)
         model = ViTMAEForPreTraining(ViTMAEConfig(**TINY_MAE_CFG))
     elif location is None:
-        torch.manual_seed(0)
         model = ViTMAEForPreTraining(ViTMAEConfig())  # the defaults are vit-mae-base's architecture
     else:
         folder = location.parent if location.is_file() else location

@@ -3,42 +3,66 @@
     vlad score parts/ --object "metal plate" --refs good/ --out results/
     vlad score a.png b.png --scorer patchcore --refs good/ --weights tiny
 
-Both ``--detector SPEC`` (default :data:`vlad.detector.DEFAULT_SPEC`) and ``--scorer NAME`` run through a
-:class:`~vlad.detector.Detector` (a one-scorer detector for ``--scorer``), so every score is on the
-calibrated ``[0, 1]`` scale and every image gets a label from the detector's image threshold (0.5 without
-references; derived from the references' leave-one-out scores with two or more, see
-:mod:`vlad.detector`). ``--set KEY=VALUE`` sets detector options (``fusion=max``) or scorer parameters
+Both ``--detector SPEC`` (default :data:`vlad.detector.DEFAULT_SPEC`) and ``--scorer NAME`` build the model
+with :func:`vlad.create_detector` (a one-scorer detector for ``--scorer``), so every score is on the
+calibrated ``[0, 1]`` scale and every image gets a label from the detector's image threshold, set from
+``--false-alarm-rate`` (default 5%) and the references (see :mod:`vlad.detector.calibration`); the last
+line says in words what that threshold guarantees. ``--set KEY=VALUE`` sets detector options (``fusion=max``) or scorer parameters
 (``n_masks=16``; must be accepted by some scorer).
 
 Output: a table (file, score, label) on stdout; with ``--out``: ``scores.csv``, ``scores.json`` (also
 each component's calibrated score and the thresholds) and ``overlays/<NNNN>_<stem>.png`` per image (the
 fused map over the image, colour range fixed to ``[0, 1]``).
 
-Unreadable inputs: every input is read once before any model is built, and the first unreadable file
-stops the run with an error naming it (exit code 2). Nothing is skipped silently: remove the file or
-fix it. A few-shot scorer (or a detector made only of few-shot scorers) without ``--refs`` is an error
-that says to pass ``--refs``.
+Checked before any work: the options (``--set`` names and types, device, output folder, prompt file),
+then every input and reference is read once before any model is built; the first problem stops the run
+with one ``vlad: error:`` line naming it (exit code 2). Nothing is skipped silently. A few-shot scorer
+(or a detector made only of few-shot scorers) without ``--refs`` is an error that says to pass ``--refs``.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
-import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from vlad.cli.common import (
+    add_model_options,
+    add_rate_option,
+    check_device,
+    check_output_folder,
+    check_param_types,
+    check_prompts,
+    check_weights,
+    parse_params,
+)
 from vlad.errors import EmptyReferenceSetError, VladError
-from vlad.images import expand_paths, load_image
-from vlad.progress import track
 
 logger = logging.getLogger(__name__)
 
 
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``vlad score`` and its options."""
+    p = sub.add_parser("score", help="score images (files or folders) with a scorer or a fused detector")
+    p.add_argument("inputs", nargs="+", help="image files or folders of images")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scorer", help="one scorer (see `vlad list`)")
+    g.add_argument("--detector", help="a fused detector spec, e.g. winclip+maeday+anomalydino (default)")
+    p.add_argument("--object", dest="object_name", help="what the product is, in words, e.g. 'metal plate'")
+    p.add_argument("--prompts", help="a prompt YAML file (see prompts/default.yaml)")
+    p.add_argument("--refs", nargs="+", help="good reference images: files and/or folders (also comma-separated)")
+    p.add_argument("--out", help="folder for scores.csv, scores.json and overlay PNGs")
+    add_rate_option(p)
+    add_model_options(p)
+
+
 def _reference_paths(refs: str | list[str] | None) -> list[Path]:
     """``--refs`` values (files, folders, or comma-separated lists of them) -> image paths."""
+    from vlad.images import expand_paths
+
     if not refs:
         return []
     values = [refs] if isinstance(refs, str) else list(refs)
@@ -49,39 +73,64 @@ def _reference_paths(refs: str | list[str] | None) -> list[Path]:
 
 
 def _check_readable(paths: list[Path], what: str) -> None:
+    from vlad.images import load_image
+    from vlad.progress import track
+
     for path in track(paths, f"checking {what}"):
         load_image(path)  # raises InvalidImageError naming the file
 
 
-def build_model(args: Any, params: dict[str, Any]):
-    """The detector ``main_score`` runs, from the parsed arguments and ``--set`` parameters."""
-    import vlad
+def _uses(names: list[str], param: str) -> bool:
+    from vlad.registry import get_scorer_class, parameter_names
+
+    return any(param in parameter_names(get_scorer_class(n)) for n in names)
+
+
+def check_options(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
+    """Every check that needs no image and no model: returns the spec and the ``--set`` parameters."""
+    from vlad.detector import parse_spec
 
     spec = args.scorer or args.detector
+    names = parse_spec(spec)  # unknown scorer names
+    params = parse_params(args.set)
+    check_param_types(names, params)
+    check_weights(args.weights)
+    check_device(args.device)
+    if args.prompts and not _uses(names, "prompts"):
+        raise VladError(f"--prompts was given but no scorer of {'+'.join(names)} uses prompts; add winclip")
+    if _uses(names, "prompts"):
+        check_prompts(args.prompts, args.object_name)
+    elif args.object_name:
+        logger.warning("--object is not used by %s (no text-prompted scorer)", "+".join(names))
+    if args.out:
+        check_output_folder(args.out)
+    return spec, params
+
+
+def build_detector(spec: str | None, args: argparse.Namespace, params: dict[str, Any]):
+    """The detector ``vlad score`` runs: :func:`vlad.create_detector` with the command's options."""
+    import vlad
+
     options = dict(params)
-    for key, value in (("object_name", args.object_name), ("weights", args.weights), ("device", args.device)):
+    for key, value in (("object_name", args.object_name), ("weights", args.weights), ("device", args.device),
+                       ("prompts", args.prompts), ("false_alarm_rate", args.false_alarm_rate)):
         if value is not None:
             options.setdefault(key, value)
-    if getattr(args, "prompts", None):
-        options.setdefault("prompts", args.prompts)
-    det = vlad.create_detector(spec, **options)
-    if getattr(args, "prompts", None) and not any("prompts" in s.get_params() for s in det.scorers.values()):
-        raise VladError(f"--prompts was given but no scorer of {'+'.join(det.scorers)} uses prompts; add winclip")
-    if args.object_name and not any("object_name" in s.get_params() for s in det.scorers.values()):
-        logger.warning("--object is not used by %s (no text-prompted scorer)", "+".join(det.scorers))
-    return det
+    return vlad.create_detector(spec, **options)
 
 
-def main_score(args: Any) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run ``vlad score`` (see the module docstring). Returns the exit code."""
-    from vlad.cli import parse_params
+    from vlad.images import expand_paths
+    from vlad.progress import track
+    from vlad.types import AnomalyResult
 
-    params = parse_params(getattr(args, "set", None))
+    spec, params = check_options(args)
+    det = build_detector(spec, args, params)  # stores parameters only: option errors surface here, cheaply
     paths = expand_paths(args.inputs)
     refs = _reference_paths(args.refs)
     _check_readable(paths, "inputs")
     _check_readable(refs, "references")
-    det = build_model(args, params)
     if det.requires_references and not refs:
         names = "+".join(det.scorers)
         raise EmptyReferenceSetError(
@@ -95,8 +144,6 @@ def main_score(args: Any) -> int:
     results = []
     for group in track(groups, "scoring", total=len(groups)):
         results.append(det.predict([str(p) for p in group]))
-    from vlad.types import AnomalyResult
-
     res = AnomalyResult.concatenate(results)
     rows = _rows(paths, res, det)
     _print_table(rows, det)
@@ -106,6 +153,8 @@ def main_score(args: Any) -> int:
 
 
 def _rows(paths: list[Path], res, det) -> list[dict[str, Any]]:
+    import numpy as np
+
     rows = []
     for i, path in enumerate(paths):
         row = {
@@ -129,11 +178,13 @@ def _print_table(rows: list[dict[str, Any]], det) -> None:
     n_bad = sum(r["label"] == "anomalous" for r in rows)
     print(f"{n_bad} of {len(rows)} anomalous (image threshold {det.image_threshold:.4f}, "
           f"{len(det.list_references())} references, scorers: {'+'.join(n for n, a in det.active_.items() if a)})")
+    print(det.threshold_info().describe())
 
 
 def _write_outputs(out: Path, paths: list[Path], res, rows: list[dict[str, Any]], det) -> None:
     from PIL import Image
 
+    from vlad.images import load_image
     from vlad.visualize import overlay
 
     out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +203,9 @@ def _write_outputs(out: Path, paths: list[Path], res, rows: list[dict[str, Any]]
         for r in rows:
             writer.writerow([r["file"], f"{r['score']:.6f}", r["label"],
                              *(f"{r['components'][n]:.6f}" for n in comp_names)])
+    from vlad.serialization import nan_to_none, write_json
+
+    info = det.threshold_info()
     summary = {
         "detector": "+".join(det.scorers),
         "active_scorers": [n for n, a in det.active_.items() if a],
@@ -159,9 +213,10 @@ def _write_outputs(out: Path, paths: list[Path], res, rows: list[dict[str, Any]]
         "n_references": len(det.list_references()),
         "image_threshold": det.image_threshold,
         "pixel_threshold": det.pixel_threshold,
-        "score_scale": "calibrated [0, 1]; 0.5 is the zero-shot boundary (see vlad.fusion)",
+        "thresholds": {**asdict(info), "in_words": info.describe()},
+        "score_scale": "calibrated [0, 1] (see vlad.detector.fusion); labels and masks from the thresholds",
         "results": rows,
     }
-    (out / "scores.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "scores.json", nan_to_none(summary))
     logger.info("wrote %s, %s and %d overlays", out / "scores.csv", out / "scores.json", len(paths))
 

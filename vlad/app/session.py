@@ -1,12 +1,10 @@
-"""The Gradio app: edit zero-shot prompts by looking, add good references live, move thresholds.
+"""The app's session logic: plain functions over a :class:`DemoSession`, no Gradio.
 
-Every UI event calls one plain function of this module (``build_detector``, ``inspect``,
+Every UI event (:mod:`vlad.app.ui`) calls one function of this module (``build_detector``, ``inspect``,
 ``apply_prompts``, ``add_references``, ``remove_reference``, ``apply_thresholds``, ``load_prompt_file``,
 ``save_prompt_file``); they take and return plain values plus a :class:`DemoSession`, so tests drive them
-without a browser. Errors come back as a readable status line, never as a stack trace.
-
-Start it with ``vlad demo`` or ``python demo/app.py`` (options: ``--weights random|tiny`` without
-pretrained weights, ``--detector``, ``--object``, ``--host``, ``--port``).
+without a browser. Errors come back as a readable status line, never as a stack trace. Models are built
+with :func:`vlad.create_detector`, as by ``vlad score``.
 """
 
 from __future__ import annotations
@@ -27,9 +25,20 @@ from vlad.visualize import overlay
 
 logger = logging.getLogger(__name__)
 
-ZERO_SHOT = ("winclip", "maeday")
-FEW_SHOT = ("anomalydino", "patchcore")
 DEFAULT_SCORERS = ["winclip", "maeday", "anomalydino"]
+
+
+def live_scorers() -> dict[str, list[str]]:
+    """Scorers the app can run live, by tier, read from their declared capabilities: zero-tier scorers
+    (work from the first image) and incremental few-tier ones (references join without training)."""
+    from vlad.registry import get_scorer_class, list_scorers
+
+    out: dict[str, list[str]] = {"zero": [], "few": []}
+    for name in list_scorers():
+        cls = get_scorer_class(name)
+        if cls.tier == "zero" or cls.incremental:
+            out[cls.tier].append(name)
+    return out
 
 
 @dataclass
@@ -126,7 +135,7 @@ def save_prompt_file(normal: str, anomalous: str, templates: str, folder: str | 
 def build_detector(scorers: list[str], object_name: str, weights: str, device: str,
                    prompts: dict | None = None) -> tuple[DemoSession, str]:
     """A new session with a fitted zero-shot detector (few-shot scorers join when references arrive)."""
-    from vlad.detector import create_detector
+    from vlad import create_detector
 
     session = DemoSession()
     try:
@@ -187,8 +196,16 @@ def render(session: DemoSession) -> tuple[list, list, list[list], str]:
             row.append(round(float(comp.image_scores[i]), 4))
         rows.append(row)
     summary = (f"{len(rows)} image(s) · {sum(r[2] == 'ANOMALOUS' for r in rows)} anomalous · image threshold "
-               f"{image_thr:.3f} · pixel threshold {pixel_thr:.3f} · references: {len(session.detector.list_references())}")
+               f"{image_thr:.3f} · pixel threshold {pixel_thr:.3f} · references: {len(session.detector.list_references())}"
+               f"\n\n{_threshold_words(session)}")
     return fused, parts, rows, summary
+
+
+def _threshold_words(session: DemoSession) -> str:
+    """What the thresholds in force promise, in a sentence (moved sliders promise nothing)."""
+    if session.image_threshold is not None or session.pixel_threshold is not None:
+        return "thresholds moved by hand: no false-alarm rate is guaranteed"
+    return session.detector.threshold_info().describe()
 
 
 def table_headers(session: DemoSession) -> list[str]:
@@ -286,117 +303,3 @@ def apply_thresholds(session: DemoSession, image_threshold: float | None, pixel_
     session.image_threshold = None if image_threshold is None else float(image_threshold)
     session.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)
     return session, f"thresholds: image {session.image_threshold}, pixel {session.pixel_threshold}"
-
-
-# -- the UI ------------------------------------------------------------------------------------------
-def build_app(scorers: list[str] | None = None, object_name: str = "object", weights: str = "pretrained",
-              device: str = "cpu"):
-    """The Gradio Blocks app (not launched)."""
-    import gradio as gr
-
-    from vlad.registry import list_scorers
-
-    scorers = scorers or list(DEFAULT_SCORERS)
-    normal0, anomalous0, templates0 = default_prompt_text(object_name)
-    available = [s for s in (*ZERO_SHOT, *FEW_SHOT) if s in list_scorers()]
-
-    with gr.Blocks(title="vlad: zero- and few-shot inspection") as app:
-        state = gr.State(None)
-        gr.Markdown("## vlad · zero- and few-shot visual inspection\nName the product, upload images, "
-                    "tune prompts by looking; add good images and the few-shot tier joins.")
-        status = gr.Markdown("press **Build** to start", elem_id="status")
-        with gr.Row():
-            with gr.Column(scale=1):
-                choose = gr.CheckboxGroup(available, value=[s for s in scorers if s in available], label="Scorers")
-                obj = gr.Textbox(object_name, label="Object name", elem_id="object-name")
-                with gr.Row():
-                    weights_in = gr.Dropdown(["pretrained", "random", "tiny"], value=weights, label="Weights",
-                                             allow_custom_value=True)
-                    device_in = gr.Dropdown(["cpu", "cuda", "auto"], value=device, label="Device")
-                build_btn = gr.Button("Build", variant="primary", elem_id="build")
-                images_in = gr.File(file_count="multiple", file_types=["image"], label="Images to inspect",
-                                    elem_id="images")
-                inspect_btn = gr.Button("Inspect", variant="primary", elem_id="inspect")
-                refs_in = gr.File(file_count="multiple", file_types=["image"], label="Good reference images",
-                                  elem_id="refs")
-                add_btn = gr.Button("Add references", elem_id="add-refs")
-                refs_list = gr.Dropdown([], label="References", allow_custom_value=False)
-                remove_btn = gr.Button("Remove selected reference")
-                img_thr = gr.Slider(0, 1, value=0.5, step=0.01, label="Image threshold")
-                pix_thr = gr.Slider(0, 1, value=0.5, step=0.01, label="Pixel threshold")
-                with gr.Row():
-                    thr_btn = gr.Button("Apply thresholds")
-                    auto_btn = gr.Button("Derived thresholds")
-            with gr.Column(scale=2):
-                summary = gr.Markdown("", elem_id="summary")
-                table = gr.Dataframe(headers=["image", "score", "label"], label="Scores", elem_id="scores",
-                                     interactive=False)
-                fused = gr.Gallery(label="Fused anomaly map", columns=3, height=360, object_fit="contain")
-                parts = gr.Gallery(label="Each scorer's map", columns=4, height=300, object_fit="contain")
-                with gr.Accordion("Prompts (WinCLIP)", open=True):
-                    normal_in = gr.Textbox(normal0, lines=6, label="Normal states ({} = object)", elem_id="normal")
-                    anomalous_in = gr.Textbox(anomalous0, lines=4, label="Anomalous states ({} = object)",
-                                              elem_id="anomalous")
-                    templates_in = gr.Textbox(templates0, lines=6, label="Templates ({} = state phrase)",
-                                              elem_id="templates")
-                    with gr.Row():
-                        prompts_btn = gr.Button("Apply prompts", elem_id="apply-prompts")
-                        prompt_file = gr.File(file_types=[".yaml", ".yml"], label="Load prompt YAML")
-                        save_btn = gr.Button("Save prompts as YAML")
-                    saved = gr.File(label="Saved prompts", interactive=False)
-
-        def show(session):
-            if session is None:
-                return [], [], gr.update(value=[]), ""
-            f, p, rows, text = render(session)
-            return f, p, gr.update(value=rows, headers=table_headers(session)), text
-
-        outputs = [fused, parts, table, summary]
-
-        def on_build(chosen, name, w, dev, normal, anomalous, templates, progress=gr.Progress(track_tqdm=True)):
-            prompts = text_to_prompts(normal, anomalous, templates)
-            session, msg = build_detector(chosen, name, w, dev, prompts)
-            return (session, msg, *show(session))
-
-        def on_inspect(session, files, progress=gr.Progress(track_tqdm=True)):
-            session, msg = inspect(session or DemoSession(), files)
-            return (session, msg, *show(session))
-
-        def on_prompts(session, name, normal, anomalous, templates, progress=gr.Progress(track_tqdm=True)):
-            session, msg = apply_prompts(session or DemoSession(), name, normal, anomalous, templates)
-            return (session, msg, *show(session))
-
-        def on_add(session, files, progress=gr.Progress(track_tqdm=True)):
-            session, refs, msg = add_references(session or DemoSession(), files)
-            return (session, gr.update(choices=refs, value=None), msg, *show(session))
-
-        def on_remove(session, name):
-            session, refs, msg = remove_reference(session or DemoSession(), name)
-            return (session, gr.update(choices=refs, value=None), msg, *show(session))
-
-        def on_thresholds(session, i_thr, p_thr, auto=False):
-            session, msg = apply_thresholds(session or DemoSession(), i_thr, p_thr, use_auto=auto)
-            return (session, msg, *show(session))
-
-        build_btn.click(on_build, [choose, obj, weights_in, device_in, normal_in, anomalous_in, templates_in],
-                        [state, status, *outputs])
-        inspect_btn.click(on_inspect, [state, images_in], [state, status, *outputs])
-        prompts_btn.click(on_prompts, [state, obj, normal_in, anomalous_in, templates_in], [state, status, *outputs])
-        add_btn.click(on_add, [state, refs_in], [state, refs_list, status, *outputs])
-        remove_btn.click(on_remove, [state, refs_list], [state, refs_list, status, *outputs])
-        thr_btn.click(on_thresholds, [state, img_thr, pix_thr], [state, status, *outputs])
-        auto_btn.click(lambda s: on_thresholds(s, None, None, True), [state], [state, status, *outputs])
-        prompt_file.upload(load_prompt_file, [prompt_file], [normal_in, anomalous_in, templates_in, status])
-        save_btn.click(lambda n, a, t: save_prompt_file(n, a, t), [normal_in, anomalous_in, templates_in],
-                       [saved, status])
-    return app
-
-
-def launch(host: str = "127.0.0.1", port: int = 7860, detector: str | None = None, object_name: str | None = None,
-           weights: str = "pretrained", device: str = "cpu", block: bool = True):
-    """Build and start the app on ``host:port`` (loopback by default)."""
-    os.environ.setdefault("VLAD_PROGRESS", "1")  # tqdm bars feed Gradio's progress display
-    scorers = detector.split("+") if detector else None
-    app = build_app(scorers, object_name or "object", weights, device)
-    app.queue().launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=False)
-    return app

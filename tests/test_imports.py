@@ -1,0 +1,47 @@
+"""``import vlad`` stays light: no model or numeric library is imported until a scorer needs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "torchvision", "timm", "transformers", "open_clip", "sklearn", "scipy", "gradio", "numpy")
+
+
+def _modules_after(code: str) -> list[str]:
+    probe = f"import sys, json\n{code}\nprint(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("code", [
+    "import vlad",
+    "import vlad; vlad.list_scorers(); vlad.VladError; vlad.InvalidImageError",
+    "import vlad.cli; vlad.cli.build_parser()",
+    "from vlad.cli import main; main(['list'])",
+])
+def test_light_imports(code):
+    assert _modules_after(code) == []
+
+
+def test_heavy_libraries_arrive_with_a_scorer():
+    """The probe can see imports (so the test above can fail): building a scorer brings torch."""
+    assert "torch" in _modules_after("import vlad; vlad.create_scorer('patchcore')")
+
+
+def test_not_fitted_error_is_still_scikit_learns():
+    from sklearn.exceptions import NotFittedError as SklearnNotFittedError
+
+    import vlad
+    from vlad.errors import NotFittedError
+
+    assert vlad.NotFittedError is NotFittedError
+    assert issubclass(NotFittedError, SklearnNotFittedError) and issubclass(NotFittedError, vlad.VladError)
+    assert NotFittedError.__module__ == "vlad.errors"
