@@ -200,6 +200,7 @@ def _one_draw(det, name, d, ks, order, good, bad, rows, zero_once) -> None:
             row["rules"].add(info.rule)
             row["bounds"].append(info.guaranteed_rate)
             row["per_draw_far"].append(fa / max(1, len(good)))
+            row.setdefault("n_cal", []).append(info.n_calibration)
             row["seconds"] += time.perf_counter() - t0
         logger.info("%s draw %d k=%d done in %.0f s", name, d, k, time.perf_counter() - t0)
 
@@ -257,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ae-steps", type=int, default=30, help="autoencoder training steps (its default: 400)")
     parser.add_argument("--ae-size", type=int, default=128, help="autoencoder image size (its default: ~256)")
     parser.add_argument("--weights", default="random")
+    parser.add_argument("--sets", default="ksdd,mpdd", help="which sets the patchcore and autoencoder parts use")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -266,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.manual_seed(0)
     data = Path(args.data)
-    cats = {s: discover_categories(data / s)[0] for s in ("ksdd", "mpdd")}
+    cats = {s: discover_categories(data / s)[0] for s in args.sets.split(",") + ["mpdd"]}
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     print(machine_line())
     print("| setting | k | alpha | rule in force (path) | bound (+2 sd noise) | measured FAR [95% CI] | within | "
@@ -276,13 +278,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     if "patchcore" in parts:
         ks = [int(x) for x in args.ks.split(",")]
-        for s, cat in cats.items():
+        for s in args.sets.split(","):
+            cat = cats[s]
             new = run_setting(f"patchcore/{s}", cat, "patchcore", ks, args.draws,
                               {"weights": args.weights}, None, None)
             _print_rows(new)
             rows += new
     if "autoencoder" in parts:
-        for s, cat in cats.items():
+        for s in args.sets.split(","):
+            cat = cats[s]
             ae = {"train_steps": args.ae_steps, "image_size": args.ae_size}
             new = run_setting(f"autoencoder({args.ae_steps} steps, {args.ae_size} px)/{s}", cat, "autoencoder",
                               [8, 32], 3, {"scorer_options": {"autoencoder": ae}, "random_state": 0}, None, None)
