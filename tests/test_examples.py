@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shlex
 from pathlib import Path
@@ -49,3 +50,8 @@ def test_readme_first_command_scores_the_shipped_examples(tmp_path, monkeypatch,
     tested = sorted(p.name for p in (ROOT / argv[1]).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     assert sorted(Path(r["file"]).name for r in rows) == tested
     assert "3 references" in captured.out
+    # the last line says what the labels promise: 3 references cannot guarantee 5%, only 1/4
+    assert ("3 references: the lowest false-alarm rate that can be guaranteed is 25%; add 16 more for 5%"
+            in captured.out)
+    info = json.loads((tmp_path / "out" / "scores.json").read_text())["thresholds"]
+    assert info["rule"] == "best-available" and info["guaranteed_rate"] == 0.25
