@@ -60,7 +60,8 @@ def test_normalized_cosine_searches_the_blocks_in_place():
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_pruned_search_is_exact_and_prunes(metric):
+@pytest.mark.parametrize("as_blocks", [False, True])
+def test_pruned_search_is_exact_and_prunes(metric, as_blocks):
     g = torch.Generator().manual_seed(0)
     # low-rank memory with a little noise, queries near it: most rows can be pruned, and a wrong cut shows
     mem = torch.randn(3000, 12, generator=g) @ torch.randn(12, 96, generator=g)
@@ -68,7 +69,8 @@ def test_pruned_search_is_exact_and_prunes(metric):
     q = mem[torch.randint(0, 3000, (257,), generator=g)] + 0.3 * torch.randn(257, 96, generator=g)
     if metric == "cosine":
         mem, q = F.normalize(mem, dim=1), F.normalize(q, dim=1)
-    index = KnnIndex(mem, metric, prune=True, prune_min_rows=100)
+    memory = [mem[:1000], mem[1000:1001], mem[1001:2500], mem[2500:]] if as_blocks else mem
+    index = KnnIndex(memory, metric, prune=True, prune_min_rows=100)
     d, i = index.search(q)
     ref = _brute(q, mem, 1, metric)
     assert torch.equal(i, ref.indices)

@@ -392,7 +392,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
             i = j
         self._search_blocks_ = search
         self._merged_ = {b.data_ptr(): b for b in search}
-        self._search_index_ = KnnIndex(search, "cosine", normalized=True)
+        self._search_index_ = KnnIndex(search, "cosine", normalized=True, prune=True)
 
     # -- scoring -------------------------------------------------------------------------------
     def _mask_for(self, raw: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:

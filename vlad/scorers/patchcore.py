@@ -61,7 +61,7 @@ class PatchCore(FewShotMixin, BaseScorer):
         pruned_search: search memories of at least 4096 rows with the exact pruning of
             :class:`~vlad.memory.KnnIndex` (:class:`~vlad.memory.BoundedL2Index`, built on the first
             predict after a memory change) instead of the dense product. Same nearest neighbours; at
-            200 references it visited 6% of the memory rows for half the search's CPU time; False =
+            200 references it visited 6% of the memory rows in a sixth of the dense search's CPU time; False =
             always dense.
 
     Before the coreset picks its rows, the reference patches of one fit (or one ``add_references``
