@@ -209,6 +209,12 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
             ~40 without rotations); beyond that a coreset bounds the cost (e.g. 1024 per reference).
             An approximation: the memory no longer holds every reference patch.
         random_state: seed of the coreset's first centre.
+        pruned_search: search memories of at least 4096 patches with the exact pruning of
+            :class:`~vlad.memory.KnnIndex` (a PCA lower bound skips most rows; same nearest neighbours
+            and distances as the dense search). On the 8 references x 8 rotations memory (65,536
+            patches, 1,024 queries) it searched 4% of the rows in 0.31-0.40 s of CPU against 0.68 s
+            dense, on one thread; False = always dense (the pruned search runs many more, smaller
+            operations, which lose on a heavily loaded machine).
 
     Fitted attributes: ``memory_chunks_`` (one L2-normalised ``(rotations * h * w, D)`` block per
     reference), ``reference_names_``, ``masking_active_``.
@@ -231,6 +237,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
         sigma: float = 4.0,
         coreset_per_reference: int | None = None,
         random_state: int = 0,
+        pruned_search: bool = True,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -244,6 +251,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
         self.sigma = sigma
         self.coreset_per_reference = coreset_per_reference
         self.random_state = random_state
+        self.pruned_search = pruned_search
 
     # -- building ------------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -392,7 +400,8 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
             i = j
         self._search_blocks_ = search
         self._merged_ = {b.data_ptr(): b for b in search}
-        self._search_index_ = KnnIndex(search, "cosine", normalized=True, prune=True)
+        self._search_index_ = KnnIndex(search, "cosine", normalized=True,
+                                       prune=bool(getattr(self, "pruned_search", True)))
 
     # -- scoring -------------------------------------------------------------------------------
     def _mask_for(self, raw: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
