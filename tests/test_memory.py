@@ -7,12 +7,12 @@ import torch
 
 from vlad.memory import (
     BoundedL2Index,
-    _projected,
     coreset_size,
     greedy_coreset,
     greedy_coreset_reference,
     knn_distances,
 )
+from vlad.memory.coreset import _projected
 
 
 def _data(n, d, seed):

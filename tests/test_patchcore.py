@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import textured, with_defect
 
 import vlad
@@ -127,3 +128,11 @@ def test_pruned_index_search_matches_dense(fitted, monkeypatch):
     for a, b in zip(pruned.anomaly_maps, dense.anomaly_maps, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     fitted._index = None
+
+
+@pytest.mark.parametrize("c,size", [(512, 1024), (2048, 1024), (1024, 1024), (96, 64), (64, 160)])
+def test_channel_pooling_equals_adaptive_average_pooling_bit_for_bit(c, size):
+    from vlad.scorers.patchcore import pool_channels
+
+    x = torch.randn(37, c, generator=torch.Generator().manual_seed(c)).relu()
+    assert torch.equal(pool_channels(x, size), F.adaptive_avg_pool1d(x[:, None], size)[:, 0])

@@ -32,8 +32,9 @@ def machine_line() -> str:
 
     import torch
 
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())  # a shared machine: ratios need a quiet one
     return (f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}")
+            f"{torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}, load average {load}")
 
 
 def synthetic_images(n: int, size: int, seed: int) -> list:

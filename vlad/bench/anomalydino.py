@@ -40,7 +40,7 @@ def _child(args: argparse.Namespace) -> dict:
     size = args.image_size
     scorer = create_scorer(
         "anomalydino", backbone=args.backbone, weights="random", rotations=args.rotations, batch_size=8,
-        image_size=size, coreset_per_reference=args.coreset or None,
+        image_size=size, coreset_per_reference=args.coreset or None, pruned_search=not args.dense,
     )
     n_refs = args.child_refs
     embed_n = n_refs if args.embed_max <= 0 else min(n_refs, args.embed_max)
@@ -102,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="embed at most this many references for real (0 = all); the rest are copies")
     parser.add_argument("--coreset", type=int, default=0,
                         help="coreset_per_reference (patches kept per reference incl. rotations); 0 = exact, off")
+    parser.add_argument("--dense", action="store_true", help="dense search instead of the exact pruned one")
     parser.add_argument("--child-refs", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(list(argv) if argv is not None else None)
 
@@ -114,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(machine_line())
     print(f"AnomalyDINO, {args.backbone} random weights, {args.image_size} px, batch 1, "
           f"{args.rotations} rotations per reference, median of {args.repeats}, "
-          + (f"coreset {args.coreset} patches/reference" if args.coreset else "exact memory (no coreset)"))
+          + (f"coreset {args.coreset} patches/reference" if args.coreset else "exact memory (no coreset)")
+          + (", dense search" if args.dense else ", exact pruned search"))
     print(f"{'refs':>5} {'memory':>8} {'forward s':>10} {'predict s':>10} {'ratio':>6} {'embed s/ref':>12} "
           f"{'peak RSS MB':>12} {'(imports)':>9}")
     worst = 0
@@ -122,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "vlad.bench", "anomalydino", "--child-refs", str(n),
                "--rotations", str(args.rotations), "--image-size", str(args.image_size),
                "--backbone", args.backbone, "--repeats", str(args.repeats), "--embed-max", str(args.embed_max),
-               "--coreset", str(args.coreset)]
+               "--coreset", str(args.coreset)] + (["--dense"] if args.dense else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{n:>5} failed:\n{proc.stderr[-2000:]}")

@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from vlad.bench._util import machine_line, peak_rss_mb
-    from vlad.memory import _projected, coreset_size, greedy_coreset
+    from vlad.memory.coreset import _projected, coreset_size, greedy_coreset
 
     print(machine_line())
     gen = torch.Generator().manual_seed(args.seed)

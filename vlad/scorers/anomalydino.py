@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from vlad.errors import EmptyReferenceSetError, VladError
 from vlad.images import LoadedImage
-from vlad.memory import greedy_coreset
+from vlad.memory import KnnIndex, greedy_coreset
 from vlad.ops import gaussian_blur, to_batch
 from vlad.scorers.base import BaseScorer, FewShotMixin
 
@@ -45,8 +45,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["AnomalyDINO", "foreground_mask", "masking_plausible", "nn_cosine_distance", "resized_shape"]
 
-#: memory rows per matmul in the nearest-neighbour search (with at most 2048 queries per pass the
-#: similarity buffer stays <= 32 MB whatever the memory size and batch)
+#: reference blocks smaller than this are grouped into one search block (few large matrix products)
 SEARCH_BLOCK = 4096
 
 
@@ -61,38 +60,29 @@ def resized_shape(size: tuple[int, int], shorter_edge: int, patch: int) -> tuple
 
 
 def nn_cosine_distance(
-    queries: torch.Tensor, blocks: list[torch.Tensor], block_rows: int = SEARCH_BLOCK, query_rows: int = 2048
+    queries: torch.Tensor, blocks: list[torch.Tensor] | KnnIndex, block_rows: int | None = None,
+    query_rows: int | None = None,
 ) -> torch.Tensor:
     """Exact 1-NN cosine distance of each query to a memory stored as a list of blocks.
 
+    The search is :class:`vlad.memory.KnnIndex` (metric ``"cosine"`` on unit rows), the one every memory
+    scorer uses.
+
     Args:
         queries: L2-normalised ``(N, D)``.
-        blocks: L2-normalised memory blocks ``(M_i, D)`` (e.g. one per reference); never concatenated,
-            so the memory is held once. Each block is searched ``block_rows`` rows at a time.
-        block_rows: memory rows per matmul.
-        query_rows: queries per pass; the temporary buffer is ``query_rows x block_rows`` floats (32 MB).
+        blocks: L2-normalised memory blocks ``(M_i, D)`` (e.g. one per reference), searched in place
+            (never concatenated, so the memory is held once); or a prebuilt index of them.
+        block_rows: memory rows per matrix product (None: as many as the index's byte bound allows).
+        query_rows: queries per pass (None: likewise).
 
     Returns:
-        ``(N,)`` distances ``1 - max cos``, clamped at 0.
+        ``(N,)`` distances ``1 - max cos``, clamped to [0, 2].
 
     Raises:
         EmptyReferenceSetError: the memory is empty.
     """
-    if sum(b.shape[0] for b in blocks) == 0:
-        raise EmptyReferenceSetError("the AnomalyDINO memory is empty: add at least one reference image")
-    if queries.shape[0] > query_rows:  # bound the (queries, block_rows) buffer
-        return torch.cat([nn_cosine_distance(queries[s : s + query_rows], blocks, block_rows, query_rows)
-                          for s in range(0, queries.shape[0], query_rows)])
-    best = torch.full((queries.shape[0],), -2.0, dtype=queries.dtype, device=queries.device)
-    buf = None
-    for block in blocks:
-        for s in range(0, block.shape[0], block_rows):
-            part = block[s : s + block_rows]
-            if buf is None or buf.shape[1] != part.shape[0]:
-                buf = torch.empty((queries.shape[0], part.shape[0]), dtype=queries.dtype, device=queries.device)
-            torch.mm(queries, part.T, out=buf)
-            torch.maximum(best, buf.amax(dim=1), out=best)
-    return (1.0 - best).clamp_min_(0.0)
+    index = blocks if isinstance(blocks, KnnIndex) else KnnIndex(blocks, "cosine", normalized=True)
+    return index.search(queries, chunk=query_rows, rows=block_rows)[0][:, 0]
 
 
 def mean_top_fraction(distances: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -219,6 +209,12 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
             ~40 without rotations); beyond that a coreset bounds the cost (e.g. 1024 per reference).
             An approximation: the memory no longer holds every reference patch.
         random_state: seed of the coreset's first centre.
+        pruned_search: search memories of at least 4096 patches with the exact pruning of
+            :class:`~vlad.memory.KnnIndex` (a PCA lower bound skips most rows; same nearest neighbours
+            and distances as the dense search). On the 8 references x 8 rotations memory (65,536
+            patches, 1,024 queries) it searched 4% of the rows in 0.31-0.40 s of CPU against 0.68 s
+            dense, on one thread; False = always dense (the pruned search runs many more, smaller
+            operations, which lose on a heavily loaded machine).
 
     Fitted attributes: ``memory_chunks_`` (one L2-normalised ``(rotations * h * w, D)`` block per
     reference), ``reference_names_``, ``masking_active_``.
@@ -241,6 +237,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
         sigma: float = 4.0,
         coreset_per_reference: int | None = None,
         random_state: int = 0,
+        pruned_search: bool = True,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -254,6 +251,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
         self.sigma = sigma
         self.coreset_per_reference = coreset_per_reference
         self.random_state = random_state
+        self.pruned_search = pruned_search
 
     # -- building ------------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -402,6 +400,8 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
             i = j
         self._search_blocks_ = search
         self._merged_ = {b.data_ptr(): b for b in search}
+        self._search_index_ = KnnIndex(search, "cosine", normalized=True,
+                                       prune=bool(getattr(self, "pruned_search", True)))
 
     # -- scoring -------------------------------------------------------------------------------
     def _mask_for(self, raw: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
@@ -432,7 +432,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
             grid = (shape[0] // self.patch_, shape[1] // self.patch_)
             raw = self._tokens(self._batch([images[i] for i in idx], shape))  # (b, n, D)
             # one search for the whole group: (b * n) queries against the memory
-            dist = nn_cosine_distance(F.normalize(raw.reshape(-1, raw.shape[-1]), dim=1), self._search_blocks_)
+            dist = nn_cosine_distance(F.normalize(raw.reshape(-1, raw.shape[-1]), dim=1), self._search_index_)
             dist = dist.reshape(len(idx), -1)
             for j, i in enumerate(idx):
                 d = dist[j]

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from vlad.errors import VladError
 from vlad.images import LoadedImage
+from vlad.memory import KnnIndex
 from vlad.ops import preprocess_batch
 from vlad.prompts import PromptSet, PromptsLike, clip_weights_id, load_prompts, text_cache
 from vlad.scorers.base import BaseScorer, FewShotMixin
@@ -85,14 +86,12 @@ def harmonic_per_patch(window_scores: torch.Tensor, coverage: torch.Tensor) -> t
     return coverage.sum(0) / (inv @ coverage)
 
 
-def association(queries: torch.Tensor, memory: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def association(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
     """``min over memory (1 - cos) / 2`` for L2-normalised ``queries`` ``(B, n, C)`` and ``memory`` ``(M, C)``:
-    ``(B, n)``."""
+    ``(B, n)``; the exact search of :class:`vlad.memory.KnnIndex` (cosine on unit rows)."""
     flat = queries.reshape(-1, queries.shape[-1])
-    best = torch.full((flat.shape[0],), -1.0, device=flat.device, dtype=flat.dtype)
-    for i in range(0, memory.shape[0], chunk):
-        best = torch.maximum(best, (flat @ memory[i : i + chunk].T).amax(dim=1))
-    return ((1.0 - best) / 2.0).clamp_min(0.0).reshape(queries.shape[:-1])
+    dist = KnnIndex(memory, "cosine", normalized=True).search(flat)[0][:, 0]
+    return (dist / 2.0).reshape(queries.shape[:-1])
 
 
 def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,15 @@
-"""Memory banks for few-shot scorers: exact chunked nearest-neighbour search and greedy k-center coresets.
+"""Greedy k-center coreset of PatchCore, fast and exact.
 
-Two building blocks shared by the memory-based scorers (PatchCore, AnomalyDINO, WinCLIP+, SPADE, ...):
-
-* :func:`knn_distances`: exact k-nearest-neighbour search of ``(N, D)`` queries in an ``(M, D)``
-  memory, L2 or cosine, as a few large matrix products (``||q||^2 - 2 q.m + ||m||^2``) processed in
-  chunks so the extra memory stays bounded (``max_bytes``, 256 MB by default) whatever N and M are.
-* :func:`greedy_coreset`: the greedy k-center coreset of PatchCore (Roth et al., "Towards Total Recall in
-  Industrial Anomaly Detection", CVPR 2022, arXiv:2106.08265) as implemented by anomalib's
-  ``KCenterGreedy`` (Sener & Savarese, arXiv:1708.00489): a random projection to ``projection_dim``
-  dimensions (Johnson-Lindenstrauss), a seeded random start point, then repeatedly the point farthest
-  from everything selected so far. :func:`greedy_coreset_reference` is that loop written plainly;
-  :func:`greedy_coreset` selects the same indices in the same order (float32 near-ties aside) but
-  much faster: greedy picks run on a few thousand candidate points while they provably are the
-  farthest (every other point's distance is bounded by a stale upper bound), the picked centres are
-  then applied to the other points in large matrix products, and points already closer than the
-  current level are left stale until the level reaches them (details in its docstring).
+:func:`greedy_coreset` is the greedy k-center coreset of PatchCore (Roth et al., "Towards Total Recall in
+Industrial Anomaly Detection", CVPR 2022, arXiv:2106.08265) as implemented by anomalib's ``KCenterGreedy``
+(Sener & Savarese, arXiv:1708.00489): a random projection to ``projection_dim`` dimensions
+(Johnson-Lindenstrauss), a seeded random start point, then repeatedly the point farthest from everything
+selected so far. :func:`greedy_coreset_reference` is that loop written plainly; :func:`greedy_coreset`
+selects the same indices in the same order (float32 near-ties aside) but much faster: greedy picks run on
+a few thousand candidate points while they provably are the farthest (every other point's distance is
+bounded by a stale upper bound), the picked centres are then applied to the other points in large matrix
+products, and points already closer than the current level are left stale until the level reaches them
+(details in its docstring).
 """
 
 from __future__ import annotations
@@ -24,193 +19,9 @@ import math
 
 import torch
 
+from vlad.memory.knn import squared_norms
+
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_BYTES = 256 * 2**20
-METRICS = ("l2", "cosine")
-
-
-# -- nearest neighbours -------------------------------------------------------------------------------
-def squared_norms(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise squared L2 norms of ``(N, D)`` as ``(N,)`` (cache them for a fixed memory)."""
-    return x.pow(2).sum(dim=1)
-
-
-def knn_distances(
-    queries: torch.Tensor,
-    memory: torch.Tensor,
-    k: int = 1,
-    metric: str = "l2",
-    chunk: int | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    memory_sq_norms: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest neighbours of each query in ``memory``.
-
-    Args:
-        queries: ``(N, D)`` float tensor.
-        memory: ``(M, D)`` float tensor on the same device.
-        k: neighbours per query (``1 <= k <= M``).
-        metric: ``"l2"`` (Euclidean distance) or ``"cosine"`` (``1 - cosine similarity``, in [0, 2]).
-        chunk: queries per chunk; None picks the largest chunk within ``max_bytes``.
-        max_bytes: bound on the distance block held at once (the memory is also split into pieces
-            when a single query row against all of it would not fit).
-        memory_sq_norms: optional precomputed :func:`squared_norms` of ``memory`` (``"l2"`` only).
-
-    Returns:
-        ``(distances, indices)``, both ``(N, k)``, sorted by increasing distance; ``indices`` are int64
-        rows of ``memory``.
-
-    Raises:
-        ValueError: bad shapes, ``k`` or ``metric``.
-    """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if queries.ndim != 2 or memory.ndim != 2 or queries.shape[1] != memory.shape[1]:
-        raise ValueError(
-            f"expected queries (N, D) and memory (M, D) with the same D, got {tuple(queries.shape)} and "
-            f"{tuple(memory.shape)}"
-        )
-    n, m = queries.shape[0], memory.shape[0]
-    if m == 0:
-        raise ValueError("the memory is empty (M = 0): add reference features before searching it")
-    if not 1 <= k <= m:
-        raise ValueError(f"k must be between 1 and the memory size {m}, got {k}")
-    if n == 0:
-        return queries.new_zeros((0, k)), torch.zeros((0, k), dtype=torch.long, device=queries.device)
-
-    queries = queries.float()
-    memory = memory.float()
-    if metric == "cosine":
-        queries = torch.nn.functional.normalize(queries, dim=1)
-        memory = torch.nn.functional.normalize(memory, dim=1)
-        m_sq = None
-    else:
-        m_sq = squared_norms(memory) if memory_sq_norms is None else memory_sq_norms.float()
-
-    # block sizes: a (q_chunk, m_chunk) float32 block (plus top-k merging) must fit in max_bytes
-    budget = max(1, int(max_bytes) // 4)
-    m_chunk = min(m, max(k, budget // 64))  # at least 64 query rows per block
-    q_chunk = chunk if chunk is not None else max(1, budget // m_chunk)
-    q_chunk = max(1, min(n, int(q_chunk)))
-
-    out_d = torch.empty((n, k), dtype=torch.float32, device=queries.device)
-    out_i = torch.empty((n, k), dtype=torch.long, device=queries.device)
-    for qs in range(0, n, q_chunk):
-        q = queries[qs : qs + q_chunk]
-        q_sq = squared_norms(q)[:, None] if metric == "l2" else None
-        best_d = best_i = None
-        for ms in range(0, m, m_chunk):
-            mem = memory[ms : ms + m_chunk]
-            if metric == "l2":
-                d = torch.addmm(m_sq[None, ms : ms + m_chunk], q, mem.T, beta=1.0, alpha=-2.0)
-                d.add_(q_sq)
-            else:
-                d = torch.mm(q, mem.T).neg_().add_(1.0)
-            kk = min(k, d.shape[1])
-            if kk == 1:
-                dv, di = d.min(dim=1, keepdim=True)
-            else:
-                dv, di = d.topk(kk, dim=1, largest=False)
-            di = di + ms
-            if best_d is None:
-                best_d, best_i = dv, di
-            else:
-                cat_d, cat_i = torch.cat([best_d, dv], 1), torch.cat([best_i, di], 1)
-                if k == 1:
-                    sel = cat_d.argmin(dim=1, keepdim=True)  # first = earlier memory row on ties
-                    best_d, best_i = cat_d.gather(1, sel), cat_i.gather(1, sel)
-                else:
-                    best_d, sel = cat_d.topk(k, dim=1, largest=False)
-                    best_i = cat_i.gather(1, sel)
-        if metric == "l2":
-            best_d = best_d.clamp_min_(0.0).sqrt_()
-        else:
-            best_d = best_d.clamp_(0.0, 2.0)
-        out_d[qs : qs + q.shape[0]] = best_d
-        out_i[qs : qs + q.shape[0]] = best_i
-    return out_d, out_i
-
-
-class BoundedL2Index:
-    """Exact 1-nearest-neighbour L2 search that skips most of the memory with a PCA lower bound.
-
-    For an orthonormal basis ``P`` (``rank`` directions, here the principal axes of the memory about
-    its mean ``mu``) and residual norms ``r`` (the part of ``x - mu`` outside ``span(P)``),
-
-    ``||q - m||^2 >= ||P(q - m)||^2 + (r_q - r_m)^2 = ||q-mu||^2 + ||m-mu||^2 - 2 (Pq.Pm + r_q r_m)``,
-
-    a ``rank + 1``-dimensional product instead of a ``D``-dimensional one. For each chunk of queries the
-    bound is computed against the whole memory, an upper bound comes from the exact distance to each
-    query's best-bound candidate, and the exact distances are then computed only against the memory
-    rows whose bound is below some query's upper bound (with a float slack), which always include every
-    query's true nearest neighbour. The bound holds for any orthonormal basis, so exactness never
-    depends on how well the basis fits; only the speed does. When pruning would not pay (the
-    candidate rows exceed ``max_fraction`` of the memory) the chunk falls back to the dense search.
-
-    Args:
-        memory: ``(M, D)`` float tensor.
-        rank: basis size (clipped to ``D - 1``).
-        max_fraction: the fallback threshold described above.
-        fit_rows: at most this many memory rows (evenly spaced) estimate the basis.
-    """
-
-    def __init__(self, memory: torch.Tensor, rank: int = 128, max_fraction: float = 0.5, fit_rows: int = 20_000):
-        memory = memory.float()
-        self.memory = memory
-        self.max_fraction = float(max_fraction)
-        m, d = memory.shape
-        self.mean = memory.mean(dim=0)
-        rank = max(1, min(int(rank), d - 1))
-        sample = memory[:: max(1, m // fit_rows)] - self.mean
-        if sample.shape[0] < d:  # few rows: their SVD is cheaper than a (D, D) eigendecomposition
-            _, _, vh = torch.linalg.svd(sample.double(), full_matrices=False)
-            vecs = vh[:rank].T
-        else:
-            _, vecs = torch.linalg.eigh((sample.T @ sample).double())
-            vecs = vecs[:, -rank:]
-        self.basis = vecs.float().contiguous()  # (D, r) orthonormal columns; any such basis keeps it exact
-        centred = memory - self.mean
-        proj = centred @ self.basis
-        self.sq = squared_norms(centred)  # ||m - mu||^2
-        resid = (self.sq - squared_norms(proj)).clamp_min(0.0).sqrt()
-        self.aug = torch.cat([proj, resid[:, None]], dim=1).contiguous()  # (M, r + 1)
-        self.mem_sq = squared_norms(memory)
-        self.stats = {"chunks": 0, "dense_chunks": 0, "rows_searched": 0}
-
-    def search(self, queries: torch.Tensor, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact nearest neighbour of each query: ``(distances (N, 1), indices (N, 1))`` as :func:`knn_distances`."""
-        if queries.ndim != 2 or queries.shape[1] != self.memory.shape[1]:
-            raise ValueError(f"expected queries (N, {self.memory.shape[1]}), got {tuple(queries.shape)}")
-        queries = queries.float()
-        n, m = queries.shape[0], self.memory.shape[0]
-        out_d = torch.empty((n, 1), device=queries.device)
-        out_i = torch.empty((n, 1), dtype=torch.long, device=queries.device)
-        for s in range(0, n, chunk):
-            q = queries[s : s + chunk]
-            qc = q - self.mean
-            qp = qc @ self.basis
-            q_sq = squared_norms(qc)
-            q_aug = torch.cat([qp, (q_sq - squared_norms(qp)).clamp_min(0.0).sqrt()[:, None]], dim=1)
-            lb = torch.addmm(self.sq[None], q_aug, self.aug.T, beta=1.0, alpha=-2.0).add_(q_sq[:, None])
-            best = lb.argmin(dim=1)
-            ub = (q - self.memory[best]).pow(2).sum(dim=1)
-            slack = 1e-4 * (q_sq + self.sq.max()) + 1e-6 * ub  # float rounding of both sides
-            rows = (lb <= (ub + slack)[:, None]).any(dim=0).nonzero()[:, 0]
-            self.stats["chunks"] += 1
-            if rows.numel() > self.max_fraction * m:
-                self.stats["dense_chunks"] += 1
-                self.stats["rows_searched"] += m
-                d, i = knn_distances(q, self.memory, k=1, memory_sq_norms=self.mem_sq)
-                out_d[s : s + q.shape[0]], out_i[s : s + q.shape[0]] = d, i
-                continue
-            self.stats["rows_searched"] += rows.numel()
-            sub = self.memory[rows]
-            d2 = torch.addmm(self.mem_sq[rows][None], q, sub.T, beta=1.0, alpha=-2.0).add_(squared_norms(q)[:, None])
-            v, j = d2.min(dim=1)
-            out_d[s : s + q.shape[0], 0] = v.clamp_min_(0.0).sqrt_()
-            out_i[s : s + q.shape[0], 0] = rows[j]
-        return out_d, out_i
 
 
 # -- greedy k-center coreset --------------------------------------------------------------------------
@@ -237,14 +48,19 @@ def _projected(features: torch.Tensor, projection_dim: int | None, random_state:
         raise ValueError(f"expected features (N, D), got shape {tuple(features.shape)}")
     gen = torch.Generator(device="cpu")
     gen.manual_seed(0 if random_state is None else int(random_state))
-    x = features.float()
-    n, d = x.shape
+    n, d = features.shape
     if projection_dim is not None and 0 < projection_dim < d:
-        # Gaussian Johnson-Lindenstrauss projection (scaled so distances are preserved in expectation)
-        proj = torch.randn(d, projection_dim, generator=gen) / math.sqrt(projection_dim)
-        x = x @ proj.to(x.device)
+        # Gaussian Johnson-Lindenstrauss projection (scaled so distances are preserved in expectation),
+        # in row blocks: a float16 feature stack is never copied whole to float32
+        proj = (torch.randn(d, projection_dim, generator=gen) / math.sqrt(projection_dim)).to(features.device)
+        x = torch.empty((n, projection_dim), dtype=torch.float32, device=features.device)
+        step = 16384
+        for s in range(0, n, step):
+            torch.mm(features[s : s + step].float(), proj, out=x[s : s + step])
+    else:
+        x = features.float().contiguous()
     start = int(torch.randint(high=n, size=(1,), generator=gen).item())
-    return x.contiguous(), start
+    return x, start
 
 
 def greedy_coreset_reference(
@@ -362,7 +178,9 @@ def greedy_coreset(
     if size >= n:
         return torch.arange(n)
     x, start = _projected(features, projection_dim, random_state)
-    x = x - x.mean(dim=0, keepdim=True)  # same distances; smaller norms -> less cancellation
+    # same distances; smaller norms -> less cancellation (in place unless x is the caller's tensor)
+    mean = x.mean(dim=0, keepdim=True)
+    x = x - mean if x.data_ptr() == features.data_ptr() else x.sub_(mean)
     threads = torch.get_num_threads()
     if x.device.type == "cpu" and threads > 1:
         # thousands of small ops: with other processes on the cores, every multi-threaded op waits for a
