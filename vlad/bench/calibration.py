@@ -5,10 +5,11 @@ drawn from ``train/good``; its normal test images (``test/good``: never seen, so
 the **measured false-alarm rate** (share flagged anomalous) and its defect images the **miss rate**
 (share labelled normal), at each stated rate alpha. The rule in force and its bound come from
 ``Detector.threshold_info()``. Rates are pooled over the draws with a 95% Clopper-Pearson interval;
-``within`` is checked only where the references allow the guarantee (rule ``conformal``): the mean
-measured rate is at most the bound plus twice the noise expected if the guarantee held exactly (each
-draw's rate is Beta-distributed around the bound, since the threshold itself comes from a random
-draw of n references, plus the binomial noise of the test images). The Clopper-Pearson interval is of
+``within`` checks the bound in force (alpha itself under rule ``conformal``; ``1/(n+1)`` under
+``best-available``, when the references are too few for alpha): the mean measured rate is at most the
+bound plus twice the noise expected if the bound held exactly (each draw's rate is Beta-distributed
+around the bound, since the threshold itself comes from a random draw of n references, plus the
+binomial noise of the test images). The Clopper-Pearson interval is of
 the pooled test images alone.
 
 Distribution-free, so random weights are fine: the guarantee does not depend on how good the scorer
@@ -205,16 +206,16 @@ def _one_draw(det, name, d, ks, order, good, bad, rows, zero_once) -> None:
         logger.info("%s draw %d k=%d done in %.0f s", name, d, k, time.perf_counter() - t0)
 
 
-def _noise(alpha: float, n_cals: Sequence[int], n_test: int) -> float:
-    """Standard deviation of the mean false-alarm rate over draws if the guarantee holds exactly: each
-    draw's rate is Beta-distributed around its bound (the calibration draw), plus the binomial noise of
-    n_test test images."""
+def _noise(rule_alpha: Sequence[tuple[int, float]], n_test: int) -> float:
+    """Standard deviation of the mean false-alarm rate over draws if the bound held exactly: each draw's
+    rate is Beta-distributed around its bound (the calibration draw: ``(n, alpha)`` per draw, n the
+    calibration size), plus the binomial noise of n_test test images."""
     var = 0.0
-    for n in n_cals:
+    for n, alpha in rule_alpha:
         k = min(n, math.ceil((n + 1) * (1 - alpha) - 1e-9))
         p = (n + 1 - k) / (n + 1)
         var += k * (n + 1 - k) / ((n + 1) ** 2 * (n + 2)) + p * (1 - p) / max(1, n_test)
-    return math.sqrt(var) / len(n_cals)
+    return math.sqrt(var) / len(rule_alpha)
 
 
 def _summarise(rows: dict) -> list[dict]:
@@ -224,15 +225,15 @@ def _summarise(rows: dict) -> list[dict]:
         rule = "/".join(sorted(r["rules"]))
         bounds = [b for b in r["bounds"] if b is not None]
         far = r["fa"] / max(1, r["n_good"])
-        guaranteed = rule == "conformal"
+        bounded = bool(bounds) and rule in ("conformal", "best-available")
         n_test = r["n_good"] // r["draws"]
-        band = 2 * _noise(alpha, r["n_cal"], n_test) if guaranteed else None
+        band = 2 * _noise([(n, alpha) for n in r["n_cal"]], n_test) if bounded else None
         out.append({
             "setting": r["setting"], "k": k, "alpha": alpha, "draws": r["draws"], "rule": rule, "path": r["path"],
             "bound": max(bounds) if bounds else None, "far": far, "far_ci": [lo, hi],
-            "far_per_draw": r["per_draw_far"], "noise_2sd": band,
+            "far_per_draw": r["per_draw_far"], "n_calibration_per_draw": r["n_cal"], "noise_2sd": band,
             "miss": r["miss"] / max(1, r["n_bad"]), "n_good": n_test,
-            "n_bad": r["n_bad"] // r["draws"], "ok": (far <= max(bounds) + band) if guaranteed else None,
+            "n_bad": r["n_bad"] // r["draws"], "ok": (far <= max(bounds) + band) if bounded else None,
             "seconds_per_draw": r["seconds"] / r["draws"] / len(ALPHAS),
         })
     return out
@@ -241,7 +242,7 @@ def _summarise(rows: dict) -> list[dict]:
 def _print_rows(rows: list[dict]) -> None:
     for r in rows:
         bound = "-" if r["bound"] is None else f"{r['bound']:.3f}"
-        ok = {True: "ok", False: "ABOVE", None: "(no guarantee)"}[r["ok"]]
+        ok = {True: "ok", False: "ABOVE", None: "(prior: no bound)"}[r["ok"]]
         band = "" if r["noise_2sd"] is None else f" (+{r['noise_2sd']:.3f})"
         print(f"| {r['setting']} | {r['k']} | {r['alpha']:.2f} | {r['rule']} ({r['path']}) | {bound}{band} | "
               f"{r['far']:.3f} [{r['far_ci'][0]:.3f}, {r['far_ci'][1]:.3f}] | {ok} | {r['miss']:.3f} | "
