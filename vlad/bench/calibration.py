@@ -85,17 +85,24 @@ def feature_cache(cache: dict):
 
     prints: dict = {}  # id(backbone) -> (backbone, fingerprint); holding it keeps the id from being reused
 
+    def module_of(scorer):
+        for attr in ("backbone_", "model_", "mae_"):
+            obj = getattr(scorer, attr, None)
+            if obj is not None:
+                return getattr(obj, "model", obj)
+        raise AttributeError(f"{type(scorer).__name__}: no backbone module found to key the cache on")
+
     def fingerprint(bb) -> str:
         if id(bb) not in prints:
             h = hashlib.sha1()
-            for t in list(bb.model.state_dict().values()):
+            for t in list(bb.state_dict().values()):
                 h.update(t.detach().float().cpu().numpy().tobytes()[:4096])
             prints[id(bb)] = (bb, h.hexdigest())
         return prints[id(bb)][1]
 
     def key_of(scorer, arr, extra=()):
         data = np.ascontiguousarray(arr)
-        return (fingerprint(scorer.backbone_), type(scorer).__name__, data.shape,
+        return (fingerprint(module_of(scorer)), type(scorer).__name__, data.shape,
                 hashlib.sha1(data.tobytes()).hexdigest(), *extra)
 
     def per_image(orig):
