@@ -33,7 +33,8 @@ A subclass implements:
 * ``_fit(references)``: learn from reference images (a list of :class:`~vlad.images.LoadedImage`, or
   None for zero-shot use). Set fitted attributes ending in ``_``.
 * ``_predict_batch(images)``: return ``(scores (B,), maps (B, h, w))`` torch tensors; maps at any
-  resolution (they are resized bilinearly to each image's own size by the base class).
+  resolution (they are resized bilinearly to each image's own size by the base class). A scorer with
+  ``part_scales`` may add a third item, ``{part: (scores, maps)}``, returned as ``components``.
 * ``_get_state()`` / ``_set_state(tensors, meta)``: fitted state as named tensors plus JSON-able data.
 
 Incremental scorers mix in :class:`FewShotMixin` and implement ``_embed_references`` and
