@@ -66,7 +66,7 @@ from vlad.detector.fusion import (
 from vlad.detector.spec import SHARED_OPTIONS, build_scorers, did_you_mean, parse_spec
 from vlad.errors import EmptyReferenceSetError, InvalidParameterError, NotFittedError, VladError
 from vlad.images import LoadedImage, load_images
-from vlad.scorers.base import check_finite
+from vlad.scorers.base import check_finite, reference_index
 from vlad.types import AnomalyResult, ImagesLike
 
 logger = logging.getLogger(__name__)
@@ -265,19 +265,6 @@ class Detector:
         """Names of the references, in the order they were added."""
         return [r.name for r in self.references_]
 
-    def _reference_index(self, which: Any) -> int:
-        names = self.list_references()
-        if isinstance(which, str):
-            if which not in names:
-                raise InvalidParameterError(f"no reference named {which!r}; references: {names}")
-            return names.index(which)
-        if isinstance(which, bool) or not isinstance(which, (int, np.integer)):
-            raise InvalidParameterError(f"a reference is chosen by its index (int) or name (str), got {which!r} "
-                                        f"({type(which).__name__}); see list_references()")
-        if not -len(names) <= int(which) < len(names):
-            raise InvalidParameterError(f"reference index {which!r} out of range (have {len(names)} references)")
-        return int(which) % len(names)
-
     def remove_reference(self, which: int | str) -> Detector:
         """Forget one reference (index or name) in every scorer; few-shot scorers with none left go idle.
 
@@ -285,7 +272,7 @@ class Detector:
             InvalidParameterError: no such reference, or ``which`` is neither an int nor a str.
         """
         self._check_fitted()
-        which = self._reference_index(which)
+        which = reference_index(self.list_references(), which)
         del self.references_[which]
         for name, scorer in self.scorers.items():
             if not self.active_[name]:

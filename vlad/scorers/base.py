@@ -268,6 +268,24 @@ def check_finite(result: AnomalyResult, source: str) -> None:
         check_finite(comp, f"{source} ({part})")
 
 
+def reference_index(names: Sequence[str], which: Any) -> int:
+    """The position of reference ``which`` (an index, negative allowed, or a name) among ``names``.
+
+    Raises:
+        InvalidParameterError: no such reference, or ``which`` is neither an int nor a str.
+    """
+    if isinstance(which, str):
+        if which not in names:
+            raise InvalidParameterError(f"no reference named {which!r}; references: {list(names)}")
+        return list(names).index(which)
+    if isinstance(which, bool) or not isinstance(which, (int, np.integer)):
+        raise InvalidParameterError(f"a reference is chosen by its index (int) or name (str), got {which!r} "
+                                    f"({type(which).__name__}); see list_references()")
+    if not -len(names) <= int(which) < len(names):
+        raise InvalidParameterError(f"reference index {which} out of range (have {len(names)} references)")
+    return int(which) % len(names)
+
+
 class FewShotMixin:
     """Reference bookkeeping for scorers whose memory grows incrementally (``incremental = True``).
 
@@ -300,21 +318,6 @@ class FewShotMixin:
         self._check_fitted()
         return list(self.reference_names_)
 
-    def _reference_index(self, which: int | str) -> int:
-        names = self.reference_names_
-        if isinstance(which, str):
-            if which not in names:
-                raise InvalidParameterError(f"no reference named {which!r}; references: {names}")
-            return names.index(which)
-        if isinstance(which, bool) or not isinstance(which, (int, np.integer)):
-            raise InvalidParameterError(
-                f"a reference is chosen by its index (int) or name (str), got {which!r} "
-                f"({type(which).__name__}); see list_references()"
-            )
-        if not -len(names) <= int(which) < len(names):
-            raise InvalidParameterError(f"reference index {which} out of range (have {len(names)} references)")
-        return int(which) % len(names)
-
     def remove_reference(self, which: int | str):
         """Forget one reference (by index or name), e.g. one found to be defective. Returns self.
 
@@ -322,7 +325,7 @@ class FewShotMixin:
             InvalidParameterError: no such reference, or ``which`` is neither an int nor a str.
         """
         self._check_fitted()
-        i = self._reference_index(which)
+        i = reference_index(self.reference_names_, which)
         del self.memory_chunks_[i]
         del self.reference_names_[i]
         for attr in self._aligned_lists:
@@ -339,7 +342,7 @@ class FewShotMixin:
         leave-one-out path: the detector scores each reference with it as a held-out normal image.
         """
         self._check_fitted()
-        i = self._reference_index(which)
+        i = reference_index(self.reference_names_, which)
         clone = copy.copy(self)
         keep = [j for j in range(len(self.reference_names_)) if j != i]
 
