@@ -33,6 +33,17 @@ def _threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one torch thread: tiny networks run several times faster so on a shared 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def textured(seed: int, size: int = 96) -> np.ndarray:
     """A normal-looking uint8 RGB texture: smooth stripes plus mild noise, (size, size, 3)."""
     rng = np.random.default_rng(seed)

@@ -24,7 +24,6 @@ import functools
 
 import numpy as np
 import pytest
-import torch
 from conftest import textured
 from scipy.ndimage import binary_erosion, distance_transform_edt, label
 from sklearn.base import clone
@@ -133,13 +132,7 @@ DEFECT_SEEDS = (0, 1, 2)
 
 
 # -- fitted scorers, one per name for the whole session ----------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These tiny networks run several times faster on one thread than on two on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _FITTED: dict[str, object] = {}

@@ -14,12 +14,7 @@ from vlad.scorers.draem import focal_loss
 PARAMS = dict(weights="tiny", image_size=64, train_steps=12, batch_size=4, random_state=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

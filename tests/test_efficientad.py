@@ -14,12 +14,7 @@ from vlad.scorers.efficientad import PDNSmall, hard_feature_loss, pdn_grid
 PARAMS = dict(weights="tiny", image_size=64, train_steps=10, batch_size=4, lr=1e-3, random_state=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

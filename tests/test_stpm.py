@@ -13,12 +13,7 @@ from vlad.errors import EmptyReferenceSetError
 PARAMS = dict(weights="tiny", train_steps=8, batch_size=4, lr=0.05, random_state=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
