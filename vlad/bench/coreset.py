@@ -15,20 +15,6 @@ import time
 from collections.abc import Sequence
 
 
-def _plain_steps(x, start: int, steps: int):
-    """The plain loop of greedy_coreset_reference on projected features, for ``steps`` selections."""
-    import torch
-
-    min_d, idx, out = None, start, []
-    for _ in range(steps):
-        d = torch.linalg.norm(x - x[idx], dim=1)
-        min_d = d if min_d is None else torch.minimum(min_d, d)
-        idx = int(torch.argmax(min_d).item())
-        min_d[idx] = 0.0
-        out.append(idx)
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlad.bench coreset", description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=156_800)
@@ -46,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from vlad.bench._util import machine_line, peak_rss_mb
-    from vlad.memory.coreset import _projected, coreset_size, greedy_coreset
+    from vlad.memory.coreset import _projected, coreset_size, greedy_coreset, plain_greedy_steps
 
     print(machine_line())
     gen = torch.Generator().manual_seed(args.seed)
@@ -67,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = min(args.ref_steps, size)
         x, start = _projected(feats, args.projection_dim, args.seed)
         t0, c0 = time.perf_counter(), time.process_time()
-        plain = _plain_steps(x, start, steps)
+        plain = plain_greedy_steps(x, start, steps)
         pw, pc = time.perf_counter() - t0, time.process_time() - c0
         scale = size / steps
         same = plain == sel[:steps].tolist()

@@ -493,17 +493,18 @@ class Detector:
         cal.image_threshold, cal.rule, cal.guaranteed_rate = conformal_threshold(cal.reference_scores, alpha)
         cal.pixel_threshold, _, _ = conformal_threshold(cal.reference_map_maxima, alpha)
 
+    def _unit_scales(self, name: str) -> dict[str, str]:
+        """Calibration unit -> declared scale of scorer ``name`` as it stands: its parts once an
+        incremental scorer with ``part_scales`` holds references (WinCLIP+), else the whole scorer."""
+        cls = type(self.scorers[name])
+        if cls.part_scales and cls.incremental and self.references_:
+            return {f"{name}/{part}": scale for part, scale in cls.part_scales.items()}
+        return {name: cls.output_scale}
+
     def _prior_calibration(self, active: list[str], held: list[int]) -> Calibration:
         """Too few references to calibrate on: each unit's explicit prior, the prior thresholds."""
-        normalisers = {}
-        for name in active:
-            cls = type(self.scorers[name])
-            has_memory = cls.incremental and len(self.references_) > 0
-            if cls.part_scales and has_memory:
-                for part, scale in cls.part_scales.items():
-                    normalisers[f"{name}/{part}"] = prior_normaliser(scale)
-            else:
-                normalisers[name] = prior_normaliser(cls.output_scale)
+        normalisers = {unit: prior_normaliser(scale) for name in active
+                       for unit, scale in self._unit_scales(name).items()}
         o = self.options
         return Calibration(normalisers, float(o["prior_image_threshold"]), float(o["prior_pixel_threshold"]),
                            rule="prior", path="none", held_out=held, n_references=len(self.references_))

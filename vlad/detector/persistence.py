@@ -145,12 +145,7 @@ def load_detector(path: str | Path, device: str | None = None) -> Detector:
             raise VladError(f"{where}: thresholds: {key}_override must be a number or null, got {value!r}")
         setattr(det, f"_{key}_override", None if value is None else float(value))
     det.references_ = _read_references(folder, doc["references"])
-    units = set()
-    for name, scorer in scorers.items():
-        if active[name]:
-            cls = type(scorer)
-            parts = cls.part_scales if cls.incremental and cls.part_scales and len(det.references_) else {}
-            units |= {f"{name}/{p}" for p in parts} if parts else {name}
+    units = {unit for name in names if active[name] for unit in det._unit_scales(name)}
     det._calibration = Calibration.from_dict(doc["calibration"], units, len(det.references_))
     return det
 

@@ -79,16 +79,21 @@ def greedy_coreset_reference(
     size = coreset_size(n, n_select, ratio)
     if size >= n:
         return torch.arange(n)
-    x, idx = _projected(features, projection_dim, random_state)
-    min_d = None
-    selected = []
-    for _ in range(size):
+    x, start = _projected(features, projection_dim, random_state)
+    return torch.tensor(plain_greedy_steps(x, start, size), dtype=torch.long)
+
+
+def plain_greedy_steps(x: torch.Tensor, start: int, steps: int) -> list[int]:
+    """The plain greedy loop on (projected) features ``x`` ``(N, D)`` from row ``start``: one pass over
+    every point per selected centre, ``steps`` selections (the start itself is not returned)."""
+    min_d, idx, selected = None, start, []
+    for _ in range(steps):
         d = torch.linalg.norm(x - x[idx], dim=1)
         min_d = d if min_d is None else torch.minimum(min_d, d)
         idx = int(torch.argmax(min_d).item())
         min_d[idx] = 0.0
         selected.append(idx)
-    return torch.tensor(selected, dtype=torch.long)
+    return selected
 
 
 def _apply_centres(
