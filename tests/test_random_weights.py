@@ -44,3 +44,19 @@ def test_saved_random_weight_scorer_reloads_the_same_backbone(tmp_path):
     assert _same_weights(scorer.backbone_.model, loaded.backbone_.model)
     after = loaded.predict(test)
     np.testing.assert_allclose(after.image_scores, before.image_scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["patchcore", "winclip", "spade", "maeday", "anomalydino"])
+def test_random_state_seeds_a_random_weight_backbone(name):
+    """The scorer's random_state is the seed of its random-weight backbone: the same seed builds the same
+    backbone in two instances, another seed another one."""
+    refs = [textured(i, size=64) for i in range(2)]
+
+    def backbone(seed):
+        scorer = vlad.create_scorer(name, weights="tiny", random_state=seed, device="cpu")
+        scorer.fit(refs if scorer.requires_references else None)
+        return scorer.model_ if hasattr(scorer, "model_") else scorer.backbone_.model
+
+    a, b, c = backbone(0), backbone(0), backbone(3)
+    assert _same_weights(a, b)
+    assert not _same_weights(a, c)

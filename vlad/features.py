@@ -52,15 +52,16 @@ def check_layers(layers: Sequence[int], owner: str) -> tuple[int, ...]:
 
 
 def load_cnn_stages(
-    name: str, weights: str, device: torch.device | str, layers: Sequence[int]
+    name: str, weights: str, device: torch.device | str, layers: Sequence[int], seed: int = 0
 ) -> Backbone:
-    """A frozen CNN backbone (eval mode, no grad) returning the stages ``layers``.
+    """A frozen CNN backbone (eval mode, no grad) returning the stages ``layers`` (``seed``: of a random
+    initialisation).
 
     Raises:
         VladError: ``name`` is not a CNN backbone.
         WeightsNotAvailableError: pretrained weights asked for but not found.
     """
-    bb = load_backbone(name, weights=weights, device=device, out_indices=tuple(layers))
+    bb = load_backbone(name, weights=weights, device=device, seed=seed, out_indices=tuple(layers))
     if not hasattr(bb.model, "feature_info"):
         raise VladError(
             f"backbone {name!r} is not a CNN feature extractor; these scorers need one such as "

@@ -208,7 +208,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
             stays within 1.3x one forward up to ~40k memory patches (~5 references x 8 rotations, or
             ~40 without rotations); beyond that a coreset bounds the cost (e.g. 1024 per reference).
             An approximation: the memory no longer holds every reference patch.
-        random_state: seed of the coreset's first centre.
+        random_state: seed of the coreset's first centre and of a ``weights="random"`` backbone.
         pruned_search: search memories of at least 4096 patches with the exact pruning of
             :class:`~vlad.memory.KnnIndex` (a PCA lower bound skips most rows; same nearest neighbours
             and distances as the dense search). On the 8 references x 8 rotations memory (65,536
@@ -270,7 +270,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
         from vlad.backbones import load_backbone
 
         self._check_params()
-        bb = load_backbone(self.backbone, self.weights, self.device_)
+        bb = load_backbone(self.backbone, self.weights, self.device_, seed=self.weights_seed)
         model = bb.model
         if not hasattr(model, "forward_features") or not hasattr(model, "patch_embed"):
             raise VladError(

@@ -137,6 +137,13 @@ class BaseScorer(BaseEstimator):
     def _set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         pass
 
+    @property
+    def weights_seed(self) -> int:
+        """Seed of the backbone's initialisation with ``weights="random"``/``"tiny"``: the scorer's
+        ``random_state`` (0 when it is None or absent), so a saved scorer reloads the same backbone."""
+        seed = getattr(self, "random_state", 0)
+        return 0 if seed is None else int(seed)
+
     # -- public API ---------------------------------------------------------------------------
     def fit(self, reference_images: ImagesLike | None = None) -> BaseScorer:
         """Prepare the scorer; learn from normal ``reference_images`` if given.

@@ -96,7 +96,8 @@ class EfficientAD(BaseScorer):
             always trained from scratch (``random_state``).
         device: torch device or ``"auto"``.
         batch_size: images per training step and per prediction batch.
-        random_state: seed of the student init, the projection and the batch sampling.
+        random_state: seed of the student init, the projection, the batch sampling and of a
+            ``weights="random"`` teacher.
         image_size: int or ``(H, W)``; None = 256 (the paper's).
         layers: teacher stages used (2 and 3 by default).
         out_channels: feature channels the student regresses (paper: 384).
@@ -150,7 +151,8 @@ class EfficientAD(BaseScorer):
         if min(self.grid_) < 1:
             raise InvalidParameterError(f"image_size {self.size_} is too small for the PDN (receptive field "
                              f"{PDN_RECEPTIVE_FIELD} px); use at least 48 px, 256 is the paper's")
-        self.teacher_ = load_backbone(self.backbone, self.weights, self.device_, out_indices=layers)
+        self.teacher_ = load_backbone(self.backbone, self.weights, self.device_, seed=self.weights_seed,
+                                      out_indices=layers)
         tiny = self.weights == "tiny"
         channels = max(8, int(self.out_channels) // 4) if tiny else int(self.out_channels)
         with torch.no_grad():

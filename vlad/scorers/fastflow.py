@@ -120,7 +120,8 @@ class FastFlow(BaseScorer):
         weight_decay: Adam weight decay.
         score: ``"max"`` of the map or ``"topk"`` (mean of the top 1%) as the image score.
         sigma: Gaussian smoothing of the map in input pixels (0 = none, FastFlow's).
-        random_state: seed of initialisation, permutations and shuffling.
+        random_state: seed of initialisation (incl. a ``weights="random"`` backbone), permutations and
+            shuffling.
     """
 
     requires_references = True
@@ -172,7 +173,8 @@ class FastFlow(BaseScorer):
             raise VladError(f"FastFlow: score must be 'max' or 'topk', got {self.score!r}")
         if self.epochs is not None and int(self.epochs) < 0:
             raise VladError(f"FastFlow: epochs must be >= 0 or None (automatic), got {self.epochs!r}")
-        self.backbone_ = load_cnn_stages(self.backbone, self.weights, self.device_, self.layers_)
+        self.backbone_ = load_cnn_stages(self.backbone, self.weights, self.device_, self.layers_,
+                                         seed=self.weights_seed)
         self.size_ = int(self.image_size or self.backbone_.spec.preprocess.size)
         gen = generator(self.random_state)
         with forked_rng(self.random_state):

@@ -127,7 +127,7 @@ class MAEDAY(BaseScorer):
             score is taken from the stitched map. Cost grows with the number of tiles. In a batch of
             images of different sizes the stitched maps are brought to one size for the batch (then
             back to each image's own size), so ``batch_size=1`` keeps them exact.
-        random_state: seed of the masks.
+        random_state: seed of the masks and of a ``weights="random"`` backbone.
     """
 
     requires_references = False
@@ -183,7 +183,7 @@ class MAEDAY(BaseScorer):
 
     def _build(self) -> None:
         self._check_params()
-        bb = load_backbone(self.backbone, self.weights, self.device_)
+        bb = load_backbone(self.backbone, self.weights, self.device_, seed=self.weights_seed)
         model = bb.model
         if not hasattr(model, "decoder") or not hasattr(model, "patchify") or not hasattr(model, "config"):
             raise InvalidParameterError(

@@ -54,7 +54,7 @@ class PaDiM(BaseScorer):
             capped at the channels available.
         epsilon: ridge added to each covariance (``S + epsilon I``).
         sigma: Gaussian smoothing of the upsampled map, in input pixels (0 = none).
-        random_state: seed of the channel subset.
+        random_state: seed of the channel subset and of a ``weights="random"`` backbone.
     """
 
     requires_references = True
@@ -88,7 +88,8 @@ class PaDiM(BaseScorer):
         self.layers_ = check_layers(self.layers, "PaDiM")
         if not self.epsilon > 0:
             raise VladError(f"PaDiM: epsilon must be > 0 (the covariance ridge), got {self.epsilon!r}")
-        self.backbone_ = load_cnn_stages(self.backbone, self.weights, self.device_, self.layers_)
+        self.backbone_ = load_cnn_stages(self.backbone, self.weights, self.device_, self.layers_,
+                                         seed=self.weights_seed)
         self.size_ = int(self.image_size or self.backbone_.spec.preprocess.size)
         total = sum(stage_channels(self.backbone_))
         if self.n_features is None:

@@ -56,7 +56,8 @@ class PatchCore(FewShotMixin, BaseScorer):
         sigma: Gaussian smoothing of the map, in input pixels (0 = none).
         image_size: input size; None = the backbone's preprocessing size (224). Images are resized,
             never cropped, so maps cover the whole image.
-        random_state: seed of the coreset's projection and start point.
+        random_state: seed of the coreset's projection and start point, and of a ``weights="random"``
+            backbone.
         max_bytes: bound on the distance block held at once during nearest-neighbour search.
         pruned_search: search memories of at least 4096 rows with the exact pruning of
             :class:`~vlad.memory.KnnIndex` (:class:`~vlad.memory.BoundedL2Index`, built on the first
@@ -118,7 +119,8 @@ class PatchCore(FewShotMixin, BaseScorer):
         layers = tuple(int(i) for i in self.layers)
         if not layers:
             raise InvalidParameterError("layers must name at least one backbone stage, e.g. (2, 3)")
-        self.backbone_ = load_backbone(self.backbone, self.weights, self.device_, out_indices=layers)
+        self.backbone_ = load_backbone(self.backbone, self.weights, self.device_, seed=self.weights_seed,
+                                      out_indices=layers)
         self.input_size_ = int(self.image_size or self.backbone_.spec.preprocess.size)
 
     def _embed(self, images: list[LoadedImage]) -> torch.Tensor:

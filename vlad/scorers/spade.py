@@ -42,6 +42,8 @@ class SPADE(BaseScorer):
         k: nearest reference images (capped at the number of references).
         sigma: Gaussian smoothing of the map, in input pixels (0 = none).
         max_bytes: bound on each distance block of the pixel kNN (``vlad.memory.knn_distances``).
+        random_state: seed of the backbone's initialisation with ``weights="random"`` (nothing else in
+            SPADE is random).
     """
 
     requires_references = True
@@ -57,6 +59,7 @@ class SPADE(BaseScorer):
         k: int = 50,
         sigma: float = 4.0,
         max_bytes: int = 256 * 2**20,
+        random_state: int = 0,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -67,13 +70,15 @@ class SPADE(BaseScorer):
         self.k = k
         self.sigma = sigma
         self.max_bytes = max_bytes
+        self.random_state = random_state
 
     def _build(self) -> None:
         self.layers_ = check_layers(self.layers, "SPADE")
         if int(self.k) < 1:
             raise VladError(f"SPADE: k (nearest reference images) must be >= 1, got {self.k!r}")
         stages = tuple(sorted({*self.layers_, 4}))
-        self.backbone_ = load_cnn_stages(self.backbone, self.weights, self.device_, stages)
+        self.backbone_ = load_cnn_stages(self.backbone, self.weights, self.device_, stages,
+                                         seed=self.weights_seed)
         self.size_ = int(self.image_size or self.backbone_.spec.preprocess.size)
         self._pyramid_pos = [stages.index(layer) for layer in self.layers_]
 

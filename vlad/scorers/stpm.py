@@ -62,7 +62,8 @@ class STPM(BaseScorer):
             always randomly initialised (``random_state``).
         device: torch device or ``"auto"``.
         batch_size: images per training step and per prediction batch.
-        random_state: seed of the student's initialisation and the batch sampling.
+        random_state: seed of the student's initialisation, the batch sampling and a ``weights="random"``
+            teacher.
         image_size: input size (int or ``(H, W)``); None = the backbone's preprocess size.
         layers: backbone stages used (1 = layer1 ... 4 = layer4); the paper uses 1-3.
         train_steps: optimisation steps (the training budget).
@@ -104,7 +105,8 @@ class STPM(BaseScorer):
         layers = tuple(int(i) for i in self.layers)
         if not layers or any(i < 1 or i > 4 for i in layers):
             raise InvalidParameterError(f"layers must be backbone stages in 1..4, got {self.layers!r}; the paper uses (1, 2, 3)")
-        self.teacher_ = load_backbone(self.backbone, self.weights, self.device_, out_indices=layers)
+        self.teacher_ = load_backbone(self.backbone, self.weights, self.device_, seed=self.weights_seed,
+                                      out_indices=layers)
         student_weights = "tiny" if self.weights == "tiny" else "random"
         with seeded(self.random_state, self.device_):
             student = load_backbone(self.backbone, student_weights, self.device_, out_indices=layers).model

@@ -65,7 +65,8 @@ class PatchSVDD(BaseScorer):
         patch_batch: patches per optimisation step.
         max_patches: at most this many reference patches are trained on (seeded subsample).
         sigma: Gaussian smoothing of the upsampled map, in input pixels (0 = none).
-        random_state: seed of the head's initialisation, the subsample and the shuffling.
+        random_state: seed of the head's initialisation, the subsample, the shuffling and a
+            ``weights="random"`` backbone.
     """
 
     requires_references = True
@@ -111,7 +112,8 @@ class PatchSVDD(BaseScorer):
                 raise VladError(f"PatchSVDD: {name} must be >= 1, got {getattr(self, name)!r}")
         if int(self.epochs) < 0:
             raise VladError(f"PatchSVDD: epochs must be >= 0, got {self.epochs!r}")
-        self.backbone_ = load_cnn_stages(self.backbone, self.weights, self.device_, self.layers_)
+        self.backbone_ = load_cnn_stages(self.backbone, self.weights, self.device_, self.layers_,
+                                         seed=self.weights_seed)
         self.size_ = int(self.image_size or self.backbone_.spec.preprocess.size)
         in_dim = sum(stage_channels(self.backbone_))
         with forked_rng(self.random_state):

@@ -297,6 +297,8 @@ class WinCLIP(FewShotMixin, BaseScorer):
         batch_size: images per forward pass.
         image_size: input size; None = the backbone's native size (CLIP position embeddings are fixed,
             so another size is an error).
+        random_state: seed of the backbone's initialisation with ``weights="random"`` (nothing else in
+            WinCLIP is random).
     """
 
     requires_references = False
@@ -316,6 +318,7 @@ class WinCLIP(FewShotMixin, BaseScorer):
         device: str = "cpu",
         batch_size: int = 8,
         image_size: int | None = None,
+        random_state: int = 0,
     ) -> None:
         self.object_name = object_name
         self.prompts = prompts
@@ -326,6 +329,7 @@ class WinCLIP(FewShotMixin, BaseScorer):
         self.device = device
         self.batch_size = batch_size
         self.image_size = image_size
+        self.random_state = random_state
 
     # -- building -------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -336,7 +340,7 @@ class WinCLIP(FewShotMixin, BaseScorer):
         scales = tuple(self.scales)
         if not scales or any(not isinstance(k, (int, np.integer)) or isinstance(k, bool) for k in scales):
             raise VladError(f"scales must be a non-empty sequence of window sizes in patches, e.g. (2, 3); got {self.scales!r}")
-        bb = load_backbone(self.backbone, self.weights, self.device_)
+        bb = load_backbone(self.backbone, self.weights, self.device_, seed=self.weights_seed)
         if not hasattr(bb.model, "encode_text") or bb.tokenizer is None:
             raise VladError(f"WinCLIP needs a CLIP backbone (image and text towers); {self.backbone!r} is {bb.spec.library}")
         self.backbone_ = bb
