@@ -113,9 +113,10 @@ def needs_tiling(image_size: tuple[int, int], tiling: tuple[int, int] | None) ->
     return tiling is not None and max(image_size) > tiling[0]
 
 
-def working_shape(image_size: tuple[int, int], max_pixels: int = WORK_PIXELS) -> tuple[int, int]:
+def working_shape(image_size: tuple[int, int], max_pixels: int | None = None) -> tuple[int, int]:
     """The resolution at which an image's maps are calibrated and fused: its own ``(H, W)`` up to
-    ``max_pixels``, else scaled down to about that many pixels (aspect kept)."""
+    ``max_pixels`` (None: :data:`WORK_PIXELS`), else scaled down to about that many pixels (aspect kept)."""
+    max_pixels = WORK_PIXELS if max_pixels is None else max_pixels
     h, w = int(image_size[0]), int(image_size[1])
     if h * w <= max_pixels:
         return h, w
