@@ -247,7 +247,7 @@ class BaseScorer(BaseEstimator):
                     per_image[i] = (float(scores[j]), _resize(maps[j], shape),
                                     {p: (float(ps[j]), _resize(pm[j], shape)) for p, (ps, pm) in parts.items()})
             for i in tiled:
-                per_image[i] = self._predict_tiled(loaded[i], tiling, batch_size, label)
+                per_image[i] = self._predict_in_tiles(loaded[i], tiling, batch_size, label)
         names = tuple(img.name for img in loaded)
         part_names = set(per_image[0][2]) if per_image else set()
         components = {}
@@ -260,7 +260,7 @@ class BaseScorer(BaseEstimator):
         check_finite(result, self.scorer_name or type(self).__name__)
         return result
 
-    def _predict_tiled(self, image: LoadedImage, tiling: tuple[int, int], batch_size: int, label: str):
+    def _predict_in_tiles(self, image: LoadedImage, tiling: tuple[int, int], batch_size: int, label: str):
         """One image scored tile by tile: ``(score, stitched map, {part: (score, map)})`` at the working
         resolution; the score is the maximum of the stitched map (see :mod:`vlad.tiling`)."""
         stitcher = Stitcher(image.size, *tiling)
