@@ -38,6 +38,8 @@ MAX_PIXELS_ENV = "VLAD_MAX_IMAGE_PIXELS"
 #: files with more pixels are refused unless the limit is raised (200 Mpx: 12000 x 12000 passes)
 DEFAULT_MAX_IMAGE_PIXELS = 200_000_000
 _max_pixels_override: int | None = None
+_EXIF_ORIENTATION = 0x0112
+_STRIP_PIXELS = 1 << 22  # decoded images larger than this are copied to numpy a strip at a time
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class LoadedImage:
 
 
 def _pil_to_array(img: Image.Image, name: str) -> np.ndarray:
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose would copy even an upright image
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -74,9 +77,16 @@ def _pil_to_array(img: Image.Image, name: str) -> np.ndarray:
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         return _array_to_rgb(arr, name)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.asarray(img)  # uint8 (H, W, 3): kept as it is, 3 bytes per pixel
+    width, height = img.size
+    if width * height <= _STRIP_PIXELS:
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # uint8 (H, W, 3), kept as is
+    # a large image: copied out strip by strip (a whole-image conversion would hold two more full copies)
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, _STRIP_PIXELS // width)
+    for y0 in range(0, height, rows):
+        strip = img.crop((0, y0, width, min(height, y0 + rows)))
+        out[y0 : y0 + rows] = np.asarray(strip if strip.mode == "RGB" else strip.convert("RGB"))
+    return out
 
 
 def _array_to_rgb(arr: np.ndarray, name: str) -> np.ndarray:

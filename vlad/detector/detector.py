@@ -422,7 +422,9 @@ class Detector:
         comps = {name: self._apply(cal, name, r) for name, r in raw.items()}
         fused = fuse_results(comps, self._weights(), self.options["fusion"])
         check_finite(fused, "the fused detector")
-        maps = upsample_maps(fused.map_list(), [img.size for img in loaded])  # once, at the very end
+        sizes = [img.size for img in loaded]
+        del loaded  # images read from files are freed before the full-size maps are made
+        maps = upsample_maps(fused.map_list(), sizes)  # once, at the very end
         fused = AnomalyResult(fused.image_scores, maps, components=fused.components, names=fused.names)
         return fused.with_thresholds(self.image_threshold, self.pixel_threshold), raw
 
