@@ -48,7 +48,7 @@ def test_registry():
 
 def test_scorer_contract_and_sizes(good_images, defect_image):
     s = vlad.create_scorer("test-brightness", size=16)
-    assert s.get_params() == {"size": 16, "device": "cpu", "batch_size": 2}
+    assert s.get_params() == {"size": 16, "device": "cpu", "batch_size": 2, "tile_size": None, "tile_overlap": None}
     with pytest.raises(vlad.NotFittedError):
         s.predict(defect_image)
     with pytest.raises(vlad.EmptyReferenceSetError):

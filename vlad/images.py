@@ -4,6 +4,18 @@ Accepted: file paths (PNG incl. 16-bit/palette/RGBA/grey, JPEG with EXIF rotatio
 PIL images, numpy arrays ``(H, W)`` / ``(H, W, C)`` (uint8, uint16, bool or float in [0, 1]) and torch
 tensors ``(C, H, W)`` / ``(H, W)`` (float in [0, 1] or uint8). Everything becomes float32 ``(H, W, 3)``
 in [0, 1]; an alpha channel is dropped (inspection images are opaque).
+
+**Memory.** 8-bit sources (most files, uint8 arrays) are kept as uint8 ``(H, W, 3)`` (3 bytes per
+pixel, not 12): :attr:`LoadedImage.data` is what is stored, :attr:`LoadedImage.pixels` the float32
+view of it (a converted copy for uint8 data). Resizing (:func:`vlad.ops.to_batch`) and tiling read
+``data`` directly, so a large image is never held as float32 in full.
+
+**Pixel limit.** A file with more than :func:`max_image_pixels` pixels (default
+:data:`DEFAULT_MAX_IMAGE_PIXELS`, 200 megapixels: a 14142 x 14142 image) is refused before it is
+decoded, with an :class:`~vlad.errors.InvalidImageError` naming its size and how to raise the limit:
+the environment variable ``VLAD_MAX_IMAGE_PIXELS=<pixels>`` (``0`` = no limit), ``--max-pixels`` on
+the command line, or :func:`set_max_image_pixels` in Python. This replaces PIL's own
+decompression-bomb limit for files read by vlad.
 """
 
 from __future__ import annotations
@@ -21,25 +33,42 @@ from vlad.errors import InvalidImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MIN_SIZE = 8  # smaller images cannot give a meaningful map from any backbone
-#: environment variable overriding PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) for files; 0 = no limit
+#: environment variable setting the pixel limit for files (whole number of pixels; 0 = no limit)
 MAX_PIXELS_ENV = "VLAD_MAX_IMAGE_PIXELS"
+#: files with more pixels are refused unless the limit is raised (200 Mpx: 12000 x 12000 passes)
+DEFAULT_MAX_IMAGE_PIXELS = 200_000_000
+_max_pixels_override: int | None = None
+_EXIF_ORIENTATION = 0x0112
+_STRIP_PIXELS = 1 << 22  # decoded images larger than this are copied to numpy a strip at a time
 
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """An image ready for a scorer: ``pixels`` float32 ``(H, W, 3)`` in [0, 1] and a name."""
+    """An image ready for a scorer: ``data`` ``(H, W, 3)``, uint8 (0..255) or float32 (0..1), and a name."""
 
-    pixels: np.ndarray
+    data: np.ndarray
     name: str
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """float32 ``(H, W, 3)`` in [0, 1] (for uint8 data a new array: 12 bytes per pixel)."""
+        if self.data.dtype == np.uint8:
+            return self.data.astype(np.float32) / 255.0
+        return self.data
 
     @property
     def size(self) -> tuple[int, int]:
         """``(H, W)``."""
-        return self.pixels.shape[0], self.pixels.shape[1]
+        return self.data.shape[0], self.data.shape[1]
+
+    def crop(self, y0: int, y1: int, x0: int, x1: int) -> LoadedImage:
+        """The region ``[y0:y1, x0:x1]`` as a LoadedImage sharing this one's memory (no copy)."""
+        return LoadedImage(self.data[y0:y1, x0:x1], f"{self.name}[{y0}:{y1},{x0}:{x1}]")
 
 
 def _pil_to_array(img: Image.Image, name: str) -> np.ndarray:
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose would copy even an upright image
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -48,7 +77,16 @@ def _pil_to_array(img: Image.Image, name: str) -> np.ndarray:
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float32)
         return _array_to_rgb(arr, name)
-    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    width, height = img.size
+    if width * height <= _STRIP_PIXELS:
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # uint8 (H, W, 3), kept as is
+    # a large image: copied out strip by strip (a whole-image conversion would hold two more full copies)
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, _STRIP_PIXELS // width)
+    for y0 in range(0, height, rows):
+        strip = img.crop((0, y0, width, min(height, y0 + rows)))
+        out[y0 : y0 + rows] = np.asarray(strip if strip.mode == "RGB" else strip.convert("RGB"))
+    return out
 
 
 def _array_to_rgb(arr: np.ndarray, name: str) -> np.ndarray:
@@ -62,7 +100,7 @@ def _array_to_rgb(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.dtype == np.bool_:
         arr = arr.astype(np.float32)
     elif arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / 255.0
+        pass  # kept as uint8 (see LoadedImage.pixels)
     elif arr.dtype == np.uint16:
         arr = arr.astype(np.float32) / 65535.0
     elif np.issubdtype(arr.dtype, np.floating):
@@ -85,19 +123,52 @@ def _array_to_rgb(arr: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-@contextmanager
-def _pixel_limit():
-    """Apply ``$VLAD_MAX_IMAGE_PIXELS`` (if set) to PIL's decompression-bomb limit while reading a file."""
+def set_max_image_pixels(limit: int | None) -> None:
+    """Set the pixel limit for files read by vlad in this process (None: back to the environment
+    variable or the default; 0: no limit). Overrides ``$VLAD_MAX_IMAGE_PIXELS``.
+
+    Raises:
+        InvalidImageError: ``limit`` is not a non-negative whole number.
+    """
+    global _max_pixels_override
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0):
+        raise InvalidImageError(f"the pixel limit must be a whole number of pixels >= 0 (0: no limit), got {limit!r}")
+    _max_pixels_override = None if limit is None else int(limit)
+
+
+def max_image_pixels() -> int | None:
+    """The pixel limit in force for files: :func:`set_max_image_pixels`, else ``$VLAD_MAX_IMAGE_PIXELS``
+    (read at each call), else :data:`DEFAULT_MAX_IMAGE_PIXELS`; None means no limit.
+
+    Raises:
+        InvalidImageError: the environment variable is not a whole number.
+    """
+    if _max_pixels_override is not None:
+        return _max_pixels_override or None
     value = os.environ.get(MAX_PIXELS_ENV, "").strip()
     if not value:
-        yield
-        return
+        return DEFAULT_MAX_IMAGE_PIXELS
     try:
         limit = int(value)
     except ValueError:
         raise InvalidImageError(f"{MAX_PIXELS_ENV}={value!r} is not a whole number of pixels (0: no limit)") from None
+    return limit if limit > 0 else None
+
+
+def _too_large(name: str, width: int, height: int, limit: int) -> InvalidImageError:
+    return InvalidImageError(
+        f"{name}: {width}x{height} = {width * height} pixels is over the limit of {limit} pixels, which "
+        f"guards against decompression bombs. If the image is genuine, raise the limit: environment variable "
+        f"{MAX_PIXELS_ENV}=<pixels> (0: no limit), `--max-pixels N` on the command line, or "
+        f"vlad.images.set_max_image_pixels(N) in Python; or downscale the image"
+    )
+
+
+@contextmanager
+def _pil_limit_off():
+    """vlad checks the pixel limit itself (with the size in its message): PIL's check is off meanwhile."""
     before = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = limit if limit > 0 else None
+    Image.MAX_IMAGE_PIXELS = None
     try:
         yield
     finally:
@@ -112,16 +183,14 @@ def _read_file(path: Path) -> np.ndarray:
         raise InvalidImageError(f"{name}: is a folder; pass the image files (or use vlad.images.list_images)")
     if path.stat().st_size == 0:
         raise InvalidImageError(f"{name}: the file is empty")
+    limit = max_image_pixels()
     try:
-        with _pixel_limit(), Image.open(path) as img:
+        with _pil_limit_off(), Image.open(path) as img:
+            width, height = img.size
+            if limit is not None and width * height > limit:  # from the header, before decoding
+                raise _too_large(name, width, height, limit)
             img.load()  # decode fully now so truncation is caught here, not later
             return _pil_to_array(img, name)
-    except Image.DecompressionBombError as exc:
-        raise InvalidImageError(
-            f"{name}: {exc.args[0] if exc.args else exc}. Images this large are refused as a safety measure "
-            f"(decompression bombs); downscale it, or raise the limit with the environment variable "
-            f"{MAX_PIXELS_ENV}=<pixels> (or PIL.Image.MAX_IMAGE_PIXELS in Python; 0 means no limit)"
-        ) from exc
     except UnidentifiedImageError as exc:
         raise InvalidImageError(f"{name}: not an image file PIL can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,23 +24,53 @@ def to_batch(
 ) -> torch.Tensor:
     """Resize each image to ``size`` and normalise: float32 ``(B, 3, H, W)``.
 
-    ``mean``/``std`` None leaves pixels in [0, 1]. Downscaling uses antialiasing.
+    ``mean``/``std`` None leaves pixels in [0, 1]. Downscaling uses antialiasing. Images over
+    :data:`RESIZE_CHUNK_PIXELS` pixels are resized in two separable passes over strips of rows, so
+    that a large uint8 image is never converted to float32 whole (memory stays near the output's).
     """
     hw = (size, size) if isinstance(size, int) else tuple(size)
     out = []
     for img in images:
-        x = torch.from_numpy(img.pixels).permute(2, 0, 1)[None]
-        if tuple(x.shape[-2:]) != hw:
-            antialias = interpolation in ("bilinear", "bicubic")
-            x = F.interpolate(x, size=hw, mode=interpolation, align_corners=False, antialias=antialias)
-            x = x.clamp_(0.0, 1.0)
-        out.append(x)
+        out.append(_resized(img.data, hw, interpolation))
     batch = torch.cat(out).to(device)
     if mean is not None and std is not None:
         m = torch.tensor(mean, device=batch.device).view(1, 3, 1, 1)
         s = torch.tensor(std, device=batch.device).view(1, 3, 1, 1)
         batch = (batch - m) / s
     return batch
+
+
+#: images with more pixels than this are resized strip by strip (see :func:`to_batch`)
+RESIZE_CHUNK_PIXELS = 1 << 22
+
+
+def _as_float(arr: np.ndarray) -> torch.Tensor:
+    """``(h, w, 3)`` uint8 or float32 -> float32 ``(1, 3, h, w)`` in [0, 1] (a view for float32)."""
+    with warnings.catch_warnings():  # a decoded file's array is read-only; it is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    return x.float().div_(255.0) if arr.dtype == np.uint8 else x
+
+
+def _interpolate(x: torch.Tensor, hw: tuple[int, int], mode: str) -> torch.Tensor:
+    antialias = mode in ("bilinear", "bicubic")
+    return F.interpolate(x, size=hw, mode=mode, align_corners=None if mode == "nearest" else False,
+                         antialias=antialias)
+
+
+def _resized(arr: np.ndarray, hw: tuple[int, int], mode: str) -> torch.Tensor:
+    """One ``(H, W, 3)`` image resized to ``hw``: float32 ``(1, 3, h, w)`` in [0, 1]."""
+    h, w = arr.shape[:2]
+    if (h, w) == tuple(hw):
+        return _as_float(arr)
+    if h * w <= RESIZE_CHUNK_PIXELS or mode not in ("bilinear", "bicubic"):
+        return _interpolate(_as_float(arr), hw, mode).clamp_(0.0, 1.0)
+    # separable: widths first, a strip of rows at a time (the height pass at scale 1 is the identity)
+    rows = max(8, RESIZE_CHUNK_PIXELS // w)
+    strips = [_interpolate(_as_float(arr[r : r + rows]), (min(rows, h - r), hw[1]), mode) for r in range(0, h, rows)]
+    x = torch.cat(strips, dim=2)
+    del strips
+    return _interpolate(x, hw, mode).clamp_(0.0, 1.0)
 
 
 def preprocess_batch(

@@ -73,10 +73,9 @@ class AnomalyResult:
         labels = None if image_threshold is None else ~(self.image_scores <= image_threshold)
         masks = None
         if pixel_threshold is not None:
+            masks = [_above(m, pixel_threshold) for m in self.map_list()]
             if isinstance(self.anomaly_maps, np.ndarray):
-                masks = ~(self.anomaly_maps <= pixel_threshold)
-            else:
-                masks = [~(m <= pixel_threshold) for m in self.anomaly_maps]
+                masks = np.stack(masks) if len(masks) != 1 else masks[0][None]
         return replace(self, labels=labels, masks=masks)
 
     @staticmethod
@@ -104,6 +103,12 @@ class AnomalyResult:
         if all(r.names is not None for r in results):
             names = tuple(n for r in results for n in r.names)
         return AnomalyResult(scores, maps, labels, masks, components, names)
+
+
+def _above(values: np.ndarray, threshold: float) -> np.ndarray:
+    """``~(values <= threshold)`` (NaN counts as above) in one boolean array, no temporary."""
+    out = np.less_equal(values, threshold)
+    return np.logical_not(out, out=out)
 
 
 @runtime_checkable

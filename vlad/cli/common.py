@@ -57,6 +57,52 @@ def add_rate_option(p: argparse.ArgumentParser) -> None:
                         "guaranteed once there are enough good references (see the README)")
 
 
+def tile(text: str) -> tuple[int, int | None]:
+    """argparse type of ``--tile``: ``SIZE`` or ``SIZE,OVERLAP`` in pixels (``0``: no tiling)."""
+    from vlad.errors import InvalidParameterError
+    from vlad.tiling import parse_tile_option
+
+    try:
+        return parse_tile_option(text)
+    except InvalidParameterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def pixel_count(text: str) -> int:
+    """argparse type of ``--max-pixels``: a whole number of pixels >= 0 (0: no limit)."""
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels (0: no limit), got {text!r}")
+    return value
+
+
+def add_image_size_options(p: argparse.ArgumentParser) -> None:
+    """``--tile`` and ``--max-pixels``, shared by the commands that score image files."""
+    p.add_argument("--tile", type=tile, metavar="SIZE[,OVERLAP]",
+                   help="score large images tile by tile: tiles of SIZE pixels (best the backbone's input size, "
+                        "e.g. 448) overlapping by OVERLAP (default SIZE/4); maps are stitched at the image's "
+                        "resolution. Small defects in high-resolution images need it")
+    p.add_argument("--max-pixels", type=pixel_count, metavar="N",
+                   help="refuse image files with more than N pixels (default 200000000; 0: no limit; also "
+                        "$VLAD_MAX_IMAGE_PIXELS)")
+
+
+def apply_image_size_options(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, Any]:
+    """Put ``--tile`` into the scorer parameters (``--set tile_size=...`` wins) and apply ``--max-pixels``."""
+    if getattr(args, "max_pixels", None) is not None:
+        from vlad.images import set_max_image_pixels
+
+        set_max_image_pixels(args.max_pixels)
+    if getattr(args, "tile", None) is not None:
+        size, overlap = args.tile
+        params.setdefault("tile_size", size or None)
+        params.setdefault("tile_overlap", overlap)
+    return params
+
+
 def port_number(text: str) -> int:
     """argparse type: a TCP port, 1 to 65535."""
     try:

@@ -11,7 +11,9 @@ import argparse
 from pathlib import Path
 
 from vlad.cli.common import (
+    add_image_size_options,
     add_model_options,
+    apply_image_size_options,
     add_rate_option,
     check_device,
     check_output_folder,
@@ -32,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="use at most this many test images per category (quick runs)")
     p.add_argument("--out", help="folder for results.json and heatmap overlays")
     add_rate_option(p)
+    add_image_size_options(p)
     add_model_options(p)
 
 
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from vlad.detector import parse_spec
     from vlad.evaluation import format_table, run_eval
 
-    params = parse_params(args.set)
+    params = apply_image_size_options(args, parse_params(args.set))
     check_param_types(parse_spec(args.scorer), params)
     check_weights(args.weights)
     check_device(args.device)

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from vlad.cli.common import (
+    add_image_size_options,
     add_model_options,
+    apply_image_size_options,
     add_rate_option,
     check_device,
     check_output_folder,
@@ -56,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refs", nargs="+", help="good reference images: files and/or folders (also comma-separated)")
     p.add_argument("--out", help="folder for scores.csv, scores.json and overlay PNGs")
     add_rate_option(p)
+    add_image_size_options(p)
     add_model_options(p)
 
 
@@ -92,7 +95,7 @@ def check_options(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]
 
     spec = args.scorer or args.detector
     names = parse_spec(spec)  # unknown scorer names
-    params = parse_params(args.set)
+    params = apply_image_size_options(args, parse_params(args.set))
     check_param_types(names, params)
     check_weights(args.weights)
     check_device(args.device)

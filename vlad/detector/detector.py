@@ -67,6 +67,7 @@ from vlad.detector.spec import SHARED_OPTIONS, build_scorers, did_you_mean, pars
 from vlad.errors import EmptyReferenceSetError, InvalidParameterError, NotFittedError, VladError
 from vlad.images import LoadedImage, load_images
 from vlad.scorers.base import check_finite, reference_index
+from vlad.tiling import upsample_maps
 from vlad.types import AnomalyResult, ImagesLike
 
 logger = logging.getLogger(__name__)
@@ -397,6 +398,12 @@ class Detector:
         """Score ``images``: fused scores ``(B,)``, maps at each image's size, labels and masks from the
         thresholds, and ``components`` (name -> that scorer's calibrated result).
 
+        Scorers' maps are calibrated and fused at the working resolution (:mod:`vlad.tiling`: the
+        image's own size up to 2048 x 2048 pixels) and only the fused map is brought to the image's
+        size, so the ``components`` of a larger image hold maps at the working resolution. With
+        ``tile_size`` set (an option of every scorer, e.g. ``create_detector(tile_size=448)``), large
+        images are scored tile by tile.
+
         Raises:
             NotFittedError: ``fit`` was not called.
             InvalidImageError: an input is unreadable (named).
@@ -406,7 +413,8 @@ class Detector:
 
     def predict_with_raw(self, images: ImagesLike) -> tuple[AnomalyResult, dict[str, AnomalyResult]]:
         """:meth:`predict` plus each active scorer's raw (uncalibrated) result, from the same pass: for
-        evaluations that rank by a scorer's own scores while judging the detector's decisions."""
+        evaluations that rank by a scorer's own scores while judging the detector's decisions. Raw
+        maps are at the working resolution (the image's own up to 2048 x 2048 pixels)."""
         self._check_fitted()
         loaded = load_images(images)
         cal = self._calibrated()
@@ -414,10 +422,14 @@ class Detector:
         comps = {name: self._apply(cal, name, r) for name, r in raw.items()}
         fused = fuse_results(comps, self._weights(), self.options["fusion"])
         check_finite(fused, "the fused detector")
+        sizes = [img.size for img in loaded]
+        del loaded  # images read from files are freed before the full-size maps are made
+        maps = upsample_maps(fused.map_list(), sizes)  # once, at the very end
+        fused = AnomalyResult(fused.image_scores, maps, components=fused.components, names=fused.names)
         return fused.with_thresholds(self.image_threshold, self.pixel_threshold), raw
 
     def _raw_predict(self, loaded: list[LoadedImage]) -> dict[str, AnomalyResult]:
-        return {n: s.predict(loaded) for n, s in self.scorers.items() if self.active_[n]}
+        return {n: s.predict_working(loaded) for n, s in self.scorers.items() if self.active_[n]}
 
     def _weights(self) -> dict[str, float]:
         tiers = {n: t for n, t in self.tiers.items() if self.active_[n]}
@@ -516,12 +528,12 @@ class Detector:
         scorer = self.scorers[name]
         refs = self.references_
         if not type(scorer).incremental:
-            return scorer.predict([refs[i] for i in idx])
+            return scorer.predict_working([refs[i] for i in idx])
         held = scorer.list_references()
         if len(held) != len(refs):
             raise VladError(f"{name} holds {len(held)} references but the detector {len(refs)}; refit the detector")
         with torch.inference_mode():
-            return AnomalyResult.concatenate([scorer.without_reference(i).predict([refs[i]]) for i in idx])
+            return AnomalyResult.concatenate([scorer.without_reference(i).predict_working([refs[i]]) for i in idx])
 
     # -- save / load -----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

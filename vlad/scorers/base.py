@@ -37,6 +37,21 @@ A subclass implements:
   ``part_scales`` may add a third item, ``{part: (scores, maps)}``, returned as ``components``.
 * ``_get_state()`` / ``_set_state(tensors, meta)``: fitted state as named tensors plus JSON-able data.
 
+**Tiling** (:mod:`vlad.tiling`) is generic: every scorer class gets the keyword parameters
+``tile_size`` (None/0: off; else the side of a square tile in image pixels, best the backbone's input
+size) and ``tile_overlap`` (pixels; None: a quarter of the tile), added to its ``__init__`` here (by
+``__init_subclass__``), so no scorer declares them. With tiling on, an image larger than one tile is
+cut into overlapping tiles, each tile goes through ``_predict_batch`` as an image, and the tile maps
+are blended into one map whose maximum is the image score; references are cut the same way before
+``_fit`` / ``_embed_references``. An incremental scorer then holds one memory entry per *tile*;
+``tile_groups_`` records which tiles belong to which reference image, and ``list_references``,
+``remove_reference`` and ``without_reference`` work per image.
+
+**Working resolution.** ``predict_working(images)`` returns maps at :func:`vlad.tiling.working_shape`
+(the image's own size up to :data:`vlad.tiling.WORK_PIXELS`); ``predict`` upsamples them once to
+each image's size. The detector calibrates and fuses at the working resolution and upsamples only the
+fused map, so memory stays bounded on huge images.
+
 Incremental scorers mix in :class:`FewShotMixin` and implement ``_embed_references`` and
 ``_memory_changed`` (see there).
 """
@@ -44,6 +59,7 @@ Incremental scorers mix in :class:`FewShotMixin` and implement ``_embed_referenc
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 from collections.abc import Mapping, Sequence
@@ -64,7 +80,6 @@ from vlad.errors import (
     VladError,
 )
 from vlad.images import LoadedImage, load_images
-from vlad.ops import maps_to_image_sizes
 from vlad.progress import track
 from vlad.serialization import (
     check_digests,
@@ -78,6 +93,7 @@ from vlad.serialization import (
     to_jsonable,
     write_json,
 )
+from vlad.tiling import Stitcher, check_tiling, needs_tiling, tile_boxes, upsample_maps, working_shape
 from vlad.types import AnomalyResult, ImagesLike
 
 logger = logging.getLogger(__name__)
@@ -87,6 +103,28 @@ CONFIG_FILE = "config.json"
 FORMAT_VERSION = 2
 TIERS = ("zero", "few")
 OUTPUT_SCALES = ("probability", "score")
+#: the parameters every scorer gets from BaseScorer (see the module docstring, "Tiling")
+TILING_PARAMS = {"tile_size": None, "tile_overlap": None}
+
+
+def _with_tiling_params(init):
+    """``init`` with the keyword-only parameters of :data:`TILING_PARAMS` added (stored as attributes,
+    visible to ``get_params``/``clone`` through the signature)."""
+    sig = inspect.signature(init)
+    if all(name in sig.parameters for name in TILING_PARAMS):
+        return init
+
+    @functools.wraps(init)
+    def __init__(self, *args, tile_size=None, tile_overlap=None, **kwargs):
+        init(self, *args, **kwargs)
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+
+    params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in TILING_PARAMS.items()]
+    params += [p for p in sig.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD]
+    __init__.__signature__ = sig.replace(parameters=params)
+    return __init__
 
 
 class BaseScorer(BaseEstimator):
@@ -115,6 +153,8 @@ class BaseScorer(BaseEstimator):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _with_tiling_params(cls.__dict__["__init__"])
         if "tier" not in cls.__dict__:
             cls.tier = "few" if cls.requires_references else "zero"
         for attr, allowed in (("tier", TIERS), ("output_scale", OUTPUT_SCALES)):
@@ -153,9 +193,17 @@ class BaseScorer(BaseEstimator):
             InvalidImageError: a reference is not a readable image.
         """
         references = self._load_references(reference_images)
+        tiling = self._tiling()
         self.device_ = resolve_device(getattr(self, "device", "cpu"))
         self._build()
-        self._fit(references)
+        if references is not None and tiling is not None:
+            tiles, groups = tile_references(references, tiling)
+            self._fit(tiles)
+            if type(self).incremental:
+                self.tile_groups_ = groups
+        else:
+            self._fit(references)
+            self.__dict__.pop("tile_groups_", None)
         self.n_references_ = 0 if references is None else len(references)
         return self
 
@@ -163,6 +211,7 @@ class BaseScorer(BaseEstimator):
         """Score ``images``: one score per image and one map at each image's own resolution.
 
         A scorer with ``part_scales`` also returns its parts in ``components`` (part name -> result).
+        With ``tile_size`` set, images larger than a tile are scored tile by tile (module docstring).
 
         Raises:
             NotFittedError: ``fit`` was not called.
@@ -171,28 +220,76 @@ class BaseScorer(BaseEstimator):
         """
         self._check_fitted()
         loaded = load_images(images)
+        work = self.predict_working(loaded)
+        sizes = [img.size for img in loaded]
+        components = {p: AnomalyResult(c.image_scores, upsample_maps(c.map_list(), sizes), names=c.names)
+                      for p, c in work.components.items()}
+        return AnomalyResult(work.image_scores, upsample_maps(work.map_list(), sizes), components=components,
+                             names=work.names)
+
+    def predict_working(self, images: ImagesLike) -> AnomalyResult:
+        """:meth:`predict` with maps at the working resolution (:func:`vlad.tiling.working_shape`: each
+        image's own size up to :data:`vlad.tiling.WORK_PIXELS` pixels, else scaled down to that). For
+        callers that combine maps before bringing them to full size once (the detector).
+
+        Raises:
+            as :meth:`predict`.
+        """
+        self._check_fitted()
+        loaded = load_images(images)
+        tiling = self._tiling()
         batch_size = max(1, int(getattr(self, "batch_size", 8) or 8))
-        batches = [loaded[i : i + batch_size] for i in range(0, len(loaded), batch_size)]
-        scores, maps = [], []
-        parts: dict[str, tuple[list, list]] = {}
-        iterator = track(batches, f"{self.scorer_name or type(self).__name__}") if len(batches) > 1 else batches
+        plain = [i for i, img in enumerate(loaded) if not needs_tiling(img.size, tiling)]
+        tiled = [i for i, img in enumerate(loaded) if needs_tiling(img.size, tiling)]
+        batches = [plain[i : i + batch_size] for i in range(0, len(plain), batch_size)]
+        per_image: list[tuple[float, torch.Tensor, dict[str, tuple[float, torch.Tensor]]]] = [None] * len(loaded)  # type: ignore[list-item]
+        label = f"{self.scorer_name or type(self).__name__}"
         with torch.inference_mode():
-            for batch in iterator:
-                out = self._predict_batch(batch)
-                s, m = out[0], out[1]
-                scores.append(_to_numpy_scores(s))
-                maps.extend(maps_to_image_sizes(_detach_maps(m), batch))
-                for part, (ps, pm) in (out[2] if len(out) > 2 else {}).items():
-                    acc = parts.setdefault(part, ([], []))
-                    acc[0].append(_to_numpy_scores(ps))
-                    acc[1].extend(maps_to_image_sizes(_detach_maps(pm), batch))
+            for batch in (track(batches, label) if len(batches) > 1 else batches):
+                out = self._predict_batch([loaded[i] for i in batch])
+                scores, maps = _to_numpy_scores(out[0]), _detach_maps(out[1])
+                parts = {p: (_to_numpy_scores(ps), _detach_maps(pm)) for p, (ps, pm) in _parts(out).items()}
+                for j, i in enumerate(batch):
+                    shape = working_shape(loaded[i].size)
+                    per_image[i] = (float(scores[j]), _resize(maps[j], shape),
+                                    {p: (float(ps[j]), _resize(pm[j], shape)) for p, (ps, pm) in parts.items()})
+            for i in tiled:
+                per_image[i] = self._predict_in_tiles(loaded[i], tiling, batch_size, label)
         names = tuple(img.name for img in loaded)
+        part_names = set(per_image[0][2]) if per_image else set()
         components = {}
-        if parts and len(parts[next(iter(parts))][0]) == len(batches):  # every batch gave its parts
-            components = {p: AnomalyResult(np.concatenate(ps), pm, names=names) for p, (ps, pm) in parts.items()}
-        result = AnomalyResult(np.concatenate(scores), maps, components=components, names=names)
+        if part_names and all(set(r[2]) == part_names for r in per_image):  # every image gave its parts
+            components = {p: AnomalyResult(np.array([r[2][p][0] for r in per_image], np.float32),
+                                           [r[2][p][1].numpy() for r in per_image], names=names)
+                          for p in sorted(part_names)}
+        result = AnomalyResult(np.array([r[0] for r in per_image], np.float32), [r[1].numpy() for r in per_image],
+                               components=components, names=names)
         check_finite(result, self.scorer_name or type(self).__name__)
         return result
+
+    def _predict_in_tiles(self, image: LoadedImage, tiling: tuple[int, int], batch_size: int, label: str):
+        """One image scored tile by tile: ``(score, stitched map, {part: (score, map)})`` at the working
+        resolution; the score is the maximum of the stitched map (see :mod:`vlad.tiling`)."""
+        stitcher = Stitcher(image.size, *tiling)
+        part_stitchers: dict[str, Stitcher] = {}
+        boxes = stitcher.boxes
+        steps = [boxes[k : k + batch_size] for k in range(0, len(boxes), batch_size)]
+        for step in (track(steps, f"{label} tiles of {image.name}") if len(steps) > 1 else steps):
+            out = self._predict_batch([image.crop(*box) for box in step])
+            maps = _detach_maps(out[1])
+            for box, m in zip(step, maps, strict=True):
+                stitcher.add(box, m)
+            for part, (_, pm) in _parts(out).items():
+                ps = part_stitchers.setdefault(part, Stitcher(image.size, *tiling, shape=stitcher.shape))
+                for box, m in zip(step, _detach_maps(pm), strict=True):
+                    ps.add(box, m)
+        stitched = stitcher.result()
+        parts = {p: (float(m.max()), m) for p, m in ((p, st.result()) for p, st in part_stitchers.items())}
+        return float(stitched.max()), stitched, parts
+
+    def _tiling(self) -> tuple[int, int] | None:
+        """``(tile_size, tile_overlap)`` checked, or None without tiling."""
+        return check_tiling(getattr(self, "tile_size", None), getattr(self, "tile_overlap", None))
 
     def save(self, path: str | Path) -> Path:
         """Save parameters and metadata (``config.json``, with the state file's sha256) and the fitted
@@ -215,6 +312,8 @@ class BaseScorer(BaseEstimator):
             "meta": to_jsonable(meta, f"{self.scorer_name} metadata"),
             "sha256": {STATE_FILE: sha256_file(folder / STATE_FILE)},
         }
+        if hasattr(self, "tile_groups_"):
+            config["tile_groups"] = to_jsonable(self.tile_groups_, f"{self.scorer_name} tile groups")
         write_json(folder / CONFIG_FILE, config)
         return folder
 
@@ -241,6 +340,33 @@ class BaseScorer(BaseEstimator):
                 )
             return None
         return load_images(reference_images)
+
+
+def tile_references(references: list[LoadedImage], tiling: tuple[int, int] | None
+                    ) -> tuple[list[LoadedImage], list[list[Any]]]:
+    """References cut into tiles as test images are: ``(tiles, groups)``, ``groups`` = one
+    ``[image name, number of tiles]`` per reference, in order (an image within one tile stays whole)."""
+    tiles: list[LoadedImage] = []
+    groups: list[list[Any]] = []
+    for img in references:
+        if needs_tiling(img.size, tiling):
+            parts = [img.crop(*box) for box in tile_boxes(img.size, *tiling)]
+        else:
+            parts = [img]
+        tiles.extend(parts)
+        groups.append([img.name, len(parts)])
+    return tiles, groups
+
+
+def _parts(out: tuple) -> dict[str, tuple[torch.Tensor, Any]]:
+    return out[2] if len(out) > 2 else {}
+
+
+def _resize(m: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    m = m.float()
+    if tuple(m.shape) == tuple(shape):
+        return m.cpu()
+    return torch.nn.functional.interpolate(m[None, None], size=shape, mode="bilinear", align_corners=False)[0, 0].cpu()
 
 
 def _to_numpy_scores(s: torch.Tensor) -> np.ndarray:
@@ -309,21 +435,42 @@ class FewShotMixin:
     _aligned_lists: ClassVar[tuple[str, ...]] = ()
 
     def add_references(self, images: ImagesLike):
-        """Append normal images to the memory in place (no refit of what is there). Returns self."""
+        """Append normal images to the memory in place (no refit of what is there). Returns self.
+
+        With tiling, each image is cut into tiles as test images are, one memory entry per tile."""
         self._check_fitted()
         loaded = load_images(images)
+        tiling = self._tiling()
+        if tiling is not None or hasattr(self, "tile_groups_"):
+            groups = self._tile_groups()
+            loaded, new = tile_references(loaded, tiling)
+            self.tile_groups_ = groups + new
         with torch.inference_mode():
             chunks = self._embed_references(loaded)
         self.memory_chunks_.extend(chunks)
         self.reference_names_.extend(img.name for img in loaded)
-        self.n_references_ = len(self.reference_names_)
+        self.n_references_ = len(self._tile_groups())
         self._memory_changed()
         return self
 
+    def _tile_groups(self) -> list[list[Any]]:
+        """``[image name, number of memory entries]`` per reference image (one entry each without tiling)."""
+        groups = getattr(self, "tile_groups_", None)
+        if groups is None:
+            return [[name, 1] for name in self.reference_names_]
+        return [list(g) for g in groups]
+
+    def _entries_of(self, which: int | str) -> tuple[int, list[int]]:
+        """Reference image ``which`` -> (its index, the indices of its memory entries)."""
+        groups = self._tile_groups()
+        i = reference_index([g[0] for g in groups], which)
+        start = sum(g[1] for g in groups[:i])
+        return i, list(range(start, start + groups[i][1]))
+
     def list_references(self) -> list[str]:
-        """Names of the references in memory, in the order they were added."""
+        """Names of the reference images in memory, in the order they were added."""
         self._check_fitted()
-        return list(self.reference_names_)
+        return [g[0] for g in self._tile_groups()]
 
     def remove_reference(self, which: int | str):
         """Forget one reference (by index or name), e.g. one found to be defective. Returns self.
@@ -332,12 +479,15 @@ class FewShotMixin:
             InvalidParameterError: no such reference, or ``which`` is neither an int nor a str.
         """
         self._check_fitted()
-        i = reference_index(self.reference_names_, which)
-        del self.memory_chunks_[i]
-        del self.reference_names_[i]
-        for attr in self._aligned_lists:
-            del getattr(self, attr)[i]
-        self.n_references_ = len(self.reference_names_)
+        i, entries = self._entries_of(which)
+        for j in reversed(entries):
+            del self.memory_chunks_[j]
+            del self.reference_names_[j]
+            for attr in self._aligned_lists:
+                del getattr(self, attr)[j]
+        if hasattr(self, "tile_groups_"):
+            self.tile_groups_ = [g for k, g in enumerate(self._tile_groups()) if k != i]
+        self.n_references_ = len(self._tile_groups())
         self._memory_changed()
         return self
 
@@ -349,9 +499,11 @@ class FewShotMixin:
         leave-one-out path: the detector scores each reference with it as a held-out normal image.
         """
         self._check_fitted()
-        i = reference_index(self.reference_names_, which)
+        i, entries = self._entries_of(which)
         clone = copy.copy(self)
-        keep = [j for j in range(len(self.reference_names_)) if j != i]
+        keep = [j for j in range(len(self.reference_names_)) if j not in set(entries)]
+        if hasattr(self, "tile_groups_"):
+            clone.tile_groups_ = [g for k, g in enumerate(self._tile_groups()) if k != i]
 
         def pick(items: list) -> list:
             return [dict(items[j]) if isinstance(items[j], dict) else items[j] for j in keep]
@@ -361,10 +513,10 @@ class FewShotMixin:
         for attr in self._aligned_lists:
             setattr(clone, attr, pick(getattr(self, attr)))
         for key, value in vars(self).items():  # caches: own containers, never the original's
-            if key not in ("memory_chunks_", "reference_names_", *self._aligned_lists):
+            if key not in ("memory_chunks_", "reference_names_", "tile_groups_", *self._aligned_lists):
                 if isinstance(value, (list, dict)):
                     setattr(clone, key, copy.copy(value))
-        clone.n_references_ = len(clone.reference_names_)
+        clone.n_references_ = len(clone._tile_groups())
         clone._memory_changed()
         return clone
 
@@ -387,6 +539,9 @@ class FewShotMixin:
         Needs at least 3 references; with fewer, returns an empty list.
         """
         self._check_fitted()
+        if hasattr(self, "tile_groups_"):
+            raise NotImplementedError(f"{type(self).__name__}.check_references is not available with tiling: "
+                                      "a reference's sibling tiles would stand in for it")
         if len(self.reference_names_) < 3:
             return []
         scores = np.asarray(self.leave_one_out_scores(), dtype=np.float64)
@@ -436,7 +591,7 @@ def load_scorer(path: str | Path, device: str | None = None, expected: str | Non
     folder = Path(path)
     cfg_path = folder / CONFIG_FILE
     config = read_json(cfg_path, "a scorer config written by Scorer.save()")
-    check_keys(config, {"format_version", "scorer", "params", "n_references", "meta", "sha256"}, str(cfg_path),
+    check_keys(config, {"format_version", "scorer", "params", "n_references", "meta", "sha256", "tile_groups"}, str(cfg_path),
                required={"format_version", "scorer", "params"})
     if config.get("format_version") != FORMAT_VERSION:
         raise VladError(f"{cfg_path}: format version {config.get('format_version')!r}, this vlad reads "
@@ -472,4 +627,14 @@ def load_scorer(path: str | Path, device: str | None = None, expected: str | Non
         raise VladError(f"{folder}: the saved {name!r} state does not fit this scorer "
                         f"({type(exc).__name__}: {exc}); fit and save it again") from exc
     scorer.n_references_ = n_refs
+    if "tile_groups" in config:
+        groups = config["tile_groups"]
+        names = getattr(scorer, "reference_names_", None)
+        ok = isinstance(groups, list) and all(
+            isinstance(g, list) and len(g) == 2 and isinstance(g[0], str) and isinstance(g[1], int)
+            and not isinstance(g[1], bool) and g[1] > 0 for g in groups)
+        if not ok or names is None or sum(g[1] for g in groups) != len(names) or len(groups) != n_refs:
+            raise VladError(f"{cfg_path}: 'tile_groups' must list [reference name, tiles > 0] per reference, "
+                            f"covering the {0 if names is None else len(names)} saved memory entries; save it again")
+        scorer.tile_groups_ = [list(g) for g in groups]
     return scorer
