@@ -85,7 +85,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 2
-TIERS = ("zero", "few")
+TIERS = ("zero", "unlabeled", "few")
 OUTPUT_SCALES = ("probability", "score")
 
 
