@@ -28,20 +28,29 @@ import torch
 
 from vlad.memory.knn import DEFAULT_MAX_BYTES, InvalidSearchError
 
+#: query patches per similarity block that :func:`plan_blocks` aims at
+QUERY_ROWS = 4096
+
 __all__ = ["image_nn_distances", "iter_image_nn_distances", "plan_blocks"]
 
 
 def plan_blocks(n_query: int, n_pool: int, p: int, q: int, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[int, int]:
     """Query and pool images per block so that a ``(b_q P, b_p Q)`` float32 similarity block fits in
-    ``max_bytes`` (at least one image each), with as many pool images per block as possible (fewer,
-    larger products) and the query block no larger than needed.
+    ``max_bytes`` (at least one image each).
+
+    Tall blocks are preferred: about :data:`QUERY_ROWS` query patches per block (matrix products with
+    few rows run well below the machine's peak), then as many pool images as the budget allows.
+    Measured on 50 images of 256 patches x 384 dims (2 cores, loaded): 16 query x 8 pool images per
+    block ran at 1.04-1.2x the dense matmul, 1 query x 50 pool images at 1.55-1.76x.
 
     Returns:
         ``(images per query block, images per pool block)``.
     """
     budget = max(1, int(max_bytes) // 4)
-    b_pool = max(1, min(n_pool, budget // max(1, p * q)))
-    b_query = max(1, min(n_query, budget // max(1, p * q * b_pool)))
+    b_query = max(1, min(n_query, -(-QUERY_ROWS // max(1, p))))
+    b_pool = max(1, min(n_pool, budget // max(1, b_query * p * q)))
+    if b_query * p * b_pool * q > budget:  # even one pool image is too wide: fewer query images
+        b_query = max(1, min(b_query, budget // max(1, p * q)))
     return b_query, b_pool
 
 
