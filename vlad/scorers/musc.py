@@ -594,6 +594,14 @@ class MuSc(BaseScorer):
                 self._pool_cache = self._result(self._maps(self.pool_tokens_, None), self.pool_embeddings_)
         return self._pool_cache
 
+    def pool_anomaly_result(self, images: ImagesLike) -> AnomalyResult:
+        """:meth:`pool_result` as an :class:`AnomalyResult`, maps at the sizes of ``images`` (the pool's
+        images, in pool order; the scorer keeps features only)."""
+        loaded = load_images(images)
+        if len(loaded) != len(self.pool_names_):
+            raise VladError(f"expected the {len(self.pool_names_)} pool images, got {len(loaded)}")
+        return self._to_anomaly_result(self.pool_result(), loaded)
+
     def pool_scores(self) -> np.ndarray:
         """Image scores ``(N,)`` of the pool's images, each scored against the rest of the pool."""
         return self.pool_result().scores.cpu().numpy().astype(np.float32)
