@@ -390,6 +390,14 @@ class Detector:
         self._calibration = None
         return self
 
+    @property
+    def batch_scoring(self) -> bool:
+        """True when an active scorer scores each ``predict`` call's images against each other (an
+        unlabeled-tier scorer without a pool): hand it all images in one call (the paper's setting), not
+        in small batches, and never one image alone."""
+        return bool(self._unlabeled_scorers()) and not self.unlabeled_ and any(
+            self.active_[n] for n in self._unlabeled_scorers())
+
     def list_unlabeled(self) -> list[str]:
         """Names of the unlabeled pool's images, oldest first."""
         return [img.name for img in self.unlabeled_]
