@@ -248,3 +248,126 @@ def test_save_load_keeps_the_pool(tmp_path):
     loaded = vlad.load(s.save(tmp_path / "musc"))
     assert loaded.list_unlabeled() == s.list_unlabeled()
     np.testing.assert_allclose(loaded.predict(probe).image_scores, s.predict(probe).image_scores, rtol=1e-6)
+
+
+# -- the unlabeled tier in the detector -------------------------------------------------------------------
+from vlad.detector.calibration import conformal_threshold, pool_threshold  # noqa: E402
+from vlad.detector.fusion import tier_weights  # noqa: E402
+
+DET_OPTIONS = dict(weights="tiny", scorer_options={"musc": dict(backbone="vit_small_patch14_dinov2.lvd142m", image_size=112),
+                                                   "anomalydino": dict(rotations=1, image_size=112)})
+
+
+def test_tier_weights_put_the_unlabeled_tier_between_the_others():
+    three = {"w": "zero", "m": "unlabeled", "a": "few"}
+    w = tier_weights(three, n_references=2, k0=2.0, n_unlabeled=10, u0=10.0)
+    assert w == pytest.approx({"a": 0.5, "m": 0.25, "w": 0.25})
+    assert sum(tier_weights(three, 0, n_unlabeled=0).values()) == pytest.approx(1.0)
+    assert tier_weights({"m": "unlabeled"}, 0, n_unlabeled=0) == {"m": 1.0}  # alone it takes everything
+    more = tier_weights({"w": "zero", "m": "unlabeled"}, 0, n_unlabeled=90, u0=10.0)
+    assert more["m"] == pytest.approx(0.9)  # a larger pool weighs more
+    assert tier_weights({"w": "zero", "a": "few"}, 4) == pytest.approx({"w": 1 / 3, "a": 2 / 3})  # as before
+
+
+def test_pool_threshold_is_at_least_the_conformal_threshold_of_the_good_images_whichever_they_are():
+    rng = np.random.default_rng(0)
+    for u in (20, 40, 100, 333):
+        scores = rng.normal(size=u)
+        t, rule, bound = pool_threshold(scores, 0.05, 0.05)
+        assert rule == "pool-assumption" and bound <= 0.0526
+        m = int(np.floor(0.05 * u))
+        for _ in range(50):  # any m images may be the defective ones
+            good = np.delete(scores, rng.choice(u, size=m, replace=False))
+            assert t >= conformal_threshold(good, 0.05)[0]
+    assert pool_threshold(np.arange(100.0), 0.05, 0.05)[0] == 96.0  # m = 5, k = ceil(96 * 0.95) = 92 -> 97th
+
+
+@pytest.fixture(scope="module")
+def pool_detector():
+    det = vlad.create_detector("musc+anomalydino", **DET_OPTIONS).fit()
+    assert det.batch_scoring  # no pool yet: a call's images are scored against each other
+    det.add_unlabeled(normals(24)[:11] + [synthetic_defect(0)[0]] + normals(24)[11:])
+    return det
+
+
+def test_detector_thresholds_from_the_pool_say_they_rest_on_an_assumption(pool_detector):
+    det = pool_detector
+    assert not det.batch_scoring and len(det.list_unlabeled()) == 25
+    info = det.threshold_info()
+    assert info.rule == "pool-assumption" and info.n_pool == 25 and info.pool_defect_rate == 0.05
+    assert "at most 5%" in info.assumption
+    assert "an assumption, not a guarantee" in info.describe()
+
+
+def test_bootstrap_picks_the_most_normal_pool_images_and_says_why():
+    det = vlad.create_detector("musc+anomalydino", **DET_OPTIONS).fit()
+    pool = normals(12)[:5] + [synthetic_defect(0)[0]] + normals(12)[5:]
+    det.add_unlabeled(pool)
+    scores = det.pool_scores()
+    assert int(np.argmax(scores)) == 5  # the defective image is the least like the others
+    report = det.bootstrap_references(3)
+    assert report.picked == [int(i) for i in np.argsort(scores, kind="stable")[:3]] and 5 not in report.picked
+    assert report.scores == pytest.approx(scores.tolist())
+    assert "remove_reference" in report.describe()
+    assert len(det.list_references()) == 3 and det.active_["anomalydino"]
+    # picks never calibrate: the thresholds still come from the (rest of the) pool, under the assumption
+    info = det.threshold_info()
+    assert info.rule == "pool-assumption" and info.n_pool == len(pool) - 3
+    det.remove_reference(0)  # a person vetoes a pick
+    assert len(det.list_references()) == 2
+    res = det.predict([textured(300), synthetic_defect(1)[0]])
+    assert res.image_scores[1] > res.image_scores[0]
+
+
+def test_add_unlabeled_needs_an_unlabeled_scorer():
+    det = vlad.create_detector("anomalydino", weights="tiny", rotations=1).fit([textured(1), textured(2)])
+    with pytest.raises(vlad.VladError, match="musc"):
+        det.add_unlabeled([textured(3)])
+
+
+def test_cli_score_with_an_unlabeled_pool_and_bootstrap(tmp_path, capsys):
+    from PIL import Image
+
+    from vlad.cli import main
+
+    pool, new = tmp_path / "pool", tmp_path / "new"
+    pool.mkdir()
+    new.mkdir()
+    for i, img in enumerate(normals(8)):
+        Image.fromarray(img).save(pool / f"p{i}.png")
+    Image.fromarray(textured(300)).save(new / "good.png")
+    Image.fromarray(synthetic_defect(1)[0]).save(new / "bad.png")
+    code = main(["score", str(new), "--detector", "musc+anomalydino", "--weights", "tiny", "--set",
+                 "backbone=vit_small_patch14_dinov2.lvd142m", "--set", "image_size=112", "--set", "rotations=1",
+                 "--unlabeled", str(pool), "--bootstrap", "2", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "unlabeled pool: 8 images" in out and "picked the 2 of 8" in out and "ASSUMING" in out
+    import json
+
+    summary = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert summary["thresholds"]["rule"] == "pool-assumption" and summary["n_unlabeled"] == 8
+    assert main(["score", str(new), "--scorer", "padim", "--weights", "tiny", "--unlabeled", str(pool)]) == 2
+
+
+def test_app_pool_panel_adds_unlabeled_images_and_picks_references(tmp_path):
+    from PIL import Image
+
+    from vlad.app import session as app
+
+    assert "musc" in app.live_scorers()["unlabeled"]
+    sess, msg = app.build_detector(["musc", "anomalydino"], "plate", "tiny", "cpu")
+    assert sess.detector is not None, msg
+    for name, params in (("musc", TINY), ("anomalydino", dict(rotations=1, image_size=112))):
+        sess.detector.scorers[name].set_params(**{k: v for k, v in params.items() if k != "weights"})
+    sess.detector.fit()
+    files = []
+    for i, img in enumerate(normals(6)):
+        files.append(str(tmp_path / f"p{i}.png"))
+        Image.fromarray(img).save(files[-1])
+    sess, msg = app.add_unlabeled(sess, files)
+    assert "pool: 6" in msg and "assumption" in msg
+    sess, refs, msg = app.bootstrap_references(sess, 2)
+    assert len(refs) == 2 and "picked the 2 of 6" in msg
+    sess, msg = app.add_unlabeled(app.DemoSession(), files)  # no detector: a status line, no traceback
+    assert msg.startswith("⚠️")
