@@ -395,8 +395,12 @@ class Detector:
         """True when an active scorer scores each ``predict`` call's images against each other (an
         unlabeled-tier scorer without a pool): hand it all images in one call (the paper's setting), not
         in small batches, and never one image alone."""
-        return bool(self._unlabeled_scorers()) and not self.unlabeled_ and any(
-            self.active_[n] for n in self._unlabeled_scorers())
+        return any(self.active_[n] for n in self._unlabeled_scorers()) and self._n_pool() == 0
+
+    def _n_pool(self) -> int:
+        """Images in the unlabeled scorers' pool (kept by the scorers, so also after loading a detector)."""
+        sizes = [len(self.scorers[n].list_unlabeled()) for n in self._unlabeled_scorers() if self.active_[n]]
+        return max(sizes, default=0)
 
     def list_unlabeled(self) -> list[str]:
         """Names of the unlabeled pool's images, oldest first."""
@@ -412,9 +416,9 @@ class Detector:
         """
         self._check_fitted()
         names = self._unlabeled_scorers()
-        if not names or len(self.unlabeled_) < 2:
+        if not names or self._n_pool() < 2:
             raise VladError(f"scoring the pool needs an unlabeled-tier scorer (musc) and at least 2 pool images; "
-                            f"have {len(self.unlabeled_)}: add images with add_unlabeled(...)")
+                            f"have {self._n_pool()}: add images with add_unlabeled(...)")
         per = [np.asarray(self.scorers[n].pool_scores(), dtype=np.float64) for n in names]
         if len(per) == 1:
             return per[0]
@@ -439,6 +443,9 @@ class Detector:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise InvalidParameterError(f"n must be a positive integer (how many references to pick), got {n!r}")
         scores = self.pool_scores()
+        if len(self.unlabeled_) != len(scores):
+            raise VladError("the unlabeled pool's images are not kept when a detector is saved (its features "
+                            "are); add the images again with add_unlabeled(...) to pick references from them")
         if n >= len(scores):
             raise InvalidParameterError(f"cannot pick {n} references from a pool of {len(scores)}: pick fewer, or "
                                         "add more unlabeled images")
@@ -611,7 +618,7 @@ class Detector:
     def _weights(self) -> dict[str, float]:
         tiers = {n: t for n, t in self.tiers.items() if self.active_[n]}
         return tier_weights(tiers, len(self.references_), self.options["k0"], self.options["fusion_weights"],
-                            n_unlabeled=len(self.unlabeled_) or None, u0=self.options["u0"])
+                            n_unlabeled=self._n_pool() or None, u0=self.options["u0"])
 
     def _check_fitted(self) -> None:
         if not self.fitted_:
