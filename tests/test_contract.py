@@ -2,6 +2,8 @@
 
 Each scorer is built with ``weights="tiny"`` (random-init twins) and a small budget. The checks:
 
+* unlabeled-tier scorers (MuSc) score images against each other or an unlabeled pool (the references
+  given to ``fit`` join it): one image with no pool is refused;
 * ``__init__`` stores its parameters and nothing else (``get_params`` round-trips, ``sklearn.clone``);
 * ``predict``/``save`` before ``fit`` raise :class:`vlad.NotFittedError`; ``fit`` returns ``self``;
   scorers that need references raise :class:`vlad.EmptyReferenceSetError` when fitted without any;
@@ -46,6 +48,7 @@ SETTINGS: dict[str, dict] = {
     "efficientad": dict(image_size=96, train_steps=10, batch_size=4, lr=1e-3),
     "fastflow": dict(epochs=6, batch_size=8, flow_steps=2),
     "maeday": dict(n_masks=8, batch_size=4),
+    "musc": dict(backbone="vit_small_patch14_dinov2.lvd142m", image_size=112),
     "padim": dict(),
     "patchcore": dict(),
     "patchsvdd": dict(epochs=6, hidden_dim=64, out_dim=16, image_size=96),
@@ -197,6 +200,12 @@ def test_fit_returns_self_and_empty_references(name):
             with pytest.raises(vlad.EmptyReferenceSetError):
                 vlad.create_scorer(name, **settings(name, quick=True)).fit(empty)
         assert scorer.fit(references()[:2]) is scorer
+    elif scorer.tier == "unlabeled":  # fits without images; scores images against each other or a pool
+        assert scorer.fit() is scorer
+        with pytest.raises(vlad.VladError, match="at least 2"):
+            scorer.predict([textured(30)])
+        res = scorer.predict([textured(30), textured(31)])
+        assert res.image_scores.shape == (2,) and np.isfinite(res.image_scores).all()
     else:  # zero-shot: fits without images and predicts
         assert scorer.fit() is scorer
         res = scorer.predict([textured(30)])
@@ -271,7 +280,7 @@ def test_declared_capabilities(name):
 
     cls = get_scorer_class(name)
     assert cls.tier in TIERS and cls.output_scale in OUTPUT_SCALES
-    assert cls.tier == ("few" if cls.requires_references else "zero")
+    assert cls.tier == "few" if cls.requires_references else cls.tier in ("zero", "unlabeled")
     assert cls.incremental == issubclass(cls, FewShotMixin)
     if cls.incremental:
         for method in ("add_references", "remove_reference", "without_reference", "list_references"):

@@ -16,6 +16,9 @@ thresholds are calibrated on them, as in use) and predicts the test split. Metri
   labelled normal), each with a Clopper-Pearson 95% interval, and SegF1 (MVTec AD 2: pixel F1 of the
   masks over all test pixels pooled, anomaly-free images included).
 
+A detector with an unlabeled-tier scorer and no pool (``--scorer musc``) gets the whole test split in
+one ``predict`` call: its images are scored against each other, the MuSc paper's setting.
+
 Maps are returned at each test image's own resolution and masks are compared at that same resolution
 (loaded with nearest-neighbour resizing only if a mask's size differs from its image).
 
@@ -173,7 +176,9 @@ def _predict(model: Any, ranking_scorer: str | None, paths: Sequence[Path], desc
     detector's fused output)."""
     from vlad.images import load_images
 
-    chunk = max(1, int(getattr(model, "batch_size", 8) or 8))
+    # an unlabeled-tier scorer without a pool (MuSc) scores the images of a call against each other: the
+    # whole test split is one call, the paper's setting
+    chunk = len(paths) if getattr(model, "batch_scoring", False) else max(1, int(getattr(model, "batch_size", 8) or 8))
     groups = [list(paths[i : i + chunk]) for i in range(0, len(paths), chunk)]
     out = _Predictions()
     for group in track(groups, desc, total=len(groups)):

@@ -23,6 +23,7 @@ _BUILTIN: dict[str, str] = {
     "draem": "vlad.scorers.draem:DRAEM",
     "patchsvdd": "vlad.scorers.svdd:PatchSVDD",
     "spade": "vlad.scorers.spade:SPADE",
+    "musc": "vlad.scorers.musc:MuSc",
 }
 _PLUGINS: dict[str, type] = {}
 

@@ -88,6 +88,11 @@ WEIGHTS: dict[str, WeightSpec] = {
             "ViT-B-16", "open_clip", "ViT-B-16", "timm/vit_base_patch16_clip_224.openai",
             ("open_clip_model.safetensors|open_clip_pytorch_model.bin",), Preprocess(224, CLIP_MEAN, CLIP_STD), pretrained_tag="openai",
         ),
+        WeightSpec(  # MuSc's default backbone (run at 518 px, positional embedding resized)
+            "ViT-L-14-336", "open_clip", "ViT-L-14-336", "timm/vit_large_patch14_clip_336.openai",
+            ("open_clip_model.safetensors|open_clip_pytorch_model.bin",), Preprocess(336, CLIP_MEAN, CLIP_STD),
+            pretrained_tag="openai",
+        ),
         WeightSpec(
             "vit_small_patch14_dinov2.lvd142m", "timm", "vit_small_patch14_dinov2",
             "timm/vit_small_patch14_dinov2.lvd142m", ("model.safetensors",),

@@ -1,7 +1,8 @@
 """The app's session logic: plain functions over a :class:`DemoSession`, no Gradio.
 
 Every UI event (:mod:`vlad.app.ui`) calls one function of this module (``build_detector``, ``inspect``,
-``apply_prompts``, ``add_references``, ``remove_reference``, ``apply_thresholds``, ``load_prompt_file``,
+``apply_prompts``, ``add_references``, ``remove_reference``, ``add_unlabeled``, ``bootstrap_references``,
+``apply_thresholds``, ``load_prompt_file``,
 ``save_prompt_file``); they take and return plain values plus a :class:`DemoSession`, so tests drive them
 without a browser. Errors come back as a readable status line, never as a stack trace. Models are built
 with :func:`vlad.create_detector`, as by ``vlad score``.
@@ -30,13 +31,14 @@ DEFAULT_SCORERS = ["winclip", "maeday", "anomalydino"]
 
 def live_scorers() -> dict[str, list[str]]:
     """Scorers the app can run live, by tier, read from their declared capabilities: zero-tier scorers
-    (work from the first image) and incremental few-tier ones (references join without training)."""
+    (work from the first image), unlabeled-tier ones (score images against each other or an unlabeled
+    pool, no training) and incremental few-tier ones (references join without training)."""
     from vlad.registry import get_scorer_class, list_scorers
 
-    out: dict[str, list[str]] = {"zero": [], "few": []}
+    out: dict[str, list[str]] = {"zero": [], "unlabeled": [], "few": []}
     for name in list_scorers():
         cls = get_scorer_class(name)
-        if cls.tier == "zero" or cls.incremental:
+        if cls.tier in ("zero", "unlabeled") or cls.incremental:
             out[cls.tier].append(name)
     return out
 
@@ -275,6 +277,38 @@ def add_references(session: DemoSession, files) -> tuple[DemoSession, list[str],
             det.fit(paths)
         _predict(session)
         return session, det.list_references(), f"{len(paths)} reference(s) added; {len(det.list_references())} in all"
+    except Exception as exc:  # noqa: BLE001
+        refs = session.detector.list_references() if session.detector is not None else []
+        return session, refs, _message(exc)
+
+
+def add_unlabeled(session: DemoSession, files) -> tuple[DemoSession, str]:
+    """Add unlabeled images of the line to the unlabeled tier's pool (needs musc); re-score."""
+    try:
+        det = session.detector
+        if not _ready(session):
+            raise VladError("build the detector first (with musc among the scorers)")
+        paths = _paths(files)
+        if not paths:
+            raise VladError("upload unlabeled images of the line first")
+        det.add_unlabeled(paths)
+        _predict(session)
+        return session, (f"{len(paths)} unlabeled image(s) added; pool: {len(det.list_unlabeled())}. "
+                         f"{det.threshold_info().describe()}")
+    except Exception as exc:  # noqa: BLE001
+        return session, _message(exc)
+
+
+def bootstrap_references(session: DemoSession, n: int | float | None) -> tuple[DemoSession, list[str], str]:
+    """Pick the ``n`` pool images judged most normal as references; the status lists them with their
+    scores (remove a pick with ``remove_reference``); re-score."""
+    try:
+        det = session.detector
+        if not _ready(session):
+            raise VladError("build the detector first (with musc among the scorers)")
+        report = det.bootstrap_references(int(n or 0))
+        _predict(session)
+        return session, det.list_references(), report.describe().replace("\n", "  \n")
     except Exception as exc:  # noqa: BLE001
         refs = session.detector.list_references() if session.detector is not None else []
         return session, refs, _message(exc)

@@ -12,8 +12,10 @@ from vlad.app.session import (
     DEFAULT_SCORERS,
     DemoSession,
     add_references,
+    add_unlabeled,
     apply_prompts,
     apply_thresholds,
+    bootstrap_references,
     build_detector,
     default_prompt_text,
     inspect,
@@ -37,7 +39,7 @@ def build_app(scorers: list[str] | None = None, object_name: str = "object", wei
     scorers = scorers or list(DEFAULT_SCORERS)
     normal0, anomalous0, templates0 = default_prompt_text(object_name)
     tiers = live_scorers()
-    available = tiers["zero"] + tiers["few"]
+    available = tiers["zero"] + tiers["unlabeled"] + tiers["few"]
 
     with gr.Blocks(title="vlad: zero- and few-shot inspection") as app:
         state = gr.State(None)
@@ -61,6 +63,13 @@ def build_app(scorers: list[str] | None = None, object_name: str = "object", wei
                 add_btn = gr.Button("Add references", elem_id="add-refs")
                 refs_list = gr.Dropdown([], label="References", allow_custom_value=False)
                 remove_btn = gr.Button("Remove selected reference")
+                with gr.Accordion("Unlabeled pool (musc)", open=False):
+                    pool_in = gr.File(file_count="multiple", file_types=["image"],
+                                      label="Unlabeled images of the line", elem_id="pool")
+                    pool_btn = gr.Button("Add to pool", elem_id="add-pool")
+                    with gr.Row():
+                        boot_n = gr.Number(4, precision=0, label="References to pick")
+                        boot_btn = gr.Button("Pick most normal as references", elem_id="bootstrap")
                 img_thr = gr.Slider(0, 1, value=0.5, step=0.01, label="Image threshold")
                 pix_thr = gr.Slider(0, 1, value=0.5, step=0.01, label="Pixel threshold")
                 with gr.Row():
@@ -109,6 +118,14 @@ def build_app(scorers: list[str] | None = None, object_name: str = "object", wei
             session, refs, msg = add_references(session or DemoSession(), files)
             return (session, gr.update(choices=refs, value=None), msg, *show(session))
 
+        def on_pool(session, files, progress=gr.Progress(track_tqdm=True)):
+            session, msg = add_unlabeled(session or DemoSession(), files)
+            return (session, msg, *show(session))
+
+        def on_boot(session, n, progress=gr.Progress(track_tqdm=True)):
+            session, refs, msg = bootstrap_references(session or DemoSession(), n)
+            return (session, gr.update(choices=refs, value=None), msg, *show(session))
+
         def on_remove(session, name):
             session, refs, msg = remove_reference(session or DemoSession(), name)
             return (session, gr.update(choices=refs, value=None), msg, *show(session))
@@ -123,6 +140,8 @@ def build_app(scorers: list[str] | None = None, object_name: str = "object", wei
         prompts_btn.click(on_prompts, [state, obj, normal_in, anomalous_in, templates_in], [state, status, *outputs])
         add_btn.click(on_add, [state, refs_in], [state, refs_list, status, *outputs])
         remove_btn.click(on_remove, [state, refs_list], [state, refs_list, status, *outputs])
+        pool_btn.click(on_pool, [state, pool_in], [state, status, *outputs])
+        boot_btn.click(on_boot, [state, boot_n], [state, refs_list, status, *outputs])
         thr_btn.click(on_thresholds, [state, img_thr, pix_thr], [state, status, *outputs])
         auto_btn.click(lambda s: on_thresholds(s, None, None, True), [state], [state, status, *outputs])
         prompt_file.upload(load_prompt_file, [prompt_file], [normal_in, anomalous_in, templates_in, status])

@@ -10,6 +10,15 @@ calibrated ``[0, 1]`` scale and every image gets a label from the detector's ima
 line says in words what that threshold guarantees. ``--set KEY=VALUE`` sets detector options (``fusion=max``) or scorer parameters
 (``n_masks=16``; must be accepted by some scorer).
 
+The unlabeled tier: ``--unlabeled DIR`` gives an unlabeled-tier scorer (``musc``) a pool of the line's
+own unlabeled images to score new images against; ``--bootstrap N`` then picks the N pool images judged
+most normal as references for the few-shot tier and lists them with every pool score (a person may
+veto them); with fewer than 2 real references the thresholds come from the pool under the stated
+assumption ``pool_defect_rate`` (5% of the pool defective at most; ``--set pool_defect_rate=0.1``), said
+so on the last line. With ``musc`` and no pool, all inputs are scored against each other in one call.
+
+    vlad score new/ --detector musc+anomalydino --unlabeled line_day1/ --bootstrap 4
+
 Output: a table (file, score, label) on stdout; with ``--out``: ``scores.csv``, ``scores.json`` (also
 each component's calibrated score and the thresholds) and ``overlays/<NNNN>_<stem>.png`` per image (the
 fused map over the image, colour range fixed to ``[0, 1]``).
@@ -56,6 +65,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--object", dest="object_name", help="what the product is, in words, e.g. 'metal plate'")
     p.add_argument("--prompts", help="a prompt YAML file (see prompts/default.yaml)")
     p.add_argument("--refs", nargs="+", help="good reference images: files and/or folders (also comma-separated)")
+    p.add_argument("--unlabeled", nargs="+",
+                   help="unlabeled images of the line (files/folders, nearly all normal, none checked): the "
+                        "unlabeled tier's pool (needs musc in the spec, e.g. --detector musc+anomalydino)")
+    p.add_argument("--bootstrap", type=int, metavar="N",
+                   help="pick the N unlabeled images judged most normal as references (listed, with scores)")
     p.add_argument("--out", help="folder for scores.csv, scores.json and overlay PNGs")
     add_rate_option(p)
     add_image_size_options(p)
@@ -92,6 +106,7 @@ def _uses(names: list[str], param: str) -> bool:
 def check_options(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
     """Every check that needs no image and no model: returns the spec and the ``--set`` parameters."""
     from vlad.detector import parse_spec
+    from vlad.registry import get_scorer_class
 
     spec = args.scorer or args.detector
     names = parse_spec(spec)  # unknown scorer names
@@ -107,6 +122,12 @@ def check_options(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]
         logger.warning("--object is not used by %s (no text-prompted scorer)", "+".join(names))
     if args.out:
         check_output_folder(args.out)
+    if (args.unlabeled or args.bootstrap) and not any(get_scorer_class(n).tier == "unlabeled" for n in names):
+        raise VladError(f"--unlabeled/--bootstrap need an unlabeled-tier scorer and {'+'.join(names)} has none; "
+                        "add musc, e.g. --detector musc+anomalydino")
+    if args.bootstrap is not None and (args.bootstrap < 1 or not args.unlabeled):
+        raise VladError(f"--bootstrap N picks N >= 1 references from --unlabeled images; got N = {args.bootstrap}"
+                        f"{'' if args.unlabeled else ' and no --unlabeled'}")
     return spec, params
 
 
@@ -132,17 +153,24 @@ def run(args: argparse.Namespace) -> int:
     det = build_detector(spec, args, params)  # stores parameters only: option errors surface here, cheaply
     paths = expand_paths(args.inputs)
     refs = _reference_paths(args.refs)
+    pool = _reference_paths(args.unlabeled)
     _check_readable(paths, "inputs")
     _check_readable(refs, "references")
-    if det.requires_references and not refs:
+    _check_readable(pool, "unlabeled images")
+    if det.requires_references and not refs and not args.bootstrap:
         names = "+".join(det.scorers)
         raise EmptyReferenceSetError(
             f"{names} learns from good images and none were given: pass --refs FOLDER (or comma-separated "
             "files) of normal images, or use a zero-shot scorer (--detector winclip+maeday)"
         )
     det.fit([str(p) for p in refs] if refs else None)
+    if pool:
+        det.add_unlabeled([str(p) for p in pool])
+        print(f"unlabeled pool: {len(det.list_unlabeled())} images")
+    if args.bootstrap:
+        print(det.bootstrap_references(args.bootstrap).describe())
 
-    chunk = max(1, det.batch_size)
+    chunk = len(paths) if det.batch_scoring else max(1, det.batch_size)
     groups = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     results = []
     for group in track(groups, "scoring", total=len(groups)):
@@ -216,7 +244,8 @@ def _write_outputs(out: Path, paths: list[Path], res, rows: list[dict[str, Any]]
         "n_references": len(det.list_references()),
         "image_threshold": det.image_threshold,
         "pixel_threshold": det.pixel_threshold,
-        "thresholds": {**asdict(info), "in_words": info.describe()},
+        "thresholds": {**asdict(info), "assumption": info.assumption, "in_words": info.describe()},
+        "n_unlabeled": len(det.list_unlabeled()),
         "score_scale": "calibrated [0, 1] (see vlad.detector.fusion); labels and masks from the thresholds",
         "results": rows,
     }

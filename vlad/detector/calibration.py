@@ -37,6 +37,17 @@ words, with how many references would reach alpha.
 **Masks.** The pixel threshold uses the same rule on one number per calibration reference: the maximum
 of its fused map. A new good image's mask is then empty with probability at least ``1 - alpha``.
 
+**An unlabeled pool** (``Detector.add_unlabeled``, with fewer than 2 real references; references picked
+from the pool by ``bootstrap_references`` do not count, they are its most normal-looking images and would
+set the thresholds too low): the pool's images, each scored as a new image would be (the unlabeled tier
+against the rest of the pool), stand in for the references *under a stated assumption*: at most a
+share ``pool_defect_rate`` (default 5%) of the pool is defective, and its good images are exchangeable
+with new good ones. With u pool images, at most ``m = floor(rate * u)`` defective, the threshold is the
+``(k + m)``-th smallest score, ``k = ceil((u - m + 1)(1 - alpha))``: removing any m scores moves an order
+statistic up by at most m places, so it is at least the conformal threshold of the good images,
+whichever they are (:func:`pool_threshold`). Under the assumption the false-alarm bound holds; the
+assumption itself is not checked, and :class:`ThresholdInfo` says so in words.
+
 **Priors** (0 references, or too few to calibrate on): each scorer's output is put on the calibrated
 scale by an explicit prior (:func:`vlad.detector.fusion.prior_normaliser`: probabilities as they are;
 other scores judged against the image's own map), and the thresholds are ``prior_image_threshold`` and
@@ -56,8 +67,8 @@ import numpy as np
 from vlad.detector.fusion import Normaliser
 from vlad.errors import InvalidParameterError, VladError
 
-RULES = ("conformal", "best-available", "prior", "override")
-PATHS = ("exchangeable", "leave-one-out", "held-out", "none")
+RULES = ("conformal", "best-available", "prior", "override", "pool-assumption")
+PATHS = ("exchangeable", "leave-one-out", "held-out", "none", "unlabeled-pool")
 
 
 def references_for_rate(alpha: float) -> int:
@@ -93,6 +104,35 @@ def conformal_threshold(values: Sequence[float], alpha: float) -> tuple[float, s
     return float(v[-1]), "best-available", 1.0 / (n + 1)
 
 
+def pool_threshold(values: Sequence[float], alpha: float, defect_rate: float) -> tuple[float, str, float]:
+    """The threshold of unlabeled pool scores for false-alarm rate ``alpha``, assuming at most a share
+    ``defect_rate`` of the pool is defective (see the module docstring).
+
+    Returns:
+        ``(threshold, "pool-assumption", bound)``: the ``(k + m)``-th smallest value with ``m =
+        floor(defect_rate * u)``, ``k = ceil((u - m + 1)(1 - alpha))``, and the bound ``(g + 1 - k) /
+        (g + 1)`` (g = u - m good images) that holds under the assumption; when ``k + m > u``, the
+        largest value and ``1 / (g + 1)``.
+
+    Raises:
+        VladError: no values, non-finite values, or a rate outside [0, 1).
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    u = v.size
+    if u == 0:
+        raise VladError("a pool threshold needs at least one pool score")
+    if not np.isfinite(v).all():
+        raise VladError("pool scores contain NaN or infinity; the scorer is broken: fit it again")
+    if not 0.0 <= float(defect_rate) < 1.0:
+        raise InvalidParameterError(f"pool_defect_rate must be in [0, 1), got {defect_rate!r}")
+    m = int(math.floor(float(defect_rate) * u + 1e-9))
+    g = u - m
+    k = math.ceil((g + 1) * (1.0 - alpha) - 1e-9)
+    if k + m <= u:
+        return float(v[k + m - 1]), "pool-assumption", (g + 1 - k) / (g + 1)
+    return float(v[-1]), "pool-assumption", 1.0 / (g + 1)
+
+
 def held_out_indices(n_references: int, split: float) -> list[int]:
     """References held out from scorers trained on them: ``max(2, floor(n * split))`` of n, evenly
     spaced in the order given (so drift along a sequence is spread over both sides), provided at least
@@ -116,7 +156,8 @@ class ThresholdInfo:
     """What the detector's thresholds promise, in numbers and in words (:meth:`describe`).
 
     Attributes:
-        rule: ``"conformal"`` (alpha guaranteed), ``"best-available"`` (too few references for alpha:
+        rule: ``"conformal"`` (alpha guaranteed), ``"pool-assumption"`` (from the unlabeled pool, under
+            the stated assumption, see :attr:`assumption`), ``"best-available"`` (too few references for alpha:
             the largest calibration score, guaranteeing ``guaranteed_rate``), ``"prior"`` (no normal
             data: an explicit prior, no guarantee) or ``"override"`` (a threshold the user set).
         path: how the calibration references were scored (see the module docstring).
@@ -127,6 +168,8 @@ class ThresholdInfo:
         n_calibration: references the thresholds were computed from.
         references_needed: how many more references would guarantee ``false_alarm_rate`` (0 if it is).
         image_threshold, pixel_threshold: the thresholds in force.
+        n_pool: unlabeled pool images the thresholds were computed from (``"pool-assumption"``).
+        pool_defect_rate: the assumed share of defective pool images (``"pool-assumption"``).
     """
 
     rule: str
@@ -138,6 +181,16 @@ class ThresholdInfo:
     references_needed: int
     image_threshold: float
     pixel_threshold: float
+    n_pool: int = 0
+    pool_defect_rate: float | None = None
+
+    @property
+    def assumption(self) -> str | None:
+        """The assumption the thresholds rest on (None when they rest on known-good references only)."""
+        if self.rule != "pool-assumption":
+            return None
+        return (f"at most {self.pool_defect_rate:.0%} of the {self.n_pool} unlabeled pool images are defective, "
+                "and its good images are like new good images")
 
     def describe(self) -> str:
         """One plain sentence for a line engineer (the CLI summary line and the app show it)."""
@@ -145,6 +198,11 @@ class ThresholdInfo:
         refs = f"{self.n_references} reference{'s' if self.n_references != 1 else ''}"
         if self.rule == "override":
             return f"{refs}: thresholds set by hand, so no false-alarm rate is guaranteed"
+        if self.rule == "pool-assumption":
+            g = f"{self.guaranteed_rate:.0%}" if self.guaranteed_rate >= 0.01 else f"{self.guaranteed_rate:.2%}"
+            return (f"{self.n_pool} unlabeled images, ASSUMING {self.assumption.split(', and')[0]}: then at most "
+                    f"{g} of good parts will be flagged (asked for {a}); an assumption, not a guarantee: add "
+                    f"{self.references_needed} known-good references for a guarantee")
         if self.rule == "prior":
             more = f"add {self.references_needed} more good images to guarantee {a}"
             return (f"{refs}: too few good images to measure what normal looks like; the thresholds are a "
@@ -171,6 +229,7 @@ class Calibration:
         reference_map_maxima: the maximum of each calibration reference's fused map.
         held_out: indices of references held out from scorers trained on them.
         n_references: references held when this calibration was computed.
+        n_pool: unlabeled pool images it was computed from (rule ``"pool-assumption"``).
     """
 
     normalisers: dict[str, Normaliser]
@@ -183,6 +242,7 @@ class Calibration:
     reference_map_maxima: list[float] = field(default_factory=list)
     held_out: list[int] = field(default_factory=list)
     n_references: int = 0
+    n_pool: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -224,6 +284,10 @@ class Calibration:
             raise VladError(f"calibration: held_out must list reference indices below {n_references}")
         out["held_out"] = list(held)
         out["n_references"] = n_references
+        n_pool = data.get("n_pool", 0)
+        if isinstance(n_pool, bool) or not isinstance(n_pool, int) or n_pool < 0:
+            raise VladError("calibration: n_pool must be a non-negative integer")
+        out["n_pool"] = n_pool
         return cls(**out)
 
 

@@ -23,6 +23,15 @@ memory; other few-tier scorers are (re)fitted on the references not held out for
 scorers that are not incremental (MAEDAY) are fitted once without references and the references only
 calibrate them. ``remove_reference(i | name)`` forgets one everywhere.
 
+**The unlabeled tier.** A scorer whose ``tier`` is ``"unlabeled"`` (MuSc) needs no references: it scores
+each call's images against each other, or, once ``add_unlabeled(images)`` has given it a pool of the
+line's own unlabeled images, each new image against that pool. It weighs between the other two tiers
+(:func:`vlad.detector.fusion.tier_weights`). From the pool, ``bootstrap_references(n)`` picks the images
+judged most normal as pseudo-references for the few-shot tier (listing them and every pool score so a
+person can veto a pick), and, with fewer than 2 known-good references, the thresholds come from the
+pool under a stated assumption (``pool_defect_rate``: at most 5% of the pool is defective), which
+:meth:`Detector.threshold_info` reports as an assumption, not a guarantee.
+
 **Normalisation and thresholds** (recomputed lazily after the references change): see
 :mod:`vlad.detector.calibration`. In short, the thresholds come from the ``false_alarm_rate`` the user
 states (default 5%) by the split-conformal rule on references scored as new images would be;
@@ -38,6 +47,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +60,7 @@ from vlad.detector.calibration import (
     check_rate,
     conformal_threshold,
     evenly,
+    pool_threshold,
     held_out_indices,
     references_for_rate,
 )
@@ -82,6 +93,8 @@ DETECTOR_DEFAULTS: dict[str, Any] = {
     "temperature": 1.0,
     "pixel_quantile": 0.999,
     "false_alarm_rate": 0.05,
+    "u0": 10.0,
+    "pool_defect_rate": 0.05,
     "calibration_refs": None,
     "calibration_split": 0.25,
     "prior_image_threshold": 0.5,
@@ -89,6 +102,35 @@ DETECTOR_DEFAULTS: dict[str, Any] = {
     "image_threshold": None,
     "pixel_threshold": None,
 }
+
+
+@dataclass(frozen=True)
+class BootstrapReport:
+    """Which unlabeled pool images :meth:`Detector.bootstrap_references` picked, and why.
+
+    Attributes:
+        picked: pool positions of the picks, most normal first.
+        names: names of all pool images, by position.
+        scores: the unlabeled-tier score of every pool image (lower = more like the rest of the pool).
+        rule: the rule, in words.
+    """
+
+    picked: list[int]
+    names: list[str]
+    scores: list[float]
+    rule: str
+
+    def describe(self) -> str:
+        """A few lines for a person who may veto a pick (``Detector.remove_reference(name)``)."""
+        order = sorted(range(len(self.scores)), key=lambda i: self.scores[i])
+        rank = {i: r for r, i in enumerate(order)}
+        lines = [f"picked {self.rule}:"]
+        for i in self.picked:
+            lines.append(f"  #{i} {self.names[i]}: score {self.scores[i]:.4g} (rank {rank[i] + 1} of {len(order)})")
+        worst = order[-1]
+        lines.append(f"  (pool median {float(np.median(self.scores)):.4g}; highest #{worst} {self.names[worst]} "
+                     f"{self.scores[worst]:.4g}); veto a pick with remove_reference(name)")
+        return "\n".join(lines)
 
 
 def create_detector(spec: str | Sequence[str] | None = None, **options: Any) -> Detector:
@@ -140,6 +182,8 @@ class Detector:
         self._check_options()
         self.tiers = {n: type(s).tier for n, s in self.scorers.items()}
         self.references_: list[LoadedImage] = []
+        self.unlabeled_: list[LoadedImage] = []
+        self._bootstrapped: set[int] = set()  # id() of references picked from the pool
         self.active_: dict[str, bool] = {n: False for n in self.scorers}
         self.fitted_ = False
         self._image_override = self.options["image_threshold"]
@@ -155,6 +199,8 @@ class Detector:
         for key in ("k0", "temperature", "z0"):
             _number(o, key, 0, float("inf"), lo_open=True, hi_open=True)
         _number(o, "pixel_quantile", 0, 1)
+        _number(o, "u0", 0, float("inf"), lo_open=True, hi_open=True)
+        _number(o, "pool_defect_rate", 0, 1, hi_open=True)
         _number(o, "calibration_split", 0, 1, lo_open=True, hi_open=True)
         check_rate(o["false_alarm_rate"])
         for key in ("prior_image_threshold", "prior_pixel_threshold"):
@@ -226,6 +272,8 @@ class Detector:
                 "good images to fit(), or add a zero-shot scorer (winclip, maeday) to the spec"
             )
         self.references_ = list(refs)
+        self.unlabeled_ = []
+        self._bootstrapped = set()
         self.fitted_ = False
         for name, scorer in self.scorers.items():
             if self.tiers[name] == "few" and not refs:
@@ -274,6 +322,7 @@ class Detector:
         """
         self._check_fitted()
         which = reference_index(self.list_references(), which)
+        self._bootstrapped.discard(id(self.references_[which]))
         del self.references_[which]
         for name, scorer in self.scorers.items():
             if not self.active_[name]:
@@ -308,6 +357,149 @@ class Detector:
                 except NotImplementedError:
                     continue
         return out
+
+    # -- the unlabeled tier ----------------------------------------------------------------
+    def _unlabeled_scorers(self) -> list[str]:
+        return [n for n, t in self.tiers.items() if t == "unlabeled"]
+
+    def add_unlabeled(self, images: ImagesLike) -> Detector:
+        """Add unlabeled images of the line (nearly all normal, none checked) to the unlabeled tier's
+        pool: the unlabeled scorers (MuSc) then score new images against it, it can seed references
+        (:meth:`bootstrap_references`) and, with fewer than 2 known-good references, set the thresholds
+        under a stated assumption (``pool_defect_rate``). The pool keeps the newest ``pool_size`` images
+        of the scorer (first in, first out).
+
+        Raises:
+            VladError: no unlabeled-tier scorer in the spec (add ``musc``).
+            InvalidImageError: an unreadable image (named).
+        """
+        self._check_fitted()
+        names = self._unlabeled_scorers()
+        if not names:
+            raise VladError(f"this detector ({'+'.join(self.scorers)}) has no unlabeled-tier scorer to use "
+                            "unlabeled images; add one to the spec, e.g. create_detector('musc+anomalydino')")
+        new = load_images(images)
+        if not new:
+            return self
+        for name in names:
+            self.scorers[name].add_unlabeled(new)
+            self.active_[name] = True
+        self.unlabeled_.extend(new)
+        cap = min(int(self.scorers[n].pool_size) for n in names)
+        if len(self.unlabeled_) > cap:
+            del self.unlabeled_[: len(self.unlabeled_) - cap]
+        self._calibration = None
+        return self
+
+    @property
+    def batch_scoring(self) -> bool:
+        """True when an active scorer scores each ``predict`` call's images against each other (an
+        unlabeled-tier scorer without a pool): hand it all images in one call (the paper's setting), not
+        in small batches, and never one image alone."""
+        return any(self.active_[n] for n in self._unlabeled_scorers()) and self._n_pool() == 0
+
+    def _n_pool(self) -> int:
+        """Images in the unlabeled scorers' pool (kept by the scorers, so also after loading a detector)."""
+        sizes = [len(self.scorers[n].list_unlabeled()) for n in self._unlabeled_scorers() if self.active_[n]]
+        return max(sizes, default=0)
+
+    def list_unlabeled(self) -> list[str]:
+        """Names of the unlabeled pool's images, oldest first."""
+        return [img.name for img in self.unlabeled_]
+
+    def pool_scores(self) -> np.ndarray:
+        """The unlabeled tier's score of each pool image, scored against the rest of the pool, ``(u,)``:
+        the scorer's raw score (with several unlabeled scorers, the mean of their ranks in [0, 1]);
+        higher = less like the rest of the pool.
+
+        Raises:
+            VladError: no unlabeled scorer, or fewer than 2 pool images.
+        """
+        self._check_fitted()
+        names = self._unlabeled_scorers()
+        if not names or self._n_pool() < 2:
+            raise VladError(f"scoring the pool needs an unlabeled-tier scorer (musc) and at least 2 pool images; "
+                            f"have {self._n_pool()}: add images with add_unlabeled(...)")
+        per = [np.asarray(self.scorers[n].pool_scores(), dtype=np.float64) for n in names]
+        if len(per) == 1:
+            return per[0]
+        ranks = [np.argsort(np.argsort(p, kind="stable"), kind="stable") / max(1, len(p) - 1) for p in per]
+        return np.mean(ranks, axis=0)  # several scorers: mean rank (their scales differ)
+
+    def bootstrap_references(self, n: int = 4, add: bool = True) -> BootstrapReport:
+        """Pick the ``n`` pool images judged most normal (lowest unlabeled-tier score against the rest
+        of the pool) as pseudo-references for the few-shot tier.
+
+        Returns the picks and every pool image's score so a person can veto a pick
+        (``remove_reference(name)``). Picked references never calibrate the thresholds (they are the
+        pool's most normal-looking images: thresholds from them would be too low).
+
+        Args:
+            n: how many to pick (at most the pool size minus one).
+            add: add them as references now (``False``: only report).
+
+        Raises:
+            VladError: no unlabeled scorer or too small a pool; ``n`` not a positive integer.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InvalidParameterError(f"n must be a positive integer (how many references to pick), got {n!r}")
+        scores = self.pool_scores()
+        if len(self.unlabeled_) != len(scores):
+            raise VladError("the unlabeled pool's images are not kept when a detector is saved (its features "
+                            "are); add the images again with add_unlabeled(...) to pick references from them")
+        if n >= len(scores):
+            raise InvalidParameterError(f"cannot pick {n} references from a pool of {len(scores)}: pick fewer, or "
+                                        "add more unlabeled images")
+        order = np.argsort(scores, kind="stable")
+        picked = [int(i) for i in order[:n]]
+        report = BootstrapReport(
+            picked=picked, names=self.list_unlabeled(), scores=[float(x) for x in scores],
+            rule=(f"the {n} of {len(scores)} unlabeled images with the lowest unlabeled-tier score (each scored "
+                  "against the rest of the pool: the most like the others)"),
+        )
+        if add:
+            chosen = [self.unlabeled_[i] for i in picked]
+            self._bootstrapped.update(id(img) for img in chosen)
+            self.add_references(chosen)
+        return report
+
+    def _pool_calibration_images(self) -> list[int]:
+        """Pool images that can calibrate: all but those picked as references."""
+        if not self._unlabeled_scorers():
+            return []
+        return [j for j, img in enumerate(self.unlabeled_) if id(img) not in self._bootstrapped]
+
+    def _pool_results(self, name: str, idx: list[int]) -> AnomalyResult:
+        """Pool images ``idx`` scored by scorer ``name`` as new images would be: against the rest of the
+        pool (unlabeled scorers), else as they are (none of them is a reference)."""
+        scorer = self.scorers[name]
+        images = [self.unlabeled_[j] for j in idx]
+        if self.tiers[name] == "unlabeled":
+            full = scorer.pool_anomaly_result(self.unlabeled_)
+            maps = full.map_list()
+            return AnomalyResult(full.image_scores[idx], [maps[j] for j in idx],
+                                 names=tuple(img.name for img in images))
+        return scorer.predict(images)
+
+    def _pool_calibration(self, active: list[str], held: list[int]) -> Calibration:
+        """Normalisers and thresholds from the unlabeled pool, under the ``pool_defect_rate`` assumption."""
+        o = self.options
+        idx = self._pool_calibration_images()
+        results = {name: self._pool_results(name, idx) for name in active}
+        normalisers: dict[str, Normaliser] = {}
+        for name, result in results.items():
+            for unit, (_, r) in self._units(name, result).items():
+                normalisers[unit] = fit_reference_normaliser(
+                    r.image_scores, r.map_list(), method=o["normalisation"], z0_image=o["z0"],
+                    pixel_quantile=o["pixel_quantile"], z0_pixel=o["z0"], temperature=o["temperature"],
+                )
+        cal = Calibration(normalisers, 0.0, 0.0, rule="pool-assumption", path="unlabeled-pool", held_out=held,
+                          n_references=len(self.references_), n_pool=len(idx))
+        fused = fuse_results({nm: self._apply(cal, nm, r) for nm, r in results.items()}, self._weights(), o["fusion"])
+        cal.reference_scores = fused.image_scores.astype(np.float64).tolist()
+        cal.reference_map_maxima = [float(m.max()) for m in fused.map_list()]
+        self._set_thresholds_from_references(cal)
+        return cal
 
     # -- thresholds ------------------------------------------------------------------------
     def set_thresholds(
@@ -363,6 +555,8 @@ class Detector:
             while len(held_out_indices(total, split)) < need:
                 total += 1
             more = total - n
+        elif cal.rule == "pool-assumption":
+            more = need - sum(id(r) not in self._bootstrapped for r in self.references_)
         else:
             more = need - (len(cal.reference_scores) if cal.rule != "prior" else n)
         overridden = self._image_override is not None or self._pixel_override is not None
@@ -376,6 +570,8 @@ class Detector:
             references_needed=max(0, more),
             image_threshold=self.image_threshold,
             pixel_threshold=self.pixel_threshold,
+            n_pool=cal.n_pool,
+            pool_defect_rate=float(self.options["pool_defect_rate"]) if cal.rule == "pool-assumption" else None,
         )
 
     @property
@@ -433,7 +629,8 @@ class Detector:
 
     def _weights(self) -> dict[str, float]:
         tiers = {n: t for n, t in self.tiers.items() if self.active_[n]}
-        return tier_weights(tiers, len(self.references_), self.options["k0"], self.options["fusion_weights"])
+        return tier_weights(tiers, len(self.references_), self.options["k0"], self.options["fusion_weights"],
+                            n_unlabeled=self._n_pool() or None, u0=self.options["u0"])
 
     def _check_fitted(self) -> None:
         if not self.fitted_:
@@ -476,9 +673,12 @@ class Detector:
         held = self._held_out()
         trained = any(self._trained_on_references(s) and self.active_[s] for s in self.scorers)
         candidates = held if trained else list(range(n))
+        candidates = [i for i in candidates if id(self.references_[i]) not in self._bootstrapped]
         idx = evenly(candidates, o["calibration_refs"]) if n >= MIN_CALIBRATION else []
         active = [s for s in self.scorers if self.active_[s]]
         if len(idx) < MIN_CALIBRATION:
+            if len(self._pool_calibration_images()) >= MIN_CALIBRATION:
+                return self._pool_calibration(active, held)
             return self._prior_calibration(active, held)
         results = {name: self._reference_results(name, idx) for name in active}
         normalisers: dict[str, Normaliser] = {}
@@ -498,10 +698,16 @@ class Detector:
         return cal
 
     def _set_thresholds_from_references(self, cal: Calibration) -> None:
-        """The conformal thresholds of ``cal``'s calibration scores for the stated rate (priors untouched)."""
+        """The conformal thresholds of ``cal``'s calibration scores for the stated rate (priors untouched;
+        pool calibrations under the stated pool assumption)."""
         if cal.rule == "prior":
             return
         alpha = float(self.options["false_alarm_rate"])
+        if cal.rule == "pool-assumption":
+            rate = float(self.options["pool_defect_rate"])
+            cal.image_threshold, cal.rule, cal.guaranteed_rate = pool_threshold(cal.reference_scores, alpha, rate)
+            cal.pixel_threshold, _, _ = pool_threshold(cal.reference_map_maxima, alpha, rate)
+            return
         cal.image_threshold, cal.rule, cal.guaranteed_rate = conformal_threshold(cal.reference_scores, alpha)
         cal.pixel_threshold, _, _ = conformal_threshold(cal.reference_map_maxima, alpha)
 

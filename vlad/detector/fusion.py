@@ -37,6 +37,9 @@ Tier weights (:func:`tier_weights`): scorers belong to the zero-shot tier or the
 (``k0 = 2``: one reference gives the few-shot tier 1/3, four give 2/3, sixteen 0.89); within a tier
 the weight is split by the user's relative weights (``fusion_weights``, equal by default). A tier with no active scorer
 gives its weight to the other.
+A third tier sits between them: the unlabeled tier (MuSc: images of the line scored against each other
+or against an unlabeled pool of u images) takes ``u / (u + u0)`` of what the few-shot tier leaves
+(``u0 = 10``; without a pool, as if ``u = u0``), the zero-shot tier the remainder.
 """
 
 from __future__ import annotations
@@ -302,34 +305,42 @@ def tier_weights(
     n_references: int,
     k0: float = 2.0,
     fusion_weights: Mapping[str, float] | None = None,
+    n_unlabeled: int | None = None,
+    u0: float = 10.0,
 ) -> dict[str, float]:
-    """Weight per active scorer: the few-shot tier gets ``k / (k + k0)``, the zero-shot tier the rest.
+    """Weight per active scorer: the few-shot tier gets ``k / (k + k0)``; the rest goes to the
+    unlabeled tier (``u / (u + u0)`` of it) and the zero-shot tier (the remainder).
 
     Args:
-        tiers: active scorer name -> ``"zero"`` or ``"few"``.
+        tiers: active scorer name -> ``"zero"``, ``"unlabeled"`` or ``"few"``.
         n_references: k, the number of reference images.
-        k0: references at which both tiers weigh the same (> 0).
+        k0: references at which both the few-shot tier and the others weigh the same (> 0).
         fusion_weights: optional relative weights within a tier (default 1 each).
+        n_unlabeled: u, the images in the unlabeled pool; None (no pool: the unlabeled scorers score
+            each call's images against each other) counts as ``u0``.
+        u0: pool size at which the unlabeled and zero-shot tiers weigh the same (> 0).
 
     Returns:
-        name -> weight, summing to 1.
+        name -> weight, summing to 1. A tier with no active scorer gives its weight to the others.
     """
-    if k0 <= 0:
-        raise VladError(f"k0 must be > 0, got {k0}")
+    if k0 <= 0 or u0 <= 0:
+        raise VladError(f"k0 and u0 must be > 0, got {k0}, {u0}")
     if not tiers:
         raise VladError("no active scorer to weigh")
-    bad = {n: t for n, t in tiers.items() if t not in ("zero", "few")}
+    bad = {n: t for n, t in tiers.items() if t not in ("zero", "unlabeled", "few")}
     if bad:
-        raise VladError(f"tiers must be 'zero' or 'few', got {bad}")
+        raise VladError(f"tiers must be 'zero', 'unlabeled' or 'few', got {bad}")
     sw = dict(fusion_weights or {})
-    members = {t: [n for n in tiers if tiers[n] == t] for t in ("zero", "few")}
+    members = {t: [n for n in tiers if tiers[n] == t] for t in ("zero", "unlabeled", "few")}
     k = max(0, int(n_references))
-    w_few = k / (k + k0)
-    tier_w = {"zero": 1.0 - w_few, "few": w_few}
-    if not members["few"]:
-        tier_w = {"zero": 1.0, "few": 0.0}
-    elif not members["zero"]:
-        tier_w = {"zero": 0.0, "few": 1.0}
+    u = float(u0) if n_unlabeled is None else max(0, int(n_unlabeled))
+    w_few = k / (k + k0) if members["few"] else 0.0
+    if not (members["zero"] or members["unlabeled"]):
+        w_few = 1.0
+    w_unl = u / (u + u0) if members["zero"] else 1.0
+    if not members["unlabeled"]:
+        w_unl = 0.0
+    tier_w = {"few": w_few, "unlabeled": (1.0 - w_few) * w_unl, "zero": (1.0 - w_few) * (1.0 - w_unl)}
     out: dict[str, float] = {}
     for t, names in members.items():
         rel = np.array([float(sw.get(n, 1.0)) for n in names], dtype=np.float64)

@@ -15,8 +15,11 @@ output holds NaN or infinity raises :class:`~vlad.errors.NonFiniteScoreError` na
 that nothing undefined can be read as "normal" downstream.
 
 **Capabilities** are declared class attributes that the detector and the app read:
-``requires_references`` (cannot predict without normal images), ``tier`` (``"zero"`` or ``"few"``;
-follows ``requires_references`` unless set), ``incremental`` (``add_references`` grows the memory in
+``requires_references`` (cannot predict without normal images), ``tier`` (``"zero"``, ``"unlabeled"``
+or ``"few"``; follows ``requires_references`` unless set; ``"unlabeled"``: the scorer scores the images
+of one ``predict`` call against each other, or against a pool given by ``add_unlabeled(images)``, so
+one image alone without a pool is refused (MuSc); the detector hands such a scorer whole batches, feeds
+its pool and weighs it between the other two tiers), ``incremental`` (``add_references`` grows the memory in
 place, ``remove_reference`` forgets one, ``without_reference(i)`` gives the leave-one-out view: set by
 :class:`FewShotMixin`), ``output_scale`` (``"probability"``: raw outputs already are anomaly
 probabilities; ``"score"``: any real number) and ``part_scales`` (parts a result carries in
@@ -101,7 +104,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "state.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 2
-TIERS = ("zero", "few")
+TIERS = ("zero", "unlabeled", "few")
 OUTPUT_SCALES = ("probability", "score")
 #: the parameters every scorer gets from BaseScorer (see the module docstring, "Tiling")
 TILING_PARAMS = {"tile_size": None, "tile_overlap": None}
