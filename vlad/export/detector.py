@@ -9,7 +9,6 @@ It is a snapshot: references added later, or changed thresholds, need a new expo
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +22,9 @@ logger = logging.getLogger(__name__)
 FORMATS = ("onnx",)
 
 
-def _input_entry(graph: ExportGraph, scorer: Any) -> list[dict[str, Any]]:
-    entries = []
-    for inp in graph.inputs:
-        resize: dict[str, Any] = {"kind": "fixed"}
-        if graph.map_blur > 0 and hasattr(scorer, "shorter_edge_"):  # AnomalyDINO: aspect-following input
-            resize = {"kind": "shorter_edge", "shorter_edge": int(scorer.shorter_edge_), "multiple": int(scorer.patch_)}
-        entries.append({"name": inp.name, "size": [int(inp.size[0]), int(inp.size[1])],
-                        "interpolation": inp.interpolation, "resize": resize})
-    return entries
+def _input_entry(graph: ExportGraph) -> list[dict[str, Any]]:
+    return [{"name": inp.name, "size": [int(inp.size[0]), int(inp.size[1])], "interpolation": inp.interpolation,
+             "resize": dict(inp.resize)} for inp in graph.inputs]
 
 
 def export_detector(det: Any, path: str | Path, format: str = "onnx", image_size: tuple[int, int] | None = None) -> Path:
@@ -86,7 +79,7 @@ def export_detector(det: Any, path: str | Path, format: str = "onnx", image_size
             "batch_size": int(getattr(det.scorers[name], "batch_size", 8) or 8),
             "parts": list(graph.parts),
             "map_blur": float(graph.map_blur),
-            "inputs": _input_entry(graph, det.scorers[name]),
+            "inputs": _input_entry(graph),
             "normalisers": {u: normalisers[u].to_dict() for u in units},
         }
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_FILE
@@ -108,7 +101,3 @@ def export_detector(det: Any, path: str | Path, format: str = "onnx", image_size
     read_manifest(folder)  # what was written must read back
     return folder
 
-
-def clear(path: str | Path) -> None:
-    """Remove an exported folder (tests and benchmarks)."""
-    shutil.rmtree(path, ignore_errors=True)

@@ -31,11 +31,17 @@ from vlad.errors import ExportError
 
 @dataclass
 class InputSpec:
-    """One graph input: backbone pixels ``(B, 3, size)``, resized from each image with ``interpolation``."""
+    """One graph input: backbone pixels ``(B, 3, size)``, resized from each image with ``interpolation``.
+
+    ``resize`` says how an image's target shape is found (see :mod:`vlad.runtime.manifest`): every image
+    to ``size`` (``{"kind": "fixed"}``), or following its aspect (``"shorter_edge"``), in which case the
+    graph takes only the images whose target shape is ``size``.
+    """
 
     name: str
     size: tuple[int, int]
     interpolation: str
+    resize: dict[str, Any] = field(default_factory=lambda: {"kind": "fixed"})
 
 
 @dataclass
@@ -190,7 +196,8 @@ def anomalydino_graph(scorer: Any, image_size: tuple[int, int] | None = None) ->
     else:
         shape = resized_shape(tuple(int(v) for v in image_size), scorer.shorter_edge_, scorer.patch_)
     module = AnomalyDINOGraph(scorer, shape).eval()
-    return ExportGraph(module, [InputSpec("pixels", shape, scorer.preprocess_.interpolation)],
+    resize = {"kind": "shorter_edge", "shorter_edge": int(scorer.shorter_edge_), "multiple": int(scorer.patch_)}
+    return ExportGraph(module, [InputSpec("pixels", shape, scorer.preprocess_.interpolation, resize)],
                        map_blur=float(scorer.sigma))
 
 
