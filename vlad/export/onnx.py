@@ -46,6 +46,9 @@ def write_onnx(graph: ExportGraph, path: str | Path) -> Path:
     names_in = [inp.name for inp in graph.inputs]
     names_out = graph.output_names
     module = graph.module.eval()
+    quiet = logging.getLogger("onnxscript")  # its optimiser logs a warning per unfolded Split: not the user's concern
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer chatter; correctness is checked by the tests
@@ -61,6 +64,8 @@ def write_onnx(graph: ExportGraph, path: str | Path) -> Path:
     except Exception as exc:  # torch raises many types while exporting; name the graph, keep the cause
         raise ExportError(f"torch could not export {type(module).__name__} to ONNX "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    finally:
+        quiet.setLevel(level)
     return path
 
 
