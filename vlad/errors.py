@@ -80,3 +80,8 @@ def __getattr__(name: str) -> Any:
                 globals()[name] = _make_not_fitted_error()  # later lookups find it directly
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class ExportError(VladError):
+    """A detector or scorer cannot be exported (a scorer whose computation is not a fixed graph, an
+    unknown format, an unfitted detector), or an exported folder cannot be used by :mod:`vlad.runtime`."""

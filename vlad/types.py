@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 
+from vlad.errors import NonFiniteScoreError
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -127,3 +129,26 @@ class FewShotScorer(Scorer, Protocol):
     """A scorer whose reference memory grows without refitting from scratch."""
 
     def add_references(self, images: ImagesLike) -> FewShotScorer: ...
+
+
+def check_finite(result: AnomalyResult, source: str) -> None:
+    """Refuse a result holding NaN or infinity (in scores, maps or parts).
+
+    Raises:
+        NonFiniteScoreError: names ``source`` and the images concerned.
+    """
+    bad = ~np.isfinite(result.image_scores)
+    for i, m in enumerate(result.map_list()):
+        if not np.isfinite(m).all():
+            bad[i] = True
+    if bad.any():
+        names = result.names or tuple(f"image {i}" for i in range(len(result)))
+        which = [names[i] for i in np.flatnonzero(bad)[:5]]
+        more = f" and {int(bad.sum()) - 5} more" if bad.sum() > 5 else ""
+        raise NonFiniteScoreError(
+            f"{source} produced NaN or infinite scores/maps for {which}{more}; such results are refused, "
+            "never labelled normal. Causes: corrupted fitted state or weights (fit or save again), or an "
+            "input the model cannot handle (check the image)"
+        )
+    for part, comp in result.components.items():
+        check_finite(comp, f"{source} ({part})")

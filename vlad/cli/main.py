@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from vlad.cli import demo, score, weights
+from vlad.cli import demo, export, score, weights
 from vlad.cli import eval as eval_cmd
 from vlad.cli.common import CliParser
 from vlad.errors import VladError
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_parser(sub)
     eval_cmd.add_parser(sub)
     weights.add_parser(sub)
+    export.add_parser(sub)
     sub.add_parser("list", help="list the registered scorers")
     demo.add_parser(sub)
     p = sub.add_parser("bench", help="benchmark a scorer at real size (prints figures)")
@@ -45,6 +46,8 @@ def _run(args: argparse.Namespace) -> int:
         return eval_cmd.run(args)
     if args.command == "weights":
         return weights.run(args)
+    if args.command == "export":
+        return export.run(args)
     if args.command == "list":
         from vlad.registry import list_scorers
 

@@ -5,21 +5,35 @@
 :class:`Detector`), :mod:`~vlad.detector.calibration` (what a threshold means),
 :mod:`~vlad.detector.fusion` (normalisers and fusion rules), :mod:`~vlad.detector.persistence` (the
 checked loader).
+
+The names are resolved on first access: :mod:`~vlad.detector.fusion` and
+:mod:`~vlad.detector.calibration` are plain numpy, and :mod:`vlad.runtime` imports them where torch is
+not installed, which an eager import of the detector (torch) here would prevent.
 """
 
-from vlad.detector.calibration import ThresholdInfo
-from vlad.detector.detector import DETECTOR_DEFAULTS, Detector, create_detector
-from vlad.detector.persistence import load_any, load_detector
-from vlad.detector.spec import DEFAULT_SPEC, SHARED_OPTIONS, parse_spec
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_SPEC",
-    "DETECTOR_DEFAULTS",
-    "SHARED_OPTIONS",
-    "Detector",
-    "ThresholdInfo",
-    "create_detector",
-    "load_any",
-    "load_detector",
-    "parse_spec",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ThresholdInfo": "vlad.detector.calibration",
+    "DETECTOR_DEFAULTS": "vlad.detector.detector",
+    "Detector": "vlad.detector.detector",
+    "create_detector": "vlad.detector.detector",
+    "load_any": "vlad.detector.persistence",
+    "load_detector": "vlad.detector.persistence",
+    "DEFAULT_SPEC": "vlad.detector.spec",
+    "SHARED_OPTIONS": "vlad.detector.spec",
+    "parse_spec": "vlad.detector.spec",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vlad.detector' has no attribute {name!r}")

@@ -69,6 +69,7 @@ from vlad.detector.fusion import (
     MIN_CALIBRATION,
     NORMALISATION_METHODS,
     Normaliser,
+    calibrate_units,
     fit_reference_normaliser,
     fuse_results,
     prior_normaliser,
@@ -649,17 +650,7 @@ class Detector:
     def _apply(self, cal: Calibration, name: str, raw: AnomalyResult) -> AnomalyResult:
         """One scorer's calibrated result: its units calibrated and averaged (parts kept as components)."""
         units = self._units(name, raw)
-        done = {}
-        for unit, (_, r) in units.items():
-            if unit not in cal.normalisers:
-                raise VladError(f"no calibration for {unit!r}: the detector changed without recalibrating; call "
-                                "recalibrate()")
-            done[unit] = cal.normalisers[unit].apply(r)
-        if len(done) == 1:
-            return next(iter(done.values()))
-        merged = fuse_results(done, {u: 1.0 for u in done}, "mean")
-        return AnomalyResult(merged.image_scores, merged.anomaly_maps, names=raw.names,
-                             components={u.split("/", 1)[1]: r for u, r in done.items()})
+        return calibrate_units({u: r for u, (_, r) in units.items()}, cal.normalisers, raw.names)
 
     def _calibrated(self) -> Calibration:
         self._check_fitted()
@@ -747,6 +738,14 @@ class Detector:
         from vlad.detector.persistence import save_detector
 
         return save_detector(self, path)
+
+    def export(self, path: str | Path, format: str = "onnx", image_size: tuple[int, int] | None = None) -> Path:
+        """Export the active scorers, calibration, fusion and thresholds for :mod:`vlad.runtime` (see
+        :func:`vlad.export.export_detector`; ``image_size`` ``(H, W)`` fixes the aspect of AnomalyDINO's
+        graph, default the first reference's)."""
+        from vlad.export import export_detector
+
+        return export_detector(self, path, format=format, image_size=image_size)
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> Detector:

@@ -300,6 +300,28 @@ def fuse_results(
     return AnomalyResult(scores, maps, components=dict(results), names=first.names)
 
 
+def calibrate_units(
+    units: Mapping[str, AnomalyResult], normalisers: Mapping[str, Normaliser], names: tuple[str, ...] | None = None
+) -> AnomalyResult:
+    """One scorer's calibrated result from its calibration units (the scorer's name, or ``name/part``
+    per part): each unit calibrated by its normaliser; several units are averaged, and kept as
+    ``components`` (part name -> calibrated result).
+
+    Raises:
+        VladError: a unit without a normaliser.
+    """
+    missing = [u for u in units if u not in normalisers]
+    if missing:
+        raise VladError(f"no calibration for {missing}: the detector changed without recalibrating; call "
+                        "recalibrate() (or export it again)")
+    done = {unit: normalisers[unit].apply(r) for unit, r in units.items()}
+    if len(done) == 1:
+        return next(iter(done.values()))
+    merged = fuse_results(done, {u: 1.0 for u in done}, "mean")
+    return AnomalyResult(merged.image_scores, merged.anomaly_maps, names=names,
+                         components={u.split("/", 1)[1]: r for u, r in done.items()})
+
+
 def tier_weights(
     tiers: Mapping[str, str],
     n_references: int,

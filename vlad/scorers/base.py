@@ -77,7 +77,6 @@ from vlad.backbones import resolve_device
 from vlad.errors import (
     EmptyReferenceSetError,
     InvalidParameterError,
-    NonFiniteScoreError,
     NotFittedError,
     UnknownScorerError,
     VladError,
@@ -97,7 +96,7 @@ from vlad.serialization import (
     write_json,
 )
 from vlad.tiling import Stitcher, check_tiling, needs_tiling, tile_boxes, upsample_maps, working_shape
-from vlad.types import AnomalyResult, ImagesLike
+from vlad.types import AnomalyResult, ImagesLike, check_finite  # noqa: F401 (check_finite: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -379,29 +378,6 @@ def _to_numpy_scores(s: torch.Tensor) -> np.ndarray:
 def _detach_maps(m: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
     # (B, h, w) tensor, or a list of (h_i, w_i) tensors when sizes differ within a batch
     return m.detach().float() if isinstance(m, torch.Tensor) else [x.detach().float() for x in m]
-
-
-def check_finite(result: AnomalyResult, source: str) -> None:
-    """Refuse a result holding NaN or infinity (in scores, maps or parts).
-
-    Raises:
-        NonFiniteScoreError: names ``source`` and the images concerned.
-    """
-    bad = ~np.isfinite(result.image_scores)
-    for i, m in enumerate(result.map_list()):
-        if not np.isfinite(m).all():
-            bad[i] = True
-    if bad.any():
-        names = result.names or tuple(f"image {i}" for i in range(len(result)))
-        which = [names[i] for i in np.flatnonzero(bad)[:5]]
-        more = f" and {int(bad.sum()) - 5} more" if bad.sum() > 5 else ""
-        raise NonFiniteScoreError(
-            f"{source} produced NaN or infinite scores/maps for {which}{more}; such results are refused, "
-            "never labelled normal. Causes: corrupted fitted state or weights (fit or save again), or an "
-            "input the model cannot handle (check the image)"
-        )
-    for part, comp in result.components.items():
-        check_finite(comp, f"{source} ({part})")
 
 
 def reference_index(names: Sequence[str], which: Any) -> int:
