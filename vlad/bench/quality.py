@@ -122,14 +122,23 @@ def run_cell(scorer: str, category: Any, k: int | str, seed: int, params: dict[s
 
 
 def cell_metrics(record: dict[str, Any], rule: Any, category: Any, cache: Path) -> dict[str, float]:
-    """I-AUROC, P-AUROC and AUPRO (when masks exist) of one cached cell under ``rule``."""
+    """I-AUROC, P-AUROC and AUPRO (when masks exist) of one cached cell under ``rule`` (cached too)."""
+    key = _cell_key(record["scorer"], record["set"], record["shots"], record["seed"], record["params"])
+    done = cache / f"{key}.metrics.{hashlib.sha256(repr(rule).encode()).hexdigest()[:12]}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    metrics = _cell_metrics(key, record, rule, category, cache)
+    done.write_text(json.dumps(metrics))
+    return metrics
+
+
+def _cell_metrics(key: str, record: dict[str, Any], rule: Any, category: Any, cache: Path) -> dict[str, float]:
     from vlad.data import load_mask
     from vlad.images import load_image
     from vlad.metrics import evaluate
     from vlad.ops import resize_maps
     from vlad.scorers.scratch import apply_rule
 
-    key = _cell_key(record["scorer"], record["set"], record["shots"], record["seed"], record["params"])
     with np.load(cache / f"{key}.npz") as z:
         raw = torch.from_numpy(z["raw"].astype(np.float32))
         stats = {n[len("stats_"):]: torch.from_numpy(z[n]) for n in z.files if n.startswith("stats_")}

@@ -8,17 +8,21 @@ with synthetic anomalies (:func:`vlad.synthesis.perlin_blend`: Perlin-noise mask
 * a discriminative U-Net sees ``concat(augmented, reconstruction)`` and segments the synthetic anomaly
   (loss: focal, gamma 2).
 
-At test time the map is the discriminative network's anomaly probability, smoothed with a Gaussian; the
-image score is the max of the smoothed map.
+At test time the raw map is the discriminative network's anomaly probability; it is normalised by the
+references' own maps at each position (``normalize="position"``), smoothed with a Gaussian, and the image
+score is the mean of its top ``topk_fraction`` (the map rule chosen by the leave-one-set-out protocol of
+``python -m vlad.bench quality``; see :mod:`vlad.scorers.scratch`).
 
 Reduced for a CPU (documented departures from the paper): the paper's widths are 128 (reconstructive) and 64
 (discriminative) with 700 epochs on 256 px images and DTD textures; here the reconstructive network is vlad's
-strided convolutional autoencoder (width 16, ``16 x 16 x 64`` code at 256 x 256 px; inputs keep the
-references' aspect ratio at about that area) and the discriminative U-Net has width 16 (strided convolutions,
-skip connections, working at half resolution), trained for ``train_steps=400`` steps of ``batch_size=4`` with
-Adam lr 1e-3 (paper: 1e-4, decayed) -- a few minutes on 2 cores. The texture of each synthetic anomaly is
-another reference image (or the image itself), re-styled by :func:`vlad.synthesis.augment_texture` (no DTD
-dataset is shipped); half the training samples carry no anomaly, as in the paper.
+strided convolutional autoencoder (width 16, ``H/16 x W/16 x 64`` code) and the discriminative U-Net has
+width 16 (strided convolutions, skip connections, working at half resolution), on a canvas of about
+128 x 128 px in the references' aspect ratio (images letterboxed onto it), with batches of 4 and Adam lr
+1e-3 (paper: 1e-4, decayed), a budget growing with the references (``train_steps=None``) under a
+``time_limit`` (300 s) and early stopping on a held-out fifth of the references (their loss on a fixed
+draw of synthetic anomalies). The texture of each synthetic anomaly is another reference image (or the
+image itself), re-styled by :func:`vlad.synthesis.augment_texture` (no DTD dataset is shipped); half the
+training samples carry no anomaly, as in the paper.
 
 Stopping: Ctrl-C during training keeps the model trained so far (warning logged, ``interrupted_=True``).
 """
@@ -230,12 +234,12 @@ class DRAEM(BaseScorer):
                 to_t(data[idx]).permute(0, 3, 1, 2).contiguous())
 
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
-        """Anomaly probability ``(B, 1, H, W)`` of canvas images ``x``."""
+        """Anomaly probability ``(B, 1, H, W)`` of canvas images ``x`` (one image per forward, so that no
+        image's result depends on the others in its call; see ``AutoEncoder._raw``)."""
         out = []
-        bs = max(1, int(self.batch_size))
         with torch.inference_mode():
-            for i in range(0, x.shape[0], bs):
-                _, logits = self.model_(x[i : i + bs].to(self.device_))
+            for i in range(x.shape[0]):
+                _, logits = self.model_(x[i : i + 1].to(self.device_))
                 out.append(logits.softmax(dim=1)[:, 1:2].cpu())
         return torch.cat(out)
 
