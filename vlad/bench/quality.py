@@ -50,12 +50,14 @@ def candidate_rules(scorer: str) -> list[Any]:
     from vlad.scorers.scratch import MapRule
 
     terms = [(0, 1), (0,), (1,)] if scorer == "autoencoder" else [(0,)]
-    return [MapRule(norm, sigma, top, t) for norm, t, sigma, top in
-            itertools.product(("position", "global"), terms, (2.0, 4.0, 8.0), (0.0, 0.01, 0.05))]
+    norms = (("position", 0), ("position", 4), ("global", 0))
+    return [MapRule(norm, sigma, top, t, shift=shift) for (norm, shift), t, sigma, top in
+            itertools.product(norms, terms, (2.0, 4.0, 8.0), (0.0, 0.01, 0.05))]
 
 
 def _rule_key(rule: Any) -> str:
-    return f"{rule.normalize}|{rule.sigma:g}|{rule.topk_fraction:g}|{','.join(map(str, rule.terms))}"
+    key = f"{rule.normalize}|{rule.sigma:g}|{rule.topk_fraction:g}|{','.join(map(str, rule.terms))}"
+    return key + (f"|{rule.shift}" if rule.shift else "")
 
 
 def _cell_key(scorer: str, dataset: str, k: int | str, seed: int, params: dict[str, Any]) -> str:
@@ -63,8 +65,8 @@ def _cell_key(scorer: str, dataset: str, k: int | str, seed: int, params: dict[s
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _score_rules(scorer: str, raw: torch.Tensor, stats: dict[str, torch.Tensor], boxes, labels: np.ndarray
-                 ) -> dict[str, float]:
+def _score_rules(scorer: str, raw: torch.Tensor, stats: dict[str, torch.Tensor], boxes, labels: np.ndarray,
+                 only: set[str] | None = None) -> dict[str, float]:
     """Image AUROC of every candidate rule on one cell's raw maps (one smoothing per rule family)."""
     from vlad.metrics import auroc
     from vlad.scorers.scratch import _topk, apply_rule
@@ -72,7 +74,8 @@ def _score_rules(scorer: str, raw: torch.Tensor, stats: dict[str, torch.Tensor],
     out = {}
     families = {}
     for rule in candidate_rules(scorer):
-        families.setdefault((rule.normalize, rule.terms, rule.sigma), []).append(rule)
+        if only is None or _rule_key(rule) in only:
+            families.setdefault((rule.normalize, rule.shift, rule.terms, rule.sigma), []).append(rule)
     for rules in families.values():
         _, regions = apply_rule(raw, stats, rules[0], boxes)
         for rule in rules:
@@ -90,7 +93,14 @@ def run_cell(scorer: str, category: Any, k: int | str, seed: int, params: dict[s
     key = _cell_key(scorer, dataset, k, seed, params)
     meta_path, raw_path = cache / f"{key}.json", cache / f"{key}.npz"
     if meta_path.exists() and raw_path.exists():
-        return json.loads(meta_path.read_text())
+        record = json.loads(meta_path.read_text())
+        missing = {_rule_key(r) for r in candidate_rules(scorer)} - set(record["rules"])
+        if missing:  # candidates added after the cell was fitted: scored from its cached raw maps
+            raw, stats = _load_raw(cache, key)
+            record["rules"].update(_score_rules(scorer, raw, stats, [tuple(b) for b in record["boxes"]],
+                                                np.asarray(category.labels), missing))
+            meta_path.write_text(json.dumps(record))
+        return record
     refs = draw_references(category, k, seed)
     model = vlad.create_scorer(scorer, weights="random", random_state=seed, **params)
     t0 = time.perf_counter()
@@ -139,9 +149,7 @@ def _cell_metrics(key: str, record: dict[str, Any], rule: Any, category: Any, ca
     from vlad.ops import resize_maps
     from vlad.scorers.scratch import apply_rule
 
-    with np.load(cache / f"{key}.npz") as z:
-        raw = torch.from_numpy(z["raw"].astype(np.float32))
-        stats = {n[len("stats_"):]: torch.from_numpy(z[n]) for n in z.files if n.startswith("stats_")}
+    raw, stats = _load_raw(cache, key)
     boxes = [tuple(b) for b in record["boxes"]]
     scores, regions = apply_rule(raw, stats, rule, boxes)
     labels = np.asarray(category.labels)
@@ -153,6 +161,13 @@ def _cell_metrics(key: str, record: dict[str, Any], rule: Any, category: Any, ca
         maps.append(resize_maps(region[None], size)[0].numpy())
         masks.append(load_mask(mask_path, size))
     return evaluate(scores.numpy(), labels, maps, masks)
+
+
+def _load_raw(cache: Path, key: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    with np.load(cache / f"{key}.npz") as z:
+        raw = torch.from_numpy(z["raw"].astype(np.float32))
+        stats = {n[len("stats_"):]: torch.from_numpy(z[n]) for n in z.files if n.startswith("stats_")}
+    return raw, stats
 
 
 def _parse_grid(items: Sequence[str]) -> list[dict[str, Any]]:
@@ -357,8 +372,8 @@ def _varied(args: Any, cats: dict[str, Any], fixed: dict[str, Any], cache: Path)
           f"size ({min(16, len(cat.train_paths))}-shot, {args.varied_seeds} seeds; default map rules) ==")
     for scorer in [s for s in (args.varied_scorers or args.scorers).split(",") if s]:
         proto = vlad.create_scorer(scorer)
-        rule = proto._map_rule() if scorer == "autoencoder" else MapRule(proto.normalize, proto.sigma,
-                                                                          proto.topk_fraction, (0,))
+        rule = proto._map_rule() if scorer == "autoencoder" else MapRule(
+            proto.normalize, proto.sigma, proto.topk_fraction, (0,), shift=proto.shift_tolerance)
         for canvas in ("letterbox", "stretch"):
             recs = [run_cell(scorer, cat, min(16, len(cat.train_paths)), seed, {**fixed, "canvas": canvas}, cache, "ksdd_crops")
                     for seed in range(args.varied_seeds)]

@@ -247,6 +247,8 @@ class AutoEncoder(BaseScorer):
             :mod:`vlad.scorers.scratch`.
         sigma: Gaussian smoothing of the map, in pixels at the working size.
         topk_fraction: image score = mean of this top fraction of the map (0 = max).
+        shift_tolerance: with ``normalize="position"``, compare each pixel with the references' highest
+            error within this many pixels (tolerates misaligned parts; 0 = the same pixel only).
         augment: random flips during training (off by default: orientation may matter on a line).
     """
 
@@ -274,6 +276,7 @@ class AutoEncoder(BaseScorer):
         normalize: str = "position",
         sigma: float = 4.0,
         topk_fraction: float = 0.01,
+        shift_tolerance: int = 0,
         augment: bool = False,
     ):
         self.backbone = backbone
@@ -295,6 +298,7 @@ class AutoEncoder(BaseScorer):
         self.normalize = normalize
         self.sigma = sigma
         self.topk_fraction = topk_fraction
+        self.shift_tolerance = shift_tolerance
         self.augment = augment
 
     def _build(self) -> None:
@@ -317,7 +321,7 @@ class AutoEncoder(BaseScorer):
         if not names or any(n not in self.TERMS for n in names):
             raise InvalidParameterError(f"error_terms must be 'ssim+l2', 'ssim' or 'l2', got {self.error_terms!r}")
         return MapRule(self.normalize, float(self.sigma), float(self.topk_fraction),
-                       tuple(self.TERMS.index(n) for n in names)).check()
+                       tuple(self.TERMS.index(n) for n in names), shift=int(self.shift_tolerance)).check()
 
     @staticmethod
     def _error_terms(x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -154,6 +154,8 @@ class DRAEM(BaseScorer):
         normalize: ``"position"`` or ``"global"`` (see :mod:`vlad.scorers.scratch`).
         sigma: Gaussian smoothing of the output map, in pixels at the working size.
         topk_fraction: image score = mean of this top fraction of the map (0 = max).
+        shift_tolerance: with ``normalize="position"``, compare each pixel with the references' highest
+            error within this many pixels (tolerates misaligned parts; 0 = the same pixel only).
     """
 
     requires_references = True
@@ -179,6 +181,7 @@ class DRAEM(BaseScorer):
         normalize: str = "position",
         sigma: float = 4.0,
         topk_fraction: float = 0.01,
+        shift_tolerance: int = 0,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -199,6 +202,7 @@ class DRAEM(BaseScorer):
         self.normalize = normalize
         self.sigma = sigma
         self.topk_fraction = topk_fraction
+        self.shift_tolerance = shift_tolerance
 
     def _build(self) -> None:
         if self.backbone is not None:
@@ -210,7 +214,8 @@ class DRAEM(BaseScorer):
         if self.canvas not in CANVAS_MODES:
             raise InvalidParameterError(f"canvas must be one of {CANVAS_MODES}, got {self.canvas!r}")
         self.size_ = resolve_size(self.image_size, DEFAULT_SIDE, multiple=32)
-        self.map_rule_ = MapRule(self.normalize, float(self.sigma), float(self.topk_fraction), (0,)).check()
+        self.map_rule_ = MapRule(self.normalize, float(self.sigma), float(self.topk_fraction), (0,),
+                                 shift=int(self.shift_tolerance)).check()
         div = 4 if mode == "tiny" else 1
         with seeded(self.random_state):
             self.model_ = DRAEMNet(max(4, self.recon_channels // div), max(4, self.latent_channels // div),

@@ -21,7 +21,8 @@ image to ``(H, W)`` (the 0.1 behaviour).
 quality``). ``normalize="position"`` divides each pixel's error, minus the references' mean error at
 that position, by the references' spread there (per pixel, the spread floored at a fraction
 of its mean), so positions where normal texture is hard to reconstruct stop dominating;
-``"global"`` only divides each error term by its mean over the references. The normalised map is
+``"global"`` only divides each error term by its mean over the references. ``shift`` > 0 makes the
+position statistics tolerant to misaligned parts: the highest mean and spread within ``+-shift`` pixels. The normalised map is
 smoothed (``sigma``) and the image score is the mean of its top ``topk_fraction`` of pixels (0 = max)
 over the image's own region.
 """
@@ -220,6 +221,7 @@ class MapRule:
     terms: tuple[int, ...] = (0, 1)
     stats_sigma: float = 0.0
     floor: float = 0.25
+    shift: int = 0
 
     def check(self) -> MapRule:
         """Self, or InvalidParameterError naming the bad field."""
@@ -229,13 +231,16 @@ class MapRule:
             raise InvalidParameterError(f"topk_fraction must be in [0, 1] (0 = max), got {self.topk_fraction}")
         if self.sigma < 0:
             raise InvalidParameterError(f"sigma must be >= 0, got {self.sigma}")
+        if self.shift < 0:
+            raise InvalidParameterError(f"shift_tolerance must be >= 0 pixels, got {self.shift}")
         return self
 
     def label(self, term_names: Sequence[str] | None = None) -> str:
         """Short text, e.g. ``position s4 top1% ssim+l2``."""
         agg = "max" if self.topk_fraction <= 0 else f"top{self.topk_fraction * 100:g}%"
         terms = "+".join(term_names[t] for t in self.terms) if term_names else ",".join(map(str, self.terms))
-        return f"{self.normalize} s{self.sigma:g} {agg} {terms}"
+        norm = f"{self.normalize}±{self.shift}" if self.shift else self.normalize
+        return f"{norm} s{self.sigma:g} {agg} {terms}"
 
 
 def reference_stats(raw: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -256,6 +261,10 @@ def apply_rule(raw: torch.Tensor, stats: dict[str, torch.Tensor], rule: MapRule,
     else:
         mean = gaussian_blur(stats["mean"][terms], rule.stats_sigma)
         std = gaussian_blur(stats["var"][terms], rule.stats_sigma).clamp_min(0).sqrt()
+        if rule.shift > 0:  # tolerate misalignment: the highest normal error within +-shift pixels
+            k = 2 * int(rule.shift) + 1
+            mean = F.max_pool2d(mean[None], k, stride=1, padding=int(rule.shift))[0]
+            std = F.max_pool2d(std[None], k, stride=1, padding=int(rule.shift))[0]
         floor = rule.floor * std.mean(dim=(1, 2), keepdim=True) + 1e-6 * stats["global"][terms].view(-1, 1, 1)
         err = ((raw[:, terms] - mean) / (std + floor)).mean(dim=1)
     maps = gaussian_blur(err, rule.sigma)
