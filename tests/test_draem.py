@@ -42,12 +42,12 @@ def test_raw_maps_are_probabilities(fitted):
 
 
 def test_early_stopping_on_held_out_references():
-    # lr so high the held-out loss cannot keep improving: training stops long before its budget and
-    # the best held-out weights are the ones kept
-    params = {**PARAMS, "train_steps": 400, "lr": 1.0, "patience": 2}
+    # with lr=0 the held-out loss cannot improve on its first evaluation (only batch-norm statistics move):
+    # training stops one evaluation later, long before its budget, keeping the best held-out weights
+    params = {**PARAMS, "train_steps": 200, "lr": 0.0, "patience": 1}
     scorer = vlad.create_scorer("draem", **params).fit([textured(i) for i in range(8)])
     log = scorer.train_log_
-    assert log["stopped"] == "early" and len(scorer.loss_history_) < 400
+    assert log["stopped"] == "early" and len(scorer.loss_history_) < 30
     best = min(v for _, v in log["val_losses"])
     assert dict(map(tuple, log["val_losses"]))[log["best_step"]] == best
 

@@ -342,12 +342,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s in sets:
             per = {key: np.mean([r["rules"][key] for r in records if r["set"] == s]) for key in rule_keys}
             show.append(max(per, key=per.get))
+        overall = {key: np.mean([np.mean([r["rules"][key] for r in records if r["set"] == s]) for s in sets])
+                   for key in rule_keys}
+        best_all = max(overall, key=overall.get)
+        show.append(best_all)
+        print(f"  (best on all {len(sets)} sets, the default to ship: {rule_keys[best_all].label(names)})")
         table_rules = {}
         for key in dict.fromkeys(show):
             vals = {s: float(np.mean([r["rules"][key] for r in records if r["set"] == s])) for s in sets}
             table_rules[rule_keys[key].label(names)] = vals
             print(f"  {rule_keys[key].label(names):28s} " + "  ".join(f"{s} {v * 100:5.1f}" for s, v in vals.items()))
-        report["scorers"][scorer] = {"rows": rows, "rules": table_rules}
+        report["scorers"][scorer] = {"rows": rows, "rules": table_rules,
+                                     "best_on_all_sets": rule_keys[best_all].label(names)}
     if args.varied:
         report["varied"] = _varied(args, cats, fixed, cache)
     if args.out:
