@@ -214,10 +214,10 @@ def leave_one_set_out(records: list[dict[str, Any]], scorer: str, sets: Sequence
     return chosen
 
 
-def make_varied_set(source: Path, out: Path, n_train: int, seed: int = 0) -> Path:
+def make_varied_set(source: Path, out: Path, n_train: int, seed: int = 0, n_good: int = 60) -> Path:
     """A ksdd-like category of random crops of varied size and aspect ratio, written to ``out``.
 
-    Normal crops are random windows (40-100% of the height, 45-100% of the width); an anomalous crop is
+    ``n_train`` normal training crops, ``n_good`` normal test crops and every defect. Normal crops are random windows (40-100% of the height, 45-100% of the width); an anomalous crop is
     placed so that its defect's bounding box lies inside it, pushed against a random edge half the time.
     """
     from PIL import Image
@@ -251,7 +251,11 @@ def make_varied_set(source: Path, out: Path, n_train: int, seed: int = 0) -> Pat
         img = np.asarray(Image.open(p))
         t, lft, ch, cw = crop_box(*img.shape[:2])
         Image.fromarray(img[t : t + ch, lft : lft + cw]).save(root / "train/good" / p.name)
-    for p, label, mask_path in zip(cat.test_paths, cat.labels, cat.mask_paths):
+    good = [i for i, label in enumerate(cat.labels) if not label]
+    keep = set(good[:: max(1, len(good) // max(1, n_good))][:n_good]) | {i for i, lab in enumerate(cat.labels) if lab}
+    for i, (p, label, mask_path) in enumerate(zip(cat.test_paths, cat.labels, cat.mask_paths)):
+        if i not in keep:
+            continue
         img = np.asarray(Image.open(p))
         h, w = img.shape[:2]
         if label and mask_path is not None:
@@ -286,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--varied-scorers", default=None, help="scorers of the aspect-ratio study (default --scorers)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlad-bench-quality"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="fit nothing: report the cells already in the cache (say how many seeds each has)")
     parser.add_argument("--out", default=None, help="write the table and selections as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -306,16 +312,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     cats = {s: discover_categories(Path(args.data) / s)[0] for s in sets}
     print(machine_line())
     report: dict[str, Any] = {"sets": sets, "shots": shots, "seeds": args.seeds, "fixed": fixed, "scorers": {}}
-    for scorer in [s for s in args.scorers.split(",") if s]:
-        records = []
-        for dataset, k, seed, g in itertools.product(sets, shots, range(args.seeds), grid):
-            rec = run_cell(scorer, cats[dataset], k, seed, {**fixed, **g}, cache, dataset)
-            records.append({**rec, "grid": g})
+    scorers = [s for s in args.scorers.split(",") if s]
+    all_records: dict[str, list[dict[str, Any]]] = {s: [] for s in scorers}
+    # seed-major order: an interrupted run leaves whole seeds of every scorer, set and shot count
+    for seed, dataset, k, g, scorer in itertools.product(range(args.seeds), sets, shots, grid, scorers):
+        key = _cell_key(scorer, dataset, k, seed, {**fixed, **g})
+        if args.cached_only and not (cache / f"{key}.json").exists():
+            continue
+        rec = run_cell(scorer, cats[dataset], k, seed, {**fixed, **g}, cache, dataset)
+        all_records[scorer].append({**rec, "grid": g})
+    for scorer in scorers:
+        records = all_records[scorer]
         chosen = leave_one_set_out(records, scorer, sets)
         names = TERM_NAMES[scorer]
         print(f"\n== {scorer}: leave-one-set-out (rule chosen on the other two sets; percent, mean±std over "
               f"{args.seeds} seeds; fit s = mean seconds per fit on this machine) ==")
-        header = f"{'set':14s} {'shots':>5s} {'I-AUROC':>11s} {'P-AUROC':>11s} {'AUPRO':>11s} {'fit s':>7s} " \
+        header = f"{'set':14s} {'shots':>5s} {'n':>2s} {'I-AUROC':>11s} {'P-AUROC':>11s} {'AUPRO':>11s} {'fit s':>7s} " \
                  f"{'steps':>6s}  stop / chosen on the other sets"
         print(header)
         rows = []
@@ -323,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             g, rule = chosen[dataset]
             for k in shots:
                 cell = [r for r in records if r["set"] == dataset and r["shots"] == k and r["grid"] == g]
+                if not cell:
+                    continue
                 ms = [cell_metrics(r, rule, cats[dataset], cache) for r in cell]
                 stops = sorted({r["train_log"]["stopped"] for r in cell})
                 row = {"set": dataset, "shots": k, "rule": rule.label(names), "grid": g,
@@ -330,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "fit_seconds": [r["fit_seconds"] for r in cell], "steps": [r["steps_done"] for r in cell],
                        "stopped": stops}
                 rows.append(row)
-                print(f"{dataset:14s} {str(k):>5s} {_ms(row['metrics']['image_auroc']):>11s} "
+                print(f"{dataset:14s} {str(k):>5s} {len(cell):2d} {_ms(row['metrics']['image_auroc']):>11s} "
                       f"{_ms(row['metrics']['pixel_auroc']):>11s} {_ms(row['metrics']['pixel_aupro']):>11s} "
                       f"{np.mean(row['fit_seconds']):7.1f} {np.mean(row['steps']):6.0f}  {','.join(stops)} / "
                       f"{rule.label(names)}{' ' + json.dumps(g) if g else ''}")
