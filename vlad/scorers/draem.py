@@ -9,8 +9,8 @@ with synthetic anomalies (:func:`vlad.synthesis.perlin_blend`: Perlin-noise mask
   (loss: focal, gamma 2).
 
 At test time the raw map is the discriminative network's anomaly probability; it is normalised by the
-references' own maps at each position (``normalize="position"``), smoothed with a Gaussian, and the image
-score is the mean of its top ``topk_fraction`` (the map rule chosen by the leave-one-set-out protocol of
+references' own maps at each position (``normalize="position"``), smoothed with a Gaussian (``sigma=2``
+px), and the image score is its max (``topk_fraction=0``; the map rule chosen by the leave-one-set-out protocol of
 ``python -m vlad.bench quality``; see :mod:`vlad.scorers.scratch`).
 
 Reduced for a CPU (documented departures from the paper): the paper's widths are 128 (reconstructive) and 64
@@ -179,8 +179,8 @@ class DRAEM(BaseScorer):
         disc_channels: int = 16,
         anomaly_probability: float = 0.5,
         normalize: str = "position",
-        sigma: float = 4.0,
-        topk_fraction: float = 0.01,
+        sigma: float = 2.0,
+        topk_fraction: float = 0.0,
         shift_tolerance: int = 0,
     ):
         self.backbone = backbone
