@@ -28,12 +28,28 @@ def test_training_loss_decreases(fitted):
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3])
 
 
-def test_predict_finite_probability_maps_at_image_size(fitted):
+def test_predict_finite_maps_at_image_size(fitted):
     res = fitted.predict([textured(50), with_defect(textured(51)), textured(52, size=80)[:, :70]])
     assert res.image_scores.shape == (3,)
     assert res.anomaly_maps[1].shape == (96, 96) and res.anomaly_maps[2].shape == (80, 70)
-    for m in res.anomaly_maps:
-        assert np.isfinite(m).all() and m.min() >= 0.0 and m.max() <= 1.0
+    assert all(np.isfinite(m).all() for m in res.anomaly_maps)
+
+
+def test_raw_maps_are_probabilities(fitted):
+    raw, boxes = fitted.raw_error_maps([textured(53), textured(54, size=80)[:, :40]])
+    assert raw.shape == (2, 1, 64, 64) and raw.min() >= 0.0 and raw.max() <= 1.0
+    assert boxes[0] == (0, 0, 64, 64) and boxes[1] == (0, 16, 64, 32)  # the narrow image, letterboxed
+
+
+def test_early_stopping_on_held_out_references():
+    # with lr=0 the held-out loss cannot improve on its first evaluation (only batch-norm statistics move):
+    # training stops one evaluation later, long before its budget, keeping the best held-out weights
+    params = {**PARAMS, "train_steps": 200, "lr": 0.0, "patience": 1}
+    scorer = vlad.create_scorer("draem", **params).fit([textured(i) for i in range(8)])
+    log = scorer.train_log_
+    assert log["stopped"] == "early" and len(scorer.loss_history_) < 30
+    best = min(v for _, v in log["val_losses"])
+    assert dict(map(tuple, log["val_losses"]))[log["best_step"]] == best
 
 
 def test_save_load_identical(fitted, tmp_path):

@@ -6,16 +6,17 @@ convolutional AE with a narrow bottleneck, trained with an SSIM term, and a per-
 between an image and its reconstruction (DSSIM). No pretrained weights are involved, so results on real
 data are real even on machines without a model hub.
 
-Defaults (a CPU budget of a few minutes on 2 cores): about 256 x 256 px input in the references' aspect ratio
-(:func:`aspect_size`), five stride-2 stages down to an ``8 x 8 x 32`` bottleneck (at 256 x 256), Adam lr 1e-3,
-``train_steps=400`` steps of ``batch_size=8`` random references (sampled with replacement), light augmentation
-(flips only when ``augment=True``). Map = mean over RGB of ``1 - SSIM`` (11 x 11 Gaussian window, sigma 1.5)
-plus the squared error, each divided by its mean over the references after training so that neither dominates
-by scale, smoothed with a Gaussian (``sigma=4`` px at the training size); image score = max of the smoothed
-map. SSIM alone suits structured objects (MPDD metal plates) but on fine random texture (KolektorSDD
-commutators) the autoencoder cannot reproduce the grain and ``1 - SSIM`` is high everywhere; the squared error
-keeps thin dark cracks visible. Measured with 16 references and the defaults: image/pixel AUROC on KolektorSDD
-56.9/70.7 (SSIM map) -> 77.9/88.4 (this map), on MPDD 94.2/97.4 -> 92.3/97.4.
+Defaults: about 128 x 128 px in the references' median aspect ratio (:func:`aspect_size`; e.g. 192 x 96 for
+KolektorSDD's 203 x 512), each image letterboxed onto that canvas (aspect ratio kept, reflection padding,
+map cropped back: :mod:`vlad.scorers.scratch`), five stride-2 stages down to an ``H/32 x W/32 x 32``
+bottleneck, Adam lr 1e-3, batches of 8 references, a budget that grows with the references
+(``train_steps=None``: about 30 epochs, 200 to 4000 steps) under a ``time_limit`` (300 s), early
+stopping on a held-out fifth of the references. Map (chosen by the protocol below): ``1 - SSIM`` (11 x 11
+Gaussian window, sigma 1.5) in units of its mean over the references (``normalize="global"``; the squared
+error and the per-position normalisation of :mod:`vlad.scorers.scratch` are options), smoothed with a
+Gaussian (``sigma=2`` px); image score = mean of the top 5% of the map (``topk_fraction=0.05``). The
+working size and budget were fixed for a shared 2-core CPU; the map rule was chosen by the leave-one-set-out
+protocol of ``python -m vlad.bench quality`` (figures in the README).
 
 Stopping: a KeyboardInterrupt (Ctrl-C) during training stops it cleanly: the model trained so far is kept,
 a warning is logged, ``interrupted_`` is True and ``fit`` returns normally. A second Ctrl-C aborts.
@@ -39,11 +40,26 @@ import torch.nn.functional as F
 
 from vlad.errors import InvalidParameterError
 from vlad.images import LoadedImage
-from vlad.ops import gaussian_blur, to_batch
+from vlad.ops import to_batch
 from vlad.progress import track
 from vlad.scorers.base import BaseScorer
+from vlad.scorers.scratch import (
+    CANVAS_MODES,
+    MIN_HELD_OUT_FOR_STATS,
+    MapRule,
+    apply_rule,
+    auto_steps,
+    fit_loop,
+    reference_stats,
+    split_held_out,
+    stack_or_list,
+    to_canvas,
+)
 
 logger = logging.getLogger(__name__)
+
+#: the default working size is about DEFAULT_SIDE**2 pixels (CPU budget; see the module docstring)
+DEFAULT_SIDE = 128
 
 
 # -- helpers shared by the trainable scorers ------------------------------------------------------------
@@ -210,19 +226,35 @@ class AutoEncoder(BaseScorer):
             used) or ``"tiny"`` (a quarter of the width, for tests).
         device: torch device or ``"auto"``.
         batch_size: images per training step and per prediction batch.
-        random_state: seed of the initialisation and of the batch sampling.
-        image_size: training/inference size, int or ``(H, W)``, multiples of 32; None = about 256 x 256
-            pixels in the references' aspect ratio (e.g. 416 x 160 for 203 x 512 images).
-        train_steps: optimisation steps (the training budget).
+        random_state: seed of the initialisation, the held-out split and the batch sampling.
+        image_size: working size, int or ``(H, W)``, multiples of 32; None = about ``DEFAULT_SIDE**2``
+            pixels in the references' median aspect ratio (e.g. 256 x 96 for 203 x 512 images).
+        canvas: ``"letterbox"`` (keep each image's aspect ratio, pad by reflection, crop the map back)
+            or ``"stretch"`` (resize every image to the working size).
+        train_steps: optimisation steps; None = :func:`~vlad.scorers.scratch.auto_steps` (grows with
+            the number of references).
+        time_limit: seconds of training at most (None = no cap; a binding cap makes the model depend
+            on the machine's speed).
+        validation_fraction: share of the references held out for early stopping (and, when at least
+            8 are held out, for the error statistics); nothing is held out below 4 references.
+        patience: held-out evaluations without improvement before training stops (0 = never early).
         lr: Adam learning rate.
         base_channels: width of the first stage (doubling per stage, capped at 8x).
         latent_channels: channels of the ``H/32 x W/32`` bottleneck.
         ssim_weight: weight of ``1 - SSIM`` in the training loss (the rest is the squared error).
-        sigma: Gaussian smoothing of the map, in pixels at ``image_size``.
+        error_terms: error maps used: ``"ssim+l2"``, ``"ssim"`` or ``"l2"``.
+        normalize: ``"position"`` (each pixel's error against the references' error there) or
+            ``"global"`` (each term divided by its mean over the references); see
+            :mod:`vlad.scorers.scratch`.
+        sigma: Gaussian smoothing of the map, in pixels at the working size.
+        topk_fraction: image score = mean of this top fraction of the map (0 = max).
+        shift_tolerance: with ``normalize="position"``, compare each pixel with the references' highest
+            error within this many pixels (tolerates misaligned parts; 0 = the same pixel only).
         augment: random flips during training (off by default: orientation may matter on a line).
     """
 
     requires_references = True
+    TERMS = ("ssim", "l2")
 
     def __init__(
         self,
@@ -232,12 +264,20 @@ class AutoEncoder(BaseScorer):
         batch_size: int = 8,
         random_state: int | None = 0,
         image_size: int | tuple[int, int] | None = None,
-        train_steps: int = 400,
+        canvas: str = "letterbox",
+        train_steps: int | None = None,
+        time_limit: float | None = 300.0,
+        validation_fraction: float = 0.2,
+        patience: int = 5,
         lr: float = 1e-3,
         base_channels: int = 16,
         latent_channels: int = 32,
         ssim_weight: float = 0.85,
-        sigma: float = 4.0,
+        error_terms: str = "ssim",
+        normalize: str = "global",
+        sigma: float = 2.0,
+        topk_fraction: float = 0.05,
+        shift_tolerance: int = 0,
         augment: bool = False,
     ):
         self.backbone = backbone
@@ -246,12 +286,20 @@ class AutoEncoder(BaseScorer):
         self.batch_size = batch_size
         self.random_state = random_state
         self.image_size = image_size
+        self.canvas = canvas
         self.train_steps = train_steps
+        self.time_limit = time_limit
+        self.validation_fraction = validation_fraction
+        self.patience = patience
         self.lr = lr
         self.base_channels = base_channels
         self.latent_channels = latent_channels
         self.ssim_weight = ssim_weight
+        self.error_terms = error_terms
+        self.normalize = normalize
         self.sigma = sigma
+        self.topk_fraction = topk_fraction
+        self.shift_tolerance = shift_tolerance
         self.augment = augment
 
     def _build(self) -> None:
@@ -259,67 +307,94 @@ class AutoEncoder(BaseScorer):
             raise InvalidParameterError(f"AutoEncoder is trained from scratch and takes no backbone; got {self.backbone!r}, "
                              "pass backbone=None")
         mode = check_weights_mode(self.weights, "AutoEncoder")
-        self.size_ = resolve_size(self.image_size, 256, multiple=32)
+        self.size_ = resolve_size(self.image_size, DEFAULT_SIDE, multiple=32)
+        self.map_rule_ = self._map_rule()
+        if self.canvas not in CANVAS_MODES:
+            raise InvalidParameterError(f"canvas must be one of {CANVAS_MODES}, got {self.canvas!r}")
         width = max(4, self.base_channels // 4) if mode == "tiny" else self.base_channels
         latent = max(4, self.latent_channels // 4) if mode == "tiny" else self.latent_channels
         with seeded(self.random_state):
             self.model_ = ConvAutoEncoder(width, latent).to(self.device_)
         self.model_.eval()
 
+    def _map_rule(self) -> MapRule:
+        names = str(self.error_terms).split("+")
+        if not names or any(n not in self.TERMS for n in names):
+            raise InvalidParameterError(f"error_terms must be 'ssim+l2', 'ssim' or 'l2', got {self.error_terms!r}")
+        return MapRule(self.normalize, float(self.sigma), float(self.topk_fraction),
+                       tuple(self.TERMS.index(n) for n in names), shift=int(self.shift_tolerance)).check()
+
     @staticmethod
     def _error_terms(x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel ``1 - SSIM`` and squared error (mean over channels), each ``(B, H, W)``."""
         return 1.0 - ssim_map(x, recon), ((x - recon) ** 2).mean(dim=1)
 
-    def _error_map(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """The anomaly map before smoothing: both error terms in units of their mean over the references."""
-        dssim, sq = self._error_terms(x, recon)
-        return dssim / self.error_scale_[0] + sq / self.error_scale_[1]
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw error maps ``(B, 2, H, W)`` (``1 - SSIM``, squared error) of canvas images ``x``.
 
-    def _reference_error_scale(self, data: torch.Tensor) -> list[float]:
-        """Mean ``1 - SSIM`` and mean squared error of the trained model on the references."""
-        sums = [0.0, 0.0]
-        bs = max(1, int(self.batch_size))
+        One image per forward: the position normalisation divides by the references' small spread, which
+        would amplify the float rounding that differs between batch sizes; this way an image's result
+        never depends on the others in its call.
+        """
+        out = []
         with torch.inference_mode():
-            for i in range(0, data.shape[0], bs):
-                x = data[i : i + bs].to(self.device_)
-                for j, term in enumerate(self._error_terms(x, self.model_(x))):
-                    sums[j] += term.mean(dim=(1, 2)).sum().item()
-        return [max(v / data.shape[0], 1e-8) for v in sums]
+            for i in range(x.shape[0]):
+                xb = x[i : i + 1].to(self.device_)
+                out.append(torch.stack(self._error_terms(xb, self.model_(xb)), dim=1).cpu())
+        return torch.cat(out)
+
+    def raw_error_maps(self, images) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+        """Raw error maps ``(B, 2, H, W)`` on the canvas and each image's region (for rule studies)."""
+        from vlad.images import load_images
+
+        self._check_fitted()
+        x, boxes = to_canvas(load_images(images), self.size_, self.canvas)
+        return self._raw(x), boxes
 
     def _fit(self, references: list[LoadedImage] | None) -> None:
         if self.image_size is None:
-            self.size_ = aspect_size(references, 256, multiple=32)
-        data = images_to_tensor(references, self.size_)  # (N, 3, H, W), kept on CPU
+            self.size_ = aspect_size(references, DEFAULT_SIDE, multiple=32)
+        data, _ = to_canvas(references, self.size_, self.canvas)  # (N, 3, H, W), kept on CPU
+        train_idx, held_idx = split_held_out(len(data), float(self.validation_fraction), self.random_state)
+        train, held = data[torch.from_numpy(train_idx)], data[torch.from_numpy(held_idx)]
         gen = torch.Generator().manual_seed(0 if self.random_state is None else int(self.random_state))
         opt = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
         bs = max(1, int(self.batch_size))
+        n_steps = int(self.train_steps) if self.train_steps is not None else auto_steps(len(train), bs)
         self.model_.train()
 
+        def loss_of(x: torch.Tensor) -> torch.Tensor:
+            dssim, sq = self._error_terms(x, self.model_(x))
+            return (self.ssim_weight * dssim + (1.0 - self.ssim_weight) * sq).mean()
+
         def step(_: int) -> float:
-            idx = torch.randint(0, data.shape[0], (bs,), generator=gen)
-            x = data[idx]
+            idx = torch.randint(0, train.shape[0], (bs,), generator=gen)
+            x = train[idx]
             if self.augment:
                 x = _augment(x, gen)
-            x = x.to(self.device_)
-            recon = self.model_(x)
-            dssim, sq = self._error_terms(x, recon)
-            loss = (self.ssim_weight * dssim + (1.0 - self.ssim_weight) * sq).mean()
+            loss = loss_of(x.to(self.device_))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             return loss.item()
 
-        with seeded(self.random_state, self.device_):
-            self.loss_history_, self.interrupted_ = train_loop(step, int(self.train_steps), "AutoEncoder training")
-        self.model_.eval()
-        self.error_scale_ = self._reference_error_scale(data)
+        def validate() -> float:
+            return float(np.mean([loss_of(held[i : i + bs].to(self.device_)).item()
+                                  for i in range(0, len(held), bs)]))
 
-    def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images_to_tensor(images, self.size_, self.device_)
-        err = self._error_map(x, self.model_(x))
-        maps = gaussian_blur(err, self.sigma)
-        return maps.flatten(1).amax(dim=1), maps
+        with seeded(self.random_state, self.device_):
+            log = fit_loop(step, n_steps, "AutoEncoder training", model=self.model_,
+                           validate=validate if len(held) else None, eval_every=max(5, n_steps // 25),
+                           patience=int(self.patience), time_limit=self.time_limit, log=logger)
+        self.model_.eval()
+        self.loss_history_, self.interrupted_, self.train_log_ = log.losses, log.stopped == "interrupted", log.as_meta()
+        stats_from = held if len(held) >= MIN_HELD_OUT_FOR_STATS else data
+        self.stats_ = reference_stats(self._raw(stats_from))
+
+    def _predict_batch(self, images: list[LoadedImage]):
+        x, boxes = to_canvas(images, self.size_, self.canvas, self.device_)
+        scores, maps = apply_rule(self._raw(x), self.stats_, self.map_rule_, boxes)
+        return scores, stack_or_list(maps)
 
     def reconstruct(self, images) -> torch.Tensor:
         """Reconstructions of ``images`` at the model's size: ``(B, 3, H, W)`` in [0, 1] (for inspection)."""
@@ -327,21 +402,24 @@ class AutoEncoder(BaseScorer):
 
         self._check_fitted()
         with torch.inference_mode():
-            return self.model_(images_to_tensor(load_images(images), self.size_, self.device_)).cpu()
+            x, _ = to_canvas(load_images(images), self.size_, self.canvas, self.device_)
+            return self.model_(x).cpu()
 
     def _get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
+        tensors.update({f"stats.{k}": v for k, v in self.stats_.items()})
         return tensors, {"loss_history": self.loss_history_, "interrupted": self.interrupted_,
-                         "size": list(self.size_), "error_scale": list(self.error_scale_)}
+                         "size": list(self.size_), "train_log": self.train_log_}
 
     def _set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.model_.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         self.model_.eval()
         self.loss_history_ = list(meta.get("loss_history", []))
         self.interrupted_ = bool(meta.get("interrupted", False))
+        self.train_log_ = dict(meta.get("train_log", {}))
         if "size" in meta:
-            self.size_ = resolve_size(meta["size"], 256, multiple=32)
-        if "error_scale" not in meta:
-            logger.warning("this AutoEncoder was saved by an older vlad without reference error statistics; "
-                           "its maps are uncalibrated until it is fitted again")
-        self.error_scale_ = [float(v) for v in meta.get("error_scale", (1.0, 1.0))]
+            self.size_ = resolve_size(meta["size"], DEFAULT_SIDE, multiple=32)
+        self.stats_ = {k[len("stats."):]: v.cpu() for k, v in tensors.items() if k.startswith("stats.")}
+        if set(self.stats_) != {"mean", "var", "global"}:
+            raise InvalidParameterError("this AutoEncoder was saved without its reference error statistics "
+                                        "(an older vlad); fit it again and save it")

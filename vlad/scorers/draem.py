@@ -8,17 +8,21 @@ with synthetic anomalies (:func:`vlad.synthesis.perlin_blend`: Perlin-noise mask
 * a discriminative U-Net sees ``concat(augmented, reconstruction)`` and segments the synthetic anomaly
   (loss: focal, gamma 2).
 
-At test time the map is the discriminative network's anomaly probability, smoothed with a Gaussian; the
-image score is the max of the smoothed map.
+At test time the raw map is the discriminative network's anomaly probability; it is normalised by the
+references' own maps at each position (``normalize="position"``), smoothed with a Gaussian (``sigma=2``
+px), and the image score is its max (``topk_fraction=0``; the map rule chosen by the leave-one-set-out protocol of
+``python -m vlad.bench quality``; see :mod:`vlad.scorers.scratch`).
 
 Reduced for a CPU (documented departures from the paper): the paper's widths are 128 (reconstructive) and 64
 (discriminative) with 700 epochs on 256 px images and DTD textures; here the reconstructive network is vlad's
-strided convolutional autoencoder (width 16, ``16 x 16 x 64`` code at 256 x 256 px; inputs keep the
-references' aspect ratio at about that area) and the discriminative U-Net has width 16 (strided convolutions,
-skip connections, working at half resolution), trained for ``train_steps=400`` steps of ``batch_size=4`` with
-Adam lr 1e-3 (paper: 1e-4, decayed) -- a few minutes on 2 cores. The texture of each synthetic anomaly is
-another reference image (or the image itself), re-styled by :func:`vlad.synthesis.augment_texture` (no DTD
-dataset is shipped); half the training samples carry no anomaly, as in the paper.
+strided convolutional autoencoder (width 16, ``H/16 x W/16 x 64`` code) and the discriminative U-Net has
+width 16 (strided convolutions, skip connections, working at half resolution), on a canvas of about
+128 x 128 px in the references' aspect ratio (images letterboxed onto it), with batches of 4 and Adam lr
+1e-3 (paper: 1e-4, decayed), a budget growing with the references (``train_steps=None``) under a
+``time_limit`` (300 s) and early stopping on a held-out fifth of the references (their loss on a fixed
+draw of synthetic anomalies). The texture of each synthetic anomaly is another reference image (or the
+image itself), re-styled by :func:`vlad.synthesis.augment_texture` (no DTD dataset is shipped); half the
+training samples carry no anomaly, as in the paper.
 
 Stopping: Ctrl-C during training keeps the model trained so far (warning logged, ``interrupted_=True``).
 """
@@ -35,18 +39,28 @@ import torch.nn.functional as F
 
 from vlad.errors import InvalidParameterError
 from vlad.images import LoadedImage
-from vlad.ops import gaussian_blur
 from vlad.scorers.autoencoder import (
+    DEFAULT_SIDE,
     ConvAutoEncoder,
     aspect_size,
     check_weights_mode,
-    images_to_tensor,
     resolve_size,
     seeded,
     ssim_map,
-    train_loop,
 )
 from vlad.scorers.base import BaseScorer
+from vlad.scorers.scratch import (
+    CANVAS_MODES,
+    MIN_HELD_OUT_FOR_STATS,
+    MapRule,
+    apply_rule,
+    auto_steps,
+    fit_loop,
+    reference_stats,
+    split_held_out,
+    stack_or_list,
+    to_canvas,
+)
 from vlad.synthesis import perlin_blend
 
 logger = logging.getLogger(__name__)
@@ -122,14 +136,26 @@ class DRAEM(BaseScorer):
             or ``"tiny"`` (quarter widths, for tests).
         device: torch device or ``"auto"``.
         batch_size: images per training step and per prediction batch.
-        random_state: seed of the initialisation, the batch sampling and the anomaly synthesis.
-        image_size: int or ``(H, W)``, multiples of 32; None = about 256 x 256 pixels in the
-            references' aspect ratio (e.g. 416 x 160 for 203 x 512 images).
-        train_steps: optimisation steps (the training budget).
+        random_state: seed of the initialisation, the held-out split, the batch sampling and the anomaly
+            synthesis.
+        image_size: int or ``(H, W)``, multiples of 32; None = about ``DEFAULT_SIDE**2`` pixels in the
+            references' median aspect ratio.
+        canvas: ``"letterbox"`` (keep each image's aspect ratio, pad, crop the map back) or ``"stretch"``.
+        train_steps: optimisation steps; None = :func:`~vlad.scorers.scratch.auto_steps` (grows with
+            the number of references).
+        time_limit: seconds of training at most (None = no cap; a binding cap makes the model depend
+            on the machine's speed).
+        validation_fraction: share of the references held out for early stopping (their loss on a fixed
+            draw of synthetic anomalies) and, when at least 8 are held out, for the map statistics.
+        patience: held-out evaluations without improvement before training stops (0 = never early).
         lr: Adam learning rate (decayed x0.2 at 80% and 90% of the steps, as the paper's schedule).
         recon_channels, latent_channels, disc_channels: network widths.
         anomaly_probability: fraction of training samples that receive a synthetic anomaly (paper: 0.5).
-        sigma: Gaussian smoothing of the output map, in pixels at ``image_size``.
+        normalize: ``"position"`` or ``"global"`` (see :mod:`vlad.scorers.scratch`).
+        sigma: Gaussian smoothing of the output map, in pixels at the working size.
+        topk_fraction: image score = mean of this top fraction of the map (0 = max).
+        shift_tolerance: with ``normalize="position"``, compare each pixel with the references' highest
+            error within this many pixels (tolerates misaligned parts; 0 = the same pixel only).
     """
 
     requires_references = True
@@ -142,13 +168,20 @@ class DRAEM(BaseScorer):
         batch_size: int = 4,
         random_state: int | None = 0,
         image_size: int | tuple[int, int] | None = None,
-        train_steps: int = 400,
+        canvas: str = "letterbox",
+        train_steps: int | None = None,
+        time_limit: float | None = 300.0,
+        validation_fraction: float = 0.2,
+        patience: int = 5,
         lr: float = 1e-3,
         recon_channels: int = 16,
         latent_channels: int = 64,
         disc_channels: int = 16,
         anomaly_probability: float = 0.5,
-        sigma: float = 4.0,
+        normalize: str = "position",
+        sigma: float = 2.0,
+        topk_fraction: float = 0.0,
+        shift_tolerance: int = 0,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -156,13 +189,20 @@ class DRAEM(BaseScorer):
         self.batch_size = batch_size
         self.random_state = random_state
         self.image_size = image_size
+        self.canvas = canvas
         self.train_steps = train_steps
+        self.time_limit = time_limit
+        self.validation_fraction = validation_fraction
+        self.patience = patience
         self.lr = lr
         self.recon_channels = recon_channels
         self.latent_channels = latent_channels
         self.disc_channels = disc_channels
         self.anomaly_probability = anomaly_probability
+        self.normalize = normalize
         self.sigma = sigma
+        self.topk_fraction = topk_fraction
+        self.shift_tolerance = shift_tolerance
 
     def _build(self) -> None:
         if self.backbone is not None:
@@ -171,7 +211,11 @@ class DRAEM(BaseScorer):
         mode = check_weights_mode(self.weights, "DRAEM")
         if not 0.0 <= self.anomaly_probability <= 1.0:
             raise InvalidParameterError(f"anomaly_probability must be in [0, 1], got {self.anomaly_probability}")
-        self.size_ = resolve_size(self.image_size, 256, multiple=32)
+        if self.canvas not in CANVAS_MODES:
+            raise InvalidParameterError(f"canvas must be one of {CANVAS_MODES}, got {self.canvas!r}")
+        self.size_ = resolve_size(self.image_size, DEFAULT_SIDE, multiple=32)
+        self.map_rule_ = MapRule(self.normalize, float(self.sigma), float(self.topk_fraction), (0,),
+                                 shift=int(self.shift_tolerance)).check()
         div = 4 if mode == "tiny" else 1
         with seeded(self.random_state):
             self.model_ = DRAEMNet(max(4, self.recon_channels // div), max(4, self.latent_channels // div),
@@ -194,49 +238,87 @@ class DRAEM(BaseScorer):
         return (to_t(np.stack(augs)).permute(0, 3, 1, 2).contiguous(), to_t(np.stack(masks)),
                 to_t(data[idx]).permute(0, 3, 1, 2).contiguous())
 
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Anomaly probability ``(B, 1, H, W)`` of canvas images ``x`` (one image per forward, so that no
+        image's result depends on the others in its call; see ``AutoEncoder._raw``)."""
+        out = []
+        with torch.inference_mode():
+            for i in range(x.shape[0]):
+                _, logits = self.model_(x[i : i + 1].to(self.device_))
+                out.append(logits.softmax(dim=1)[:, 1:2].cpu())
+        return torch.cat(out)
+
+    def raw_error_maps(self, images) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
+        """Raw anomaly probabilities ``(B, 1, H, W)`` on the canvas and each image's region."""
+        from vlad.images import load_images
+
+        self._check_fitted()
+        x, boxes = to_canvas(load_images(images), self.size_, self.canvas)
+        return self._raw(x), boxes
+
+    def _loss(self, aug: torch.Tensor, mask: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        recon, logits = self.model_(aug)
+        return F.mse_loss(recon, clean) + (1 - ssim_map(recon, clean)).mean() + focal_loss(logits, mask)
+
     def _fit(self, references: list[LoadedImage] | None) -> None:
         if self.image_size is None:
-            self.size_ = aspect_size(references, 256, multiple=32)
-        data = images_to_tensor(references, self.size_).permute(0, 2, 3, 1).contiguous().numpy()
+            self.size_ = aspect_size(references, DEFAULT_SIDE, multiple=32)
+        canvas, _ = to_canvas(references, self.size_, self.canvas)
         seed = 0 if self.random_state is None else int(self.random_state)
+        train_idx, held_idx = split_held_out(len(canvas), float(self.validation_fraction), seed)
+        data = canvas[torch.from_numpy(train_idx)].permute(0, 2, 3, 1).contiguous().numpy()
+        held = canvas[torch.from_numpy(held_idx)].permute(0, 2, 3, 1).contiguous().numpy()
         rng = np.random.default_rng(seed)
-        n_steps = int(self.train_steps)
+        bs = max(1, int(self.batch_size))
+        n_steps = int(self.train_steps) if self.train_steps is not None else auto_steps(len(data), bs)
         opt = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(n_steps * 0.8), int(n_steps * 0.9)], gamma=0.2)
-        bs = max(1, int(self.batch_size))
         self.model_.train()
+        # a fixed draw of synthetic anomalies on the held-out references: the early-stopping yardstick
+        val_batches = [self._synthesize(held, np.arange(i, min(i + bs, len(held))), np.random.default_rng(seed + 1))
+                       for i in range(0, len(held), bs)]
 
         def step(_: int) -> float:
             idx = rng.integers(0, len(data), size=bs)
-            aug, mask, clean = (t.to(self.device_) for t in self._synthesize(data, idx, rng))
-            recon, logits = self.model_(aug)
-            loss = (F.mse_loss(recon, clean) + (1 - ssim_map(recon, clean)).mean()
-                    + focal_loss(logits, mask))
+            loss = self._loss(*(t.to(self.device_) for t in self._synthesize(data, idx, rng)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             return loss.item()
 
-        with seeded(seed, self.device_):
-            self.loss_history_, self.interrupted_ = train_loop(step, n_steps, "DRAEM training", logger)
-        self.model_.eval()
+        def validate() -> float:
+            return float(np.mean([self._loss(*(t.to(self.device_) for t in b)).item() for b in val_batches]))
 
-    def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images_to_tensor(images, self.size_, self.device_)
-        _, logits = self.model_(x)
-        maps = gaussian_blur(logits.softmax(dim=1)[:, 1], self.sigma)
-        return maps.flatten(1).amax(dim=1), maps
+        with seeded(seed, self.device_):
+            log = fit_loop(step, n_steps, "DRAEM training", model=self.model_,
+                           validate=validate if len(held) else None, eval_every=max(5, n_steps // 25),
+                           patience=int(self.patience), time_limit=self.time_limit, log=logger)
+        self.model_.eval()
+        self.loss_history_, self.interrupted_, self.train_log_ = log.losses, log.stopped == "interrupted", log.as_meta()
+        stats_from = canvas[torch.from_numpy(held_idx)] if len(held_idx) >= MIN_HELD_OUT_FOR_STATS else canvas
+        self.stats_ = reference_stats(self._raw(stats_from))
+
+    def _predict_batch(self, images: list[LoadedImage]):
+        x, boxes = to_canvas(images, self.size_, self.canvas, self.device_)
+        scores, maps = apply_rule(self._raw(x), self.stats_, self.map_rule_, boxes)
+        return scores, stack_or_list(maps)
 
     def _get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
+        tensors.update({f"stats.{k}": v for k, v in self.stats_.items()})
         return tensors, {"loss_history": self.loss_history_, "interrupted": self.interrupted_,
-                         "size": list(self.size_)}
+                         "size": list(self.size_), "train_log": self.train_log_}
 
     def _set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.model_.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         self.model_.eval()
         self.loss_history_ = list(meta.get("loss_history", []))
         self.interrupted_ = bool(meta.get("interrupted", False))
+        self.train_log_ = dict(meta.get("train_log", {}))
         if "size" in meta:
-            self.size_ = resolve_size(meta["size"], 256, multiple=32)
+            self.size_ = resolve_size(meta["size"], DEFAULT_SIDE, multiple=32)
+        self.stats_ = {k[len("stats."):]: v.cpu() for k, v in tensors.items() if k.startswith("stats.")}
+        if set(self.stats_) != {"mean", "var", "global"}:
+            raise InvalidParameterError("this DRAEM was saved without its reference map statistics "
+                                        "(an older vlad); fit it again and save it")
