@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import textured
+from conftest import textured, with_defect
 from scipy.ndimage import distance_transform_edt
 from test_contract import MARGIN_PX, synthetic_defect
 
@@ -27,9 +27,9 @@ from vlad.scorers.musc import (
     lnamd,
     lowest_count,
     mutual_patch_scores,
-    pool_patch_scores,
     rscin,
 )
+from vlad.errors import InvalidParameterError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -371,3 +371,17 @@ def test_app_pool_panel_adds_unlabeled_images_and_picks_references(tmp_path):
     assert len(refs) == 2 and "picked the 2 of 6" in msg
     sess, msg = app.add_unlabeled(app.DemoSession(), files)  # no detector: a status line, no traceback
     assert msg.startswith("⚠️")
+
+
+def test_the_detector_scores_a_whole_call_together_and_musc_never_tiles():
+    """The detector asks scorers for working-resolution maps: MuSc must still score all images of the call
+    against each other (not in batches of batch_size), and a shared tile_size skips it."""
+    imgs = [textured(i, size=64) for i in range(5)] + [with_defect(textured(9, size=64), box=(20, 36, 20, 36))]
+    scorer = vlad.create_scorer("musc", weights="tiny", batch_size=2, device="cpu").fit()
+    whole = scorer.predict(imgs)
+    working = scorer.predict_working(imgs)
+    np.testing.assert_allclose(working.image_scores, whole.image_scores, rtol=1e-6)
+    det = vlad.create_detector("musc+patchcore", weights="tiny", device="cpu", tile_size=32)
+    assert det.scorers["musc"].tile_size is None and det.scorers["patchcore"].tile_size == 32
+    with pytest.raises(InvalidParameterError, match="cannot score tiles"):
+        vlad.create_scorer("musc", weights="tiny", tile_size=32).fit()

@@ -95,7 +95,9 @@ def build_scorers(
         )
     scorers = {}
     for n in names:
-        params = {k: v for k, v in options.items() if k in accepted[n]}
+        cls = get_scorer_class(n)
+        params = {k: v for k, v in options.items()
+                  if k in accepted[n] and (cls.tiles or k not in ("tile_size", "tile_overlap"))}
         own = scorer_options.get(n) or {}
         if not isinstance(own, Mapping):
             raise InvalidParameterError(f"scorer_options[{n!r}] must be a dict of parameters, got {type(own).__name__}")

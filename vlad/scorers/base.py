@@ -152,6 +152,9 @@ class BaseScorer(BaseEstimator):
     #: parts a result may carry in ``components`` (part name -> its scale), each calibrated on its own
     #: by the detector; e.g. WinCLIP+ = a zero-shot probability part and a few-shot distance part
     part_scales: ClassVar[Mapping[str, str]] = {}
+    #: False for a scorer whose result depends on whole images together (MuSc): a detector's shared
+    #: ``tile_size``/``tile_overlap`` then skip it, and setting them on it is an error
+    tiles: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -81,8 +81,9 @@ import torch.nn.functional as F
 from vlad.errors import InvalidParameterError, VladError
 from vlad.images import LoadedImage, load_images
 from vlad.memory.mutual import iter_image_nn_distances
-from vlad.ops import maps_to_image_sizes, to_batch
+from vlad.ops import resize_maps, to_batch
 from vlad.scorers.base import BaseScorer, check_finite
+from vlad.tiling import working_shape
 from vlad.types import AnomalyResult, ImagesLike
 
 logger = logging.getLogger(__name__)
@@ -353,7 +354,8 @@ class MuSc(BaseScorer):
             switches re-scoring off).
         pool_size: most images the unlabeled pool keeps (first in, first out).
         max_bytes: bound on the similarity block of the mutual search (memory, not results).
-        random_state: kept for the contract (MuSc draws nothing at random).
+        random_state: seed of the backbone's initialisation with ``weights="random"`` (nothing else in
+            MuSc is random).
 
     Fitted attributes: ``pool_tokens_`` (list per layer of ``(N, P, D)`` layer-normed tokens),
     ``pool_embeddings_`` ``(N, E)``, ``pool_names_``, ``grid_``.
@@ -361,6 +363,7 @@ class MuSc(BaseScorer):
 
     tier = "unlabeled"
     requires_references = False
+    tiles = False  # a tile's patches would be scored against the other tiles of the same image
 
     def __init__(
         self,
@@ -403,12 +406,17 @@ class MuSc(BaseScorer):
             raise InvalidParameterError(f"rscin_windows must be integers >= 1, e.g. (1, 2, 3); got {self.rscin_windows!r}")
         if isinstance(self.pool_size, bool) or not isinstance(self.pool_size, (int, np.integer)) or self.pool_size < 2:
             raise InvalidParameterError(f"pool_size must be an integer >= 2, got {self.pool_size!r}")
+        if self._tiling() is not None:
+            raise InvalidParameterError(
+                f"musc scores whole images against each other, so it cannot score tiles (tile_size="
+                f"{self.tile_size!r}); leave tile_size unset for musc (other scorers of a detector may tile)"
+            )
 
     def _build(self) -> None:
         from vlad.backbones import load_backbone
 
         self._check_params()
-        bb = load_backbone(self.backbone, self.weights, self.device_)
+        bb = load_backbone(self.backbone, self.weights, self.device_, seed=self.weights_seed)
         model = bb.model
         self.preprocess_ = bb.spec.preprocess
         if hasattr(model, "visual"):
@@ -532,10 +540,21 @@ class MuSc(BaseScorer):
         self._check_fitted()
         loaded = load_images(images)
         res = self.score_against_pool(loaded) if self.pool_names_ else self.score_batch(loaded)
-        return self._to_anomaly_result(res, loaded)
+        return self._to_anomaly_result(res, loaded, [img.size for img in loaded])
 
-    def _to_anomaly_result(self, res: MutualResult, loaded: list[LoadedImage]) -> AnomalyResult:
-        maps = maps_to_image_sizes(res.patch_scores.float(), loaded)
+    def predict_working(self, images: ImagesLike) -> AnomalyResult:
+        """:meth:`predict` with maps at the working resolution (:func:`vlad.tiling.working_shape`), as the
+        detector asks for them; all images of the call are still scored together (the base class would
+        score them in batches of ``batch_size``, which changes MuSc's result)."""
+        self._check_fitted()
+        loaded = load_images(images)
+        res = self.score_against_pool(loaded) if self.pool_names_ else self.score_batch(loaded)
+        return self._to_anomaly_result(res, loaded, [working_shape(img.size) for img in loaded])
+
+    def _to_anomaly_result(self, res: MutualResult, loaded: list[LoadedImage],
+                           sizes: Sequence[tuple[int, int]]) -> AnomalyResult:
+        maps = [resize_maps(m[None].float(), size)[0].cpu().numpy().astype(np.float32)
+                for m, size in zip(res.patch_scores, sizes, strict=True)]
         result = AnomalyResult(res.scores.float().cpu().numpy(), maps, names=tuple(i.name for i in loaded))
         check_finite(result, "musc")
         return result
@@ -600,7 +619,7 @@ class MuSc(BaseScorer):
         loaded = load_images(images)
         if len(loaded) != len(self.pool_names_):
             raise VladError(f"expected the {len(self.pool_names_)} pool images, got {len(loaded)}")
-        return self._to_anomaly_result(self.pool_result(), loaded)
+        return self._to_anomaly_result(self.pool_result(), loaded, [img.size for img in loaded])
 
     def pool_scores(self) -> np.ndarray:
         """Image scores ``(N,)`` of the pool's images, each scored against the rest of the pool."""
