@@ -184,6 +184,13 @@ def test_anomalydino_with_masking_cannot_export(tmp_path):
         det.export(tmp_path / "out")
 
 
+def test_a_tiling_detector_is_refused_rather_than_exported_without_its_tiles(tmp_path):
+    det = vlad.create_detector("patchcore", weights="tiny", tile_size=48).fit([textured(0), textured(1)])
+    with pytest.raises(ExportError, match="tile_size=48"):
+        det.export(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_format_and_unfitted_detector(tmp_path):
     det = vlad.create_detector("patchcore", weights="tiny")
     with pytest.raises(vlad.NotFittedError):

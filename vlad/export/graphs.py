@@ -401,6 +401,10 @@ def build_graph(name: str, scorer: Any, image_size: tuple[int, int] | None = Non
         ExportError: the scorer cannot be exported; the message says which and why.
     """
     cls = type(scorer).__name__
+    if getattr(scorer, "tile_size", None):
+        raise ExportError(f"scorer {name!r} scores large images in tiles (tile_size={scorer.tile_size}) and the "
+                          "exported graphs score whole images; export a detector built without tile_size, or "
+                          "score the large images with vlad itself")
     builder = GRAPH_BUILDERS.get(cls)
     if builder is None:
         why = NOT_EXPORTABLE.get(cls, "no ONNX graph is registered for it (vlad.export.graphs.register_graph)")
