@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vlad.cli.common import (
+    add_engine_options,
     add_model_options,
     add_rate_option,
     check_device,
@@ -57,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="folder for scores.csv, scores.json and overlay PNGs")
     add_rate_option(p)
     add_model_options(p)
+    add_engine_options(p)
 
 
 def _reference_paths(refs: str | list[str] | None) -> list[Path]:
@@ -125,21 +127,20 @@ def run(args: argparse.Namespace) -> int:
     from vlad.progress import track
     from vlad.types import AnomalyResult
 
-    spec, params = check_options(args)
-    det = build_detector(spec, args, params)  # stores parameters only: option errors surface here, cheaply
-    paths = expand_paths(args.inputs)
-    refs = _reference_paths(args.refs)
-    _check_readable(paths, "inputs")
-    _check_readable(refs, "references")
-    if det.requires_references and not refs:
-        names = "+".join(det.scorers)
-        raise EmptyReferenceSetError(
-            f"{names} learns from good images and none were given: pass --refs FOLDER (or comma-separated "
-            "files) of normal images, or use a zero-shot scorer (--detector winclip+maeday)"
-        )
-    det.fit([str(p) for p in refs] if refs else None)
+    if getattr(args, "engine", "local") == "ray":
+        from vlad.cli import score_ray
 
-    chunk = max(1, det.batch_size)
+        return score_ray.run(args)
+    check_local_engine(args)
+    if args.load:
+        check_load_options(args)
+        paths = expand_paths(args.inputs)
+        _check_readable(paths, "inputs")
+        det = load_saved(args.load, args.device)
+    else:
+        det, paths = fit_detector(args, args.inputs)
+
+    chunk = args.batch_size or max(1, det.batch_size)
     groups = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
     results = []
     for group in track(groups, "scoring", total=len(groups)):
@@ -150,6 +151,65 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         _write_outputs(Path(args.out), paths, res, rows, det)
     return 0
+
+
+def fit_detector(args: argparse.Namespace, inputs: list[str] | None):
+    """Build the detector of ``--detector``/``--scorer`` and fit it on ``--refs``. The options are checked,
+    then every reference (and every image of ``inputs``, when given) is read once before any model is
+    built. Returns the fitted detector and the input image paths."""
+    from vlad.images import expand_paths
+
+    spec, params = check_options(args)
+    det = build_detector(spec, args, params)  # stores parameters only: option errors surface here, cheaply
+    paths = expand_paths(inputs) if inputs else []
+    refs = _reference_paths(args.refs)
+    _check_readable(paths, "inputs")
+    _check_readable(refs, "references")
+    if det.requires_references and not refs:
+        names = "+".join(det.scorers)
+        raise EmptyReferenceSetError(
+            f"{names} learns from good images and none were given: pass --refs FOLDER (or comma-separated "
+            "files) of normal images, or use a zero-shot scorer (--detector winclip+maeday)"
+        )
+    det.fit([str(p) for p in refs] if refs else None)
+    return det, paths
+
+
+def check_load_options(args: argparse.Namespace) -> None:
+    """``--load`` scores with a saved detector: the options that build or fit one do not apply."""
+    given = [flag for flag, value in (("--scorer", args.scorer), ("--detector", args.detector),
+                                      ("--refs", args.refs), ("--object", args.object_name),
+                                      ("--prompts", args.prompts), ("--set", args.set),
+                                      ("--false-alarm-rate", args.false_alarm_rate)) if value]
+    if args.weights != "pretrained":
+        given.append("--weights")
+    if given:
+        raise VladError(f"--load scores with a saved detector, so {', '.join(given)} cannot be used with it (the "
+                        "saved detector keeps its scorers, references, weights and thresholds); drop them, or "
+                        "drop --load to build and fit a detector")
+    check_device(args.device)
+    if args.out:
+        check_output_folder(args.out)
+
+
+def load_saved(folder: str, device: str = "auto"):
+    """The detector saved in ``folder`` (``--load``), on ``device`` unless it is ``auto``."""
+    from vlad.detector import Detector, load_any
+
+    det = load_any(folder, device=None if device == "auto" else device)
+    if not isinstance(det, Detector):
+        raise VladError(f"--load {folder}: holds a single scorer, not a detector; save a detector "
+                        "(vlad.create_detector(...).fit(...).save(folder)) and load that")
+    return det
+
+
+def check_local_engine(args: argparse.Namespace) -> None:
+    """Options of ``--engine ray`` given without it."""
+    for flag, value in (("--num-workers", args.num_workers), ("--address", args.address),
+                        ("--maps", args.maps), ("--overlays", args.overlays)):
+        if value:
+            raise VladError(f"{flag} is an option of --engine ray; add --engine ray (pip install "
+                            "'vlad-inspect[ray]') or drop it (the local engine writes overlays to --out)")
 
 
 def _rows(paths: list[Path], res, det) -> list[dict[str, Any]]:

@@ -146,6 +146,8 @@ def score(inputs: str | os.PathLike | Iterable[str | os.PathLike] | Any, detecto
     _positive("batch_size", batch_size)
     _positive("rows_per_part", rows_per_part)
     ray = engine.import_ray()
+    if address is not None and not ray.is_initialized():
+        engine.check_reachable(address)
     folder, digest, names, saved_batch = _detector_identity(detector_dir)
     batch_size = batch_size or saved_batch
     is_dataset = type(inputs).__module__.startswith("ray.data")
@@ -154,14 +156,15 @@ def score(inputs: str | os.PathLike | Iterable[str | os.PathLike] | Any, detecto
     done = out.open()
     todo = inputs if is_dataset else [p for p in paths if p not in done]
     skipped = len(done) if is_dataset else len(paths) - len(todo)
-    started = engine.connect(address, num_cpus=num_cpus, object_store_mb=object_store_mb)
+    work = is_dataset or bool(todo)
+    started = engine.connect(address, num_cpus=num_cpus, object_store_mb=object_store_mb) if work else False
     context = ray.data.DataContext.get_current()
     bars = context.enable_progress_bars
     context.enable_progress_bars = False  # vlad's own bar counts images; Ray's per-operator bars are noise here
     buffer = PartBuffer(out, rows_per_part)
-    t0 = time.perf_counter()
+    t0, since = time.perf_counter(), time.time()
     try:
-        if is_dataset or todo:
+        if work:
             rows, n_todo = engine.run(todo, done, folder, str(out.root), num_workers=num_workers,
                                       batch_size=batch_size, device=device, overlays=overlays, maps=maps)
             _stream(rows, buffer, n_todo, num_workers, progress)
@@ -174,7 +177,7 @@ def score(inputs: str | os.PathLike | Iterable[str | os.PathLike] | Any, detecto
     total = skipped + len(buffer.written) if is_dataset else len(paths)
     if skipped + len(buffer.written) >= total:
         out.finish()
-    summary = ScoreSummary(out.root, total, skipped, len(buffer.written), buffer.errors, seconds, out.worker_stats())
+    summary = ScoreSummary(out.root, total, skipped, len(buffer.written), buffer.errors, seconds, out.worker_stats(since))
     logger.info("%s: %d images scored (%d errors), %d skipped as already written, %.1f images/s",
                 out.root, summary.scored, summary.errors, summary.skipped, summary.images_per_second)
     return summary

@@ -37,7 +37,8 @@ def import_ray():
     return ray
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail now (in seconds, not after Ray's long retries) if nothing listens at ``address``."""
     if address == "auto":
         return
     target = address.split("://", 1)[1] if "://" in address else address
@@ -70,7 +71,7 @@ def connect(address: str | None, num_cpus: int | None = None, object_store_mb: i
         return False
     quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address is not None:
-        _check_reachable(address)
+        check_reachable(address)
         try:
             ray.init(address=address, **quiet)
         except Exception as exc:  # noqa: BLE001 - ray raises ConnectionError, RuntimeError, ValueError...

@@ -158,11 +158,14 @@ class OutputFolder:
         """Mark the job complete in the manifest (every input has its row)."""
         self._write_manifest(complete=True)
 
-    def worker_stats(self) -> list[dict[str, Any]]:
-        """What each worker process reported (``workers/*.json``): host, pid, images, seconds, peak MB."""
+    def worker_stats(self, since: float = 0.0) -> list[dict[str, Any]]:
+        """What each worker process reported (``workers/*.json``, those written after the time ``since``):
+        host, pid, threads, images, seconds, load_seconds, peak_rss_mb."""
         stats = []
         for f in sorted((self.root / WORKERS_DIR).glob("*.json")):
             try:
+                if f.stat().st_mtime < since:
+                    continue  # a worker of an earlier run
                 stats.append(json.loads(f.read_text(encoding="utf-8")))
             except (OSError, ValueError):
                 continue  # being rewritten right now: the next read sees it
