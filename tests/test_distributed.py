@@ -97,17 +97,9 @@ def ray_session():
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
     pytest.importorskip("pyarrow")
-    before = os.environ.get("PYTHONPATH")
-    # the workers must import this checkout's vlad (the one under test), whatever is installed
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([before] if before else [])])
-    try:
-        ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level="WARNING", log_to_driver=False)
-    finally:
-        if before is None:
-            os.environ.pop("PYTHONPATH")
-        else:
-            os.environ["PYTHONPATH"] = before
+    from vlad.distributed.engine import connect
+
+    assert connect(None, num_cpus=2, object_store_mb=80)  # as the library starts a local Ray
     yield ray
     ray.shutdown()
 

@@ -84,7 +84,7 @@ def _detector_identity(detector_dir: str | os.PathLike) -> tuple[str, str, list[
     from vlad.detector.persistence import DETECTOR_FILE, FORMAT, _check_detector_digests
     from vlad.detector.spec import parse_spec
     from vlad.scorers.base import CONFIG_FILE
-    from vlad.serialization import read_json, sha256_file
+    from vlad.serialization import check_digests, read_json, sha256_file
 
     folder = Path(detector_dir).expanduser().absolute()
     if not (folder / DETECTOR_FILE).is_file():
@@ -100,8 +100,9 @@ def _detector_identity(detector_dir: str | os.PathLike) -> tuple[str, str, list[
     batch = 8
     for n in names:
         if active[n]:
-            params = read_json(folder / n / CONFIG_FILE, "a scorer file").get("params") or {}
-            batch = max(batch, int(params.get("batch_size") or 8))
+            config = read_json(folder / n / CONFIG_FILE, "a scorer file")
+            check_digests(folder / n, config.get("sha256"), str(folder / n / CONFIG_FILE))  # before any worker
+            batch = max(batch, int((config.get("params") or {}).get("batch_size") or 8))
     return str(folder), sha256_file(folder / DETECTOR_FILE), [n for n in names if active[n]], batch
 
 
@@ -167,7 +168,11 @@ def score(inputs: str | os.PathLike | Iterable[str | os.PathLike] | Any, detecto
         if work:
             rows, n_todo = engine.run(todo, done, folder, str(out.root), num_workers=num_workers,
                                       batch_size=batch_size, device=device, overlays=overlays, maps=maps)
-            _stream(rows, buffer, n_todo, num_workers, progress)
+            try:
+                _stream(rows, buffer, n_todo, num_workers, progress)
+            except ray.exceptions.RayError as exc:
+                buffer.flush()  # keep every row that arrived
+                raise engine.job_failed(exc, str(out.root)) from exc
         buffer.flush()
     finally:
         context.enable_progress_bars = bars

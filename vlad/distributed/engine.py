@@ -78,13 +78,30 @@ def connect(address: str | None, num_cpus: int | None = None, object_store_mb: i
             raise DistributedError(f"cannot join the Ray cluster at {address} ({exc}); check that it runs the "
                                    "same Ray and Python versions as this machine") from None
         return False
+    before = os.environ.get("PYTHONPATH")
+    # the local workers (started with this environment) import the same vlad as this process does
+    here = str(Path(__file__).resolve().parents[2])
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, *([before] if before else [])])
     try:
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, _node_ip_address="127.0.0.1",
                  object_store_memory=None if object_store_mb is None else object_store_mb * 2**20, **quiet)
     except Exception as exc:  # noqa: BLE001
         raise DistributedError(f"cannot start a local Ray ({exc}); check free memory and /tmp space, or pass "
                                "the address of a running cluster") from None
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
     return True
+
+
+def job_failed(exc: BaseException, out_dir: str) -> DistributedError:
+    """A Ray error that stopped the job, as one message saying what is kept and how to go on."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return DistributedError(f"the Ray job stopped ({type(cause).__name__}: {text}); the rows written so far are "
+                            f"kept in {out_dir}: fix the cause and run the same command again to score the rest")
 
 
 def _peak_rss_mb() -> float:
