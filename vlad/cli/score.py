@@ -14,6 +14,10 @@ Output: a table (file, score, label) on stdout; with ``--out``: ``scores.csv``, 
 each component's calibrated score and the thresholds) and ``overlays/<NNNN>_<stem>.png`` per image (the
 fused map over the image, colour range fixed to ``[0, 1]``).
 
+``--load DIR`` scores with a detector saved with ``det.save(DIR)`` instead of building and fitting one.
+``--engine ray`` scores a whole archive on a pool of Ray workers into Parquet (:mod:`vlad.cli.score_ray`,
+:mod:`vlad.distributed`; ``--num-workers``, ``--address``, ``--overlays``, ``--maps``).
+
 Checked before any work: the options (``--set`` names and types, device, output folder, prompt file),
 then every input and reference is read once before any model is built; the first problem stops the run
 with one ``vlad: error:`` line naming it (exit code 2). Nothing is skipped silently. A few-shot scorer
