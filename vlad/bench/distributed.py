@@ -8,6 +8,8 @@ Ray with 1 worker, Ray with 2 workers (``--workers``), repeated ``--rounds`` tim
 * **plain**: one fresh process loading the saved detector and scoring the images in batches with the same
   per-image work as a worker (decode, predict, row), i.e. ``vlad score --load`` without its table;
   its wall time from process start, images/s and peak memory;
+* for both, the detector's load time and the images/s of the scoring alone (in-process time: for Ray,
+  the busiest worker's), which separates the engine's own cost from process start and loading;
 * **Ray**: :func:`vlad.distributed.score` into a fresh output folder on the local Ray started once for
   the benchmark; wall time from the call (workers starting, loading the detector, scoring, Parquet),
   images/s, the ratio to plain (the overhead; target <= 1.2x for 1 worker) and the peak memory of each
@@ -40,12 +42,16 @@ def plain_score(detector_dir: str, list_file: str, batch_size: int) -> dict:
     from vlad.distributed.inputs import expand_inputs
     from vlad.distributed.rows import score_paths
 
+    t0 = time.perf_counter()
     det = load_detector(detector_dir)
+    load_s = time.perf_counter() - t0
     paths = expand_inputs(list_file)
     rows = []
+    t0 = time.perf_counter()
     for i in range(0, len(paths), batch_size):
         rows.extend(score_paths(det, paths[i : i + batch_size]))
-    return {"images": len(rows), "errors": sum(r["error"] is not None for r in rows), "peak_rss_mb": peak_rss_mb()}
+    return {"images": len(rows), "errors": sum(r["error"] is not None for r in rows), "peak_rss_mb": peak_rss_mb(),
+            "load_s": load_s, "scoring_s": time.perf_counter() - t0}
 
 
 def _plain(detector_dir: Path, list_file: Path, batch_size: int) -> dict:
@@ -70,7 +76,9 @@ def _ray(detector_dir: Path, list_file: Path, out: Path, workers: int, batch_siz
     seconds = time.perf_counter() - t0
     return {"images": summary.scored, "errors": summary.errors, "seconds": seconds,
             "peak_rss_mb": max((w["peak_rss_mb"] for w in summary.workers), default=float("nan")),
-            "worker_peaks": [round(w["peak_rss_mb"]) for w in summary.workers]}
+            "worker_peaks": [round(w["peak_rss_mb"]) for w in summary.workers],
+            "load_s": max((w["load_seconds"] for w in summary.workers), default=float("nan")),
+            "scoring_s": max((w["seconds"] for w in summary.workers), default=float("nan"))}
 
 
 def _images(data: Path, n: int, skip: set[str]) -> list[str]:
@@ -122,15 +130,18 @@ def _bench_detector(name: str, spec: str | None, n: int, args, workdir: Path, in
         for w in args.workers:
             runs.setdefault(f"ray {w}", []).append(_ray(det_dir, list_file, workdir / f"out-{name}-{w}", w, batch))
     plain_s = statistics.median(r["seconds"] for r in runs["plain"])
-    print(f"{'engine':<10} {'wall s':>8} {'images/s':>9} {'vs plain':>9} {'with start':>11}  peak MB per process")
+    print(f"{'engine':<10} {'wall s':>8} {'images/s':>9} {'vs plain':>9} {'with start':>11} {'load s':>7} "
+          f"{'scoring img/s':>14}  peak MB per process")
     for key, rs in runs.items():
         s = statistics.median(r["seconds"] for r in rs)
         ratio = "" if key == "plain" else f"{s / plain_s:8.2f}x"
         with_start = "" if key == "plain" else f"{(s + init_s) / plain_s:10.2f}x"
+        load = statistics.median(r["load_s"] for r in rs)
+        scoring = statistics.median(r["images"] / r["scoring_s"] for r in rs)  # in-process scoring time only
         peaks = rs[-1].get("worker_peaks") or [round(rs[-1]["peak_rss_mb"])]
         bad = f"  ({rs[-1]['errors']} errors)" if rs[-1]["errors"] else ""
-        print(f"{key:<10} {s:8.1f} {rs[-1]['images'] / s:9.2f} {ratio:>9} {with_start:>11}  "
-              f"{', '.join(map(str, peaks))}{bad}", flush=True)
+        print(f"{key:<10} {s:8.1f} {rs[-1]['images'] / s:9.2f} {ratio:>9} {with_start:>11} {load:7.1f} "
+              f"{scoring:14.2f}  {', '.join(map(str, peaks))}{bad}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
