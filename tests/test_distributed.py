@@ -220,7 +220,7 @@ def test_killed_worker_loses_nothing_and_duplicates_nothing(ray_session, archive
 
 
 @pytest.mark.slow
-def test_restarted_job_skips_what_is_written(ray_session, archive, detector_dir, tmp_path):
+def test_restarted_job_skips_what_is_written(ray_session, archive, detector_dir, tmp_path, capsys):
     from vlad.distributed import score
 
     folder, good = archive
@@ -232,8 +232,10 @@ def test_restarted_job_skips_what_is_written(ray_session, archive, detector_dir,
     parts = {p.name: p.stat().st_mtime_ns for p in (out / "scores").glob("part-*.parquet")}
     assert parts
     (out / "scores" / ".part-x.parquet.tmp").write_bytes(b"half a part of a killed run")
-    again = score(folder, detector_dir, out, num_workers=1)
-    assert (again.skipped, again.scored, again.total) == (3, 4, 7)
+    # the rest through the command line, which resumes the same way
+    assert main(["score", str(folder), "--load", str(detector_dir), "--engine", "ray", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 images scored" in printed and "3 already written" in printed and "1 could not be scored" in printed
     rows = _rows(out)
     assert [r["path"] for r in rows] == sorted(str(p) for p in folder.iterdir())
     assert all((out / "scores" / n).stat().st_mtime_ns == t for n, t in parts.items())  # written once
