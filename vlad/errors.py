@@ -63,6 +63,11 @@ class IntegrityError(VladError):
     changed, truncated or corrupted after saving), or the folder is ambiguous."""
 
 
+class DistributedError(VladError, RuntimeError):
+    """The distributed engine (:mod:`vlad.distributed`) cannot run: Ray is not installed, the cluster at
+    ``address`` cannot be reached, or the output folder holds the results of another job."""
+
+
 def _make_not_fitted_error() -> type:
     from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 

@@ -16,3 +16,11 @@ def track(iterable: Iterable[T], desc: str, total: int | None = None, leave: boo
     flag = os.environ.get("VLAD_PROGRESS", "").strip()
     disable = None if flag == "" else flag == "0"  # None: tqdm shows it only on a terminal
     return iter(tqdm(iterable, desc=desc, total=total, leave=leave, disable=disable, dynamic_ncols=True))
+
+
+def counter(total: int, desc: str, enabled: bool = True):
+    """A progress bar counted by hand (``bar.update(n)``; close it after), shown as :func:`track` shows its
+    (``enabled=False`` hides it)."""
+    flag = os.environ.get("VLAD_PROGRESS", "").strip()
+    disable = True if not enabled else None if flag == "" else flag == "0"
+    return tqdm(total=total, desc=desc, leave=False, disable=disable, dynamic_ncols=True, unit="img")

@@ -243,3 +243,32 @@ def check_prompts(prompts: str | None, object_name: str | None) -> None:
     from vlad.prompts import load_prompts
 
     load_prompts(prompts, object_name)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """``--load``, ``--batch-size`` and the options of ``--engine ray`` (:mod:`vlad.distributed`)."""
+    p.add_argument("--load", metavar="DETECTOR_DIR",
+                   help="score with a detector saved with det.save(DIR) instead of building and fitting one")
+    p.add_argument("--batch-size", type=positive_int, metavar="N",
+                   help="images per model call (default: the detector's batch size)")
+    g = p.add_argument_group("scoring a whole archive with Ray (pip install 'vlad-inspect[ray]')")
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: a pool of Ray workers writing Parquet to --out, "
+                        "resumable (inputs may also be glob patterns and .txt lists of paths)")
+    g.add_argument("--num-workers", type=positive_int, metavar="N",
+                   help="Ray workers, each holding one detector and an equal share of the CPUs (default 1)")
+    g.add_argument("--address", metavar="HOST:PORT",
+                   help="a running Ray cluster (ray start --head); default: a local Ray started for the job")
+    g.add_argument("--overlays", action="store_true", help="with --engine ray: also write overlay PNGs")
+    g.add_argument("--maps", action="store_true", help="with --engine ray: also write each map as a 16-bit PNG")

@@ -23,6 +23,10 @@ Output: a table (file, score, label) on stdout; with ``--out``: ``scores.csv``, 
 each component's calibrated score and the thresholds) and ``overlays/<NNNN>_<stem>.png`` per image (the
 fused map over the image, colour range fixed to ``[0, 1]``).
 
+``--load DIR`` scores with a detector saved with ``det.save(DIR)`` instead of building and fitting one.
+``--engine ray`` scores a whole archive on a pool of Ray workers into Parquet (:mod:`vlad.cli.score_ray`,
+:mod:`vlad.distributed`; ``--num-workers``, ``--address``, ``--overlays``, ``--maps``).
+
 Checked before any work: the options (``--set`` names and types, device, output folder, prompt file),
 then every input and reference is read once before any model is built; the first problem stops the run
 with one ``vlad: error:`` line naming it (exit code 2). Nothing is skipped silently. A few-shot scorer
@@ -39,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from vlad.cli.common import (
+    add_engine_options,
     add_image_size_options,
     add_model_options,
     apply_image_size_options,
@@ -74,6 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_rate_option(p)
     add_image_size_options(p)
     add_model_options(p)
+    add_engine_options(p)
 
 
 def _reference_paths(refs: str | list[str] | None) -> list[Path]:
@@ -149,9 +155,41 @@ def run(args: argparse.Namespace) -> int:
     from vlad.progress import track
     from vlad.types import AnomalyResult
 
+    if getattr(args, "engine", "local") == "ray":
+        from vlad.cli import score_ray
+
+        return score_ray.run(args)
+    check_local_engine(args)
+    if args.load:
+        check_load_options(args)
+        paths = expand_paths(args.inputs)
+        _check_readable(paths, "inputs")
+        det = load_saved(args.load, args.device)
+    else:
+        det, paths = fit_detector(args, args.inputs)
+
+    chunk = len(paths) if det.batch_scoring else (args.batch_size or max(1, det.batch_size))
+    groups = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    results = []
+    for group in track(groups, "scoring", total=len(groups)):
+        results.append(det.predict([str(p) for p in group]))
+    res = AnomalyResult.concatenate(results)
+    rows = _rows(paths, res, det)
+    _print_table(rows, det)
+    if args.out:
+        _write_outputs(Path(args.out), paths, res, rows, det)
+    return 0
+
+
+def fit_detector(args: argparse.Namespace, inputs: list[str] | None):
+    """Build the detector of ``--detector``/``--scorer`` and fit it on ``--refs``. The options are checked,
+    then every reference (and every image of ``inputs``, when given) is read once before any model is
+    built. Returns the fitted detector and the input image paths."""
+    from vlad.images import expand_paths
+
     spec, params = check_options(args)
     det = build_detector(spec, args, params)  # stores parameters only: option errors surface here, cheaply
-    paths = expand_paths(args.inputs)
+    paths = expand_paths(inputs) if inputs else []
     refs = _reference_paths(args.refs)
     pool = _reference_paths(args.unlabeled)
     _check_readable(paths, "inputs")
@@ -169,18 +207,47 @@ def run(args: argparse.Namespace) -> int:
         print(f"unlabeled pool: {len(det.list_unlabeled())} images")
     if args.bootstrap:
         print(det.bootstrap_references(args.bootstrap).describe())
+    return det, paths
 
-    chunk = len(paths) if det.batch_scoring else max(1, det.batch_size)
-    groups = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-    results = []
-    for group in track(groups, "scoring", total=len(groups)):
-        results.append(det.predict([str(p) for p in group]))
-    res = AnomalyResult.concatenate(results)
-    rows = _rows(paths, res, det)
-    _print_table(rows, det)
+
+def check_load_options(args: argparse.Namespace) -> None:
+    """``--load`` scores with a saved detector: the options that build or fit one do not apply."""
+    given = [flag for flag, value in (("--scorer", args.scorer), ("--detector", args.detector),
+                                      ("--refs", args.refs), ("--object", args.object_name),
+                                      ("--prompts", args.prompts), ("--set", args.set),
+                                      ("--false-alarm-rate", args.false_alarm_rate),
+                                      ("--unlabeled", args.unlabeled), ("--bootstrap", args.bootstrap),
+                                      ("--tile", getattr(args, "tile", None))) if value]
+    if args.weights != "pretrained":
+        given.append("--weights")
+    if given:
+        raise VladError(f"--load scores with a saved detector, so {', '.join(given)} cannot be used with it (the "
+                        "saved detector keeps its scorers, references, weights and thresholds); drop them, or "
+                        "drop --load to build and fit a detector")
+    check_device(args.device)
+    apply_image_size_options(args, {})  # --max-pixels (a saved detector keeps its own tiling)
     if args.out:
-        _write_outputs(Path(args.out), paths, res, rows, det)
-    return 0
+        check_output_folder(args.out)
+
+
+def load_saved(folder: str, device: str = "auto"):
+    """The detector saved in ``folder`` (``--load``), on ``device`` unless it is ``auto``."""
+    from vlad.detector import Detector, load_any
+
+    det = load_any(folder, device=None if device == "auto" else device)
+    if not isinstance(det, Detector):
+        raise VladError(f"--load {folder}: holds a single scorer, not a detector; save a detector "
+                        "(vlad.create_detector(...).fit(...).save(folder)) and load that")
+    return det
+
+
+def check_local_engine(args: argparse.Namespace) -> None:
+    """Options of ``--engine ray`` given without it."""
+    for flag, value in (("--num-workers", args.num_workers), ("--address", args.address),
+                        ("--maps", args.maps), ("--overlays", args.overlays)):
+        if value:
+            raise VladError(f"{flag} is an option of --engine ray; add --engine ray (pip install "
+                            "'vlad-inspect[ray]') or drop it (the local engine writes overlays to --out)")
 
 
 def _rows(paths: list[Path], res, det) -> list[dict[str, Any]]:
