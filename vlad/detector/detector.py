@@ -482,11 +482,9 @@ class Detector:
                                  names=tuple(img.name for img in images))
         return scorer.predict(images)
 
-    def _pool_calibration(self, active: list[str], held: list[int]) -> Calibration:
-        """Normalisers and thresholds from the unlabeled pool, under the ``pool_defect_rate`` assumption."""
+    def _fit_normalisers(self, results: Mapping[str, AnomalyResult]) -> dict[str, Normaliser]:
+        """One normaliser per calibration unit (scorer, or scorer/part) from its results on normal images."""
         o = self.options
-        idx = self._pool_calibration_images()
-        results = {name: self._pool_results(name, idx) for name in active}
         normalisers: dict[str, Normaliser] = {}
         for name, result in results.items():
             for unit, (_, r) in self._units(name, result).items():
@@ -494,6 +492,14 @@ class Detector:
                     r.image_scores, r.map_list(), method=o["normalisation"], z0_image=o["z0"],
                     pixel_quantile=o["pixel_quantile"], z0_pixel=o["z0"], temperature=o["temperature"],
                 )
+        return normalisers
+
+    def _pool_calibration(self, active: list[str], held: list[int]) -> Calibration:
+        """Normalisers and thresholds from the unlabeled pool, under the ``pool_defect_rate`` assumption."""
+        o = self.options
+        idx = self._pool_calibration_images()
+        results = {name: self._pool_results(name, idx) for name in active}
+        normalisers = self._fit_normalisers(results)
         cal = Calibration(normalisers, 0.0, 0.0, rule="pool-assumption", path="unlabeled-pool", held_out=held,
                           n_references=len(self.references_), n_pool=len(idx))
         fused = fuse_results({nm: self._apply(cal, nm, r) for nm, r in results.items()}, self._weights(), o["fusion"])
@@ -672,13 +678,7 @@ class Detector:
                 return self._pool_calibration(active, held)
             return self._prior_calibration(active, held)
         results = {name: self._reference_results(name, idx) for name in active}
-        normalisers: dict[str, Normaliser] = {}
-        for name, result in results.items():
-            for unit, (_, r) in self._units(name, result).items():
-                normalisers[unit] = fit_reference_normaliser(
-                    r.image_scores, r.map_list(), method=o["normalisation"], z0_image=o["z0"],
-                    pixel_quantile=o["pixel_quantile"], z0_pixel=o["z0"], temperature=o["temperature"],
-                )
+        normalisers = self._fit_normalisers(results)
         cal = Calibration(normalisers, 0.0, 0.0, rule="conformal", held_out=held, n_references=n)
         fused = fuse_results({nm: self._apply(cal, nm, r) for nm, r in results.items()}, self._weights(), o["fusion"])
         cal.reference_scores = fused.image_scores.astype(np.float64).tolist()
