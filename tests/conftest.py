@@ -61,6 +61,22 @@ def with_defect(img: np.ndarray, box=(30, 50, 60, 80)) -> np.ndarray:
     return out
 
 
+def fails_with_one_line(capsys, argv: list[str], *words: str) -> str:
+    """Run the command line on ``argv`` and assert a user mistake: exit code 2, exactly one
+    ``vlad: error:`` line naming each of ``words`` (case-insensitive), no traceback. Returns that line."""
+    from vlad.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("vlad: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
 @pytest.fixture
 def good_images() -> list[np.ndarray]:
     return [textured(i) for i in range(4)]

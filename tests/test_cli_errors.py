@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import vlad
-from conftest import textured
+from conftest import fails_with_one_line, textured
 from vlad.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,30 +32,18 @@ def image(tmp_path_factory) -> Path:
     return path
 
 
-def _fails_with_one_line(capsys, argv: list[str], *words: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("vlad: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for word in words:
-        assert word.lower() in lines[0].lower(), lines[0]
-    return lines[0]
-
-
 def _score(image: Path, *extra: str) -> list[str]:
     return ["score", str(image), "--scorer", "patchcore", "--weights", "tiny", "--refs", str(image), *extra]
 
 
 def test_unknown_weights_names(capsys):
-    line = _fails_with_one_line(capsys, ["weights", "verify", "no-such-model"], "no-such-model", "weights list")
+    line = fails_with_one_line(capsys, ["weights", "verify", "no-such-model"], "no-such-model", "weights list")
     assert "resnet18.tv_in1k" in line  # the valid names are listed
-    _fails_with_one_line(capsys, ["weights", "download", "no-such-model"], "no-such-model")
+    fails_with_one_line(capsys, ["weights", "download", "no-such-model"], "no-such-model")
 
 
 def test_device_not_a_device(capsys, image):
-    _fails_with_one_line(capsys, _score(image, "--device", "gpu0"), "gpu0", "cpu")
+    fails_with_one_line(capsys, _score(image, "--device", "gpu0"), "gpu0", "cpu")
 
 
 def test_device_cuda_without_cuda(capsys, image):
@@ -63,20 +51,20 @@ def test_device_cuda_without_cuda(capsys, image):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    _fails_with_one_line(capsys, _score(image, "--device", "cuda"), "cuda", "not available")
+    fails_with_one_line(capsys, _score(image, "--device", "cuda"), "cuda", "not available")
 
 
 def test_weights_neither_a_mode_nor_a_folder(capsys, image):
-    _fails_with_one_line(capsys, ["score", str(image), "--scorer", "patchcore", "--weights", "pretraind"],
+    fails_with_one_line(capsys, ["score", str(image), "--scorer", "patchcore", "--weights", "pretraind"],
                          "pretraind", "random")
 
 
 def test_out_is_an_existing_file(capsys, image, tmp_path):
     target = tmp_path / "scores.csv"
     target.write_text("keep me")
-    _fails_with_one_line(capsys, _score(image, "--out", str(target)), "existing file")
+    fails_with_one_line(capsys, _score(image, "--out", str(target)), "existing file")
     assert target.read_text() == "keep me"
-    _fails_with_one_line(capsys, _score(image, "--out", str(target / "sub")), "cannot write")
+    fails_with_one_line(capsys, _score(image, "--out", str(target / "sub")), "cannot write")
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write anywhere")
@@ -85,28 +73,28 @@ def test_out_under_an_unwritable_folder(capsys, image, tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        _fails_with_one_line(capsys, _score(image, "--out", str(locked / "out")), "cannot write")
+        fails_with_one_line(capsys, _score(image, "--out", str(locked / "out")), "cannot write")
     finally:
         locked.chmod(0o700)
 
 
 def test_set_value_of_the_wrong_type(capsys, image):
-    _fails_with_one_line(capsys, ["score", str(image), "--detector", "maeday", "--weights", "tiny",
+    fails_with_one_line(capsys, ["score", str(image), "--detector", "maeday", "--weights", "tiny",
                                   "--set", "n_masks=many"], "n_masks", "whole number")
-    _fails_with_one_line(capsys, ["score", str(image), "--detector", "maeday", "--set", "n_masks"], "KEY=VALUE")
+    fails_with_one_line(capsys, ["score", str(image), "--detector", "maeday", "--set", "n_masks"], "KEY=VALUE")
 
 
 def test_prompt_yaml_not_utf8(capsys, image, tmp_path):
     bad = tmp_path / "prompts.yaml"
     bad.write_bytes("normal_states: ['fl\u00e4wless {}']\n".encode("latin-1"))
-    _fails_with_one_line(capsys, ["score", str(image), "--detector", "winclip", "--weights", "tiny",
+    fails_with_one_line(capsys, ["score", str(image), "--detector", "winclip", "--weights", "tiny",
                                   "--prompts", str(bad)], "UTF-8")
 
 
 def test_prompt_yaml_nested_too_deeply(capsys, image, tmp_path):
     deep = tmp_path / "deep.yaml"
     deep.write_text("normal_states: " + "[" * 50_000 + "]" * 50_000 + "\n")
-    _fails_with_one_line(capsys, ["score", str(image), "--detector", "winclip", "--weights", "tiny",
+    fails_with_one_line(capsys, ["score", str(image), "--detector", "winclip", "--weights", "tiny",
                                   "--prompts", str(deep)], "deep")
 
 
@@ -121,8 +109,8 @@ def test_very_long_object_name_is_no_os_error(capsys, image, tmp_path):
 
 
 def test_demo_port_out_of_range(capsys):
-    _fails_with_one_line(capsys, ["demo", "--port", "99999"], "99999", "65535")
-    _fails_with_one_line(capsys, ["demo", "--port", "http"], "port")
+    fails_with_one_line(capsys, ["demo", "--port", "99999"], "99999", "65535")
+    fails_with_one_line(capsys, ["demo", "--port", "http"], "port")
 
 
 def test_demo_port_in_use(capsys):
@@ -131,7 +119,7 @@ def test_demo_port_in_use(capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        _fails_with_one_line(capsys, ["demo", "--port", str(port), "--device", "cpu"], str(port), "--port")
+        fails_with_one_line(capsys, ["demo", "--port", str(port), "--device", "cpu"], str(port), "--port")
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
@@ -147,7 +135,7 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
 def test_image_over_the_pixel_limit(capsys, tmp_path):
     huge = tmp_path / "huge.png"
     _png_header_only(huge, 20_000, 20_000)  # 400 Mpx: over twice PIL's default limit
-    line = _fails_with_one_line(capsys, ["score", str(huge), "--detector", "winclip", "--weights", "tiny",
+    line = fails_with_one_line(capsys, ["score", str(huge), "--detector", "winclip", "--weights", "tiny",
                                          "--device", "cpu"], "huge.png", "VLAD_MAX_IMAGE_PIXELS")
     assert "400000000" in line  # names the size
 

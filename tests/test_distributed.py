@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fails_with_one_line
 
 from vlad.cli import main
 from vlad.distributed.inputs import expand_inputs
@@ -58,35 +59,26 @@ def test_expand_inputs_folders_globs_lists(tmp_path):
 
 # -- CLI mistakes: one line, exit 2 ---------------------------------------------------------------------
 
-def _fails_with_one_line(capsys, argv, *words):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("vlad: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word.lower() in lines[0].lower(), lines[0]
-
 
 def test_engine_ray_without_ray(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
-    _fails_with_one_line(capsys, ["score", str(tmp_path), "--engine", "ray", "--out", str(tmp_path / "o")],
+    fails_with_one_line(capsys, ["score", str(tmp_path), "--engine", "ray", "--out", str(tmp_path / "o")],
                          "vlad-inspect[ray]")
 
 
 def test_engine_options_checked(capsys, tmp_path):
-    _fails_with_one_line(capsys, ["score", str(tmp_path), "--engine", "ray", "--num-workers", "0"], "num-workers")
-    _fails_with_one_line(capsys, ["score", str(tmp_path), "--num-workers", "2"], "--engine ray")
-    _fails_with_one_line(capsys, ["score", str(tmp_path), "--load", str(tmp_path), "--scorer", "patchcore"],
+    fails_with_one_line(capsys, ["score", str(tmp_path), "--engine", "ray", "--num-workers", "0"], "num-workers")
+    fails_with_one_line(capsys, ["score", str(tmp_path), "--num-workers", "2"], "--engine ray")
+    fails_with_one_line(capsys, ["score", str(tmp_path), "--load", str(tmp_path), "--scorer", "patchcore"],
                          "--load", "--scorer")
 
 
 def test_engine_ray_needs_out_and_a_reachable_cluster(capsys, tmp_path):
     pytest.importorskip("ray")
-    _fails_with_one_line(capsys, ["score", str(tmp_path), "--engine", "ray"], "--out")
-    _fails_with_one_line(capsys, ["score", str(tmp_path), "--engine", "ray", "--out", str(tmp_path / "o"),
+    fails_with_one_line(capsys, ["score", str(tmp_path), "--engine", "ray"], "--out")
+    fails_with_one_line(capsys, ["score", str(tmp_path), "--engine", "ray", "--out", str(tmp_path / "o"),
                                   "--address", "127.0.0.1:1"], "cannot reach", "127.0.0.1:1")
-    _fails_with_one_line(capsys, ["score", str(tmp_path), "--engine", "ray", "--out", str(tmp_path / "o"),
+    fails_with_one_line(capsys, ["score", str(tmp_path), "--engine", "ray", "--out", str(tmp_path / "o"),
                                   "--address", "nowhere"], "HOST:PORT")
 
 

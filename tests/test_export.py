@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import vlad
-from conftest import textured, with_defect
+from conftest import fails_with_one_line, textured, with_defect
 from vlad.cli import main
 from vlad.errors import ExportError, IntegrityError
 from vlad.images import load_images
@@ -219,28 +218,18 @@ def test_cli_export_then_runtime(tmp_path, capsys):
     np.testing.assert_array_equal(exported.predict(odd).labels, det.predict(odd).labels)
 
 
-def _fails_with_one_line(capsys, argv: list[str], *words: str) -> None:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("vlad: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word.lower() in lines[0].lower(), lines[0]
-
-
 def test_cli_export_bad_input(tmp_path, capsys):
-    _fails_with_one_line(capsys, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "not a folder")
+    fails_with_one_line(capsys, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "not a folder")
     scorer_dir = tmp_path / "scorer"
     vlad.create_scorer("patchcore", weights="tiny").fit([textured(0)]).save(scorer_dir)
-    _fails_with_one_line(capsys, ["export", str(scorer_dir), "--out", str(tmp_path / "o")], "detector.json", "one scorer")
+    fails_with_one_line(capsys, ["export", str(scorer_dir), "--out", str(tmp_path / "o")], "detector.json", "one scorer")
     det_dir = tmp_path / "det"
     vlad.create_detector("maeday", weights="tiny", scorer_options={"maeday": {"n_masks": 2}}).fit().save(det_dir)
-    _fails_with_one_line(capsys, ["export", str(det_dir), "--out", str(tmp_path / "o")], "maeday", "cannot be exported")
+    fails_with_one_line(capsys, ["export", str(det_dir), "--out", str(tmp_path / "o")], "maeday", "cannot be exported")
     (tmp_path / "file").write_text("x")
-    _fails_with_one_line(capsys, ["export", str(det_dir), "--out", str(tmp_path / "file")], "existing file")
-    _fails_with_one_line(capsys, ["export", str(det_dir), "--out", str(tmp_path / "o"), "--format", "tflite"], "format")
-    _fails_with_one_line(capsys, ["export", str(det_dir), "--out", str(tmp_path / "o"), "--image-size", "0", "5"],
+    fails_with_one_line(capsys, ["export", str(det_dir), "--out", str(tmp_path / "file")], "existing file")
+    fails_with_one_line(capsys, ["export", str(det_dir), "--out", str(tmp_path / "o"), "--format", "tflite"], "format")
+    fails_with_one_line(capsys, ["export", str(det_dir), "--out", str(tmp_path / "o"), "--image-size", "0", "5"],
                          "image-size")
 
 
