@@ -92,16 +92,22 @@ def conformal_threshold(values: Sequence[float], alpha: float) -> tuple[float, s
     Raises:
         VladError: no values, or non-finite values.
     """
-    v = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    v = _sorted_finite(values, "a conformal threshold needs at least one normal score", "calibration scores")
     n = v.size
-    if n == 0:
-        raise VladError("a conformal threshold needs at least one normal score")
-    if not np.isfinite(v).all():
-        raise VladError("calibration scores contain NaN or infinity; the scorer is broken: fit it again")
     k = math.ceil((n + 1) * (1.0 - alpha) - 1e-9)
     if k <= n:
         return float(v[k - 1]), "conformal", (n + 1 - k) / (n + 1)
     return float(v[-1]), "best-available", 1.0 / (n + 1)
+
+
+def _sorted_finite(values: Sequence[float], empty_message: str, what: str) -> np.ndarray:
+    """``values`` as sorted float64, or a VladError when there are none or one is not finite."""
+    v = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    if v.size == 0:
+        raise VladError(empty_message)
+    if not np.isfinite(v).all():
+        raise VladError(f"{what} contain NaN or infinity; the scorer is broken: fit it again")
+    return v
 
 
 def pool_threshold(values: Sequence[float], alpha: float, defect_rate: float) -> tuple[float, str, float]:
@@ -117,12 +123,8 @@ def pool_threshold(values: Sequence[float], alpha: float, defect_rate: float) ->
     Raises:
         VladError: no values, non-finite values, or a rate outside [0, 1).
     """
-    v = np.sort(np.asarray(values, dtype=np.float64).reshape(-1))
+    v = _sorted_finite(values, "a pool threshold needs at least one pool score", "pool scores")
     u = v.size
-    if u == 0:
-        raise VladError("a pool threshold needs at least one pool score")
-    if not np.isfinite(v).all():
-        raise VladError("pool scores contain NaN or infinity; the scorer is broken: fit it again")
     if not 0.0 <= float(defect_rate) < 1.0:
         raise InvalidParameterError(f"pool_defect_rate must be in [0, 1), got {defect_rate!r}")
     m = int(math.floor(float(defect_rate) * u + 1e-9))

@@ -537,19 +537,24 @@ class MuSc(BaseScorer):
             InvalidImageError: an unreadable input (named).
             NonFiniteScoreError: NaN or infinity in a result (named).
         """
-        self._check_fitted()
-        loaded = load_images(images)
-        res = self.score_against_pool(loaded) if self.pool_names_ else self.score_batch(loaded)
-        return self._to_anomaly_result(res, loaded, [img.size for img in loaded])
+        return self._predict_at(images, working=False)
 
     def predict_working(self, images: ImagesLike) -> AnomalyResult:
         """:meth:`predict` with maps at the working resolution (:func:`vlad.tiling.working_shape`), as the
         detector asks for them; all images of the call are still scored together (the base class would
         score them in batches of ``batch_size``, which changes MuSc's result)."""
+        return self._predict_at(images, working=True)
+
+    def _predict_at(self, images: ImagesLike, working: bool) -> AnomalyResult:
+        """All images of the call scored together; maps at each image's size or its working size."""
         self._check_fitted()
         loaded = load_images(images)
-        res = self.score_against_pool(loaded) if self.pool_names_ else self.score_batch(loaded)
-        return self._to_anomaly_result(res, loaded, [working_shape(img.size) for img in loaded])
+        sizes = [working_shape(img.size) if working else img.size for img in loaded]
+        return self._to_anomaly_result(self._mutual(loaded), loaded, sizes)
+
+    def _mutual(self, images: list[LoadedImage]) -> MutualResult:
+        """Against the unlabeled pool when there is one (each image on its own), else against each other."""
+        return self.score_against_pool(images) if self.pool_names_ else self.score_batch(images)
 
     def _to_anomaly_result(self, res: MutualResult, loaded: list[LoadedImage],
                            sizes: Sequence[tuple[int, int]]) -> AnomalyResult:
@@ -560,7 +565,7 @@ class MuSc(BaseScorer):
         return result
 
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
-        res = self.score_against_pool(images) if self.pool_names_ else self.score_batch(images)
+        res = self._mutual(images)
         return res.scores, res.patch_scores
 
     # -- the unlabeled pool --------------------------------------------------------------------
