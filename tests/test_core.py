@@ -78,3 +78,27 @@ def test_result_concatenate_and_validation():
     assert c.image_scores.tolist() == [1.0, 2.0] and isinstance(c.anomaly_maps, list)
     with pytest.raises(ValueError, match="2 image scores but 1"):
         vlad.AnomalyResult(np.array([1.0, 2.0]), np.zeros((1, 4, 4)))
+
+
+def test_parameter_protocol_without_scikit_learn():
+    """get_params / set_params / repr / clone behave as scikit-learn's, and a misspelt name is a clear error."""
+    from sklearn.base import clone
+
+    s = vlad.create_scorer("test-brightness", size=16)
+    assert repr(s) == "Brightness(size=16)"  # only what differs from the defaults
+    assert s.set_params(batch_size=4) is s and s.batch_size == 4
+    with pytest.raises(vlad.InvalidParameterError, match="no parameter 'sise'; did you mean 'size'"):
+        s.set_params(sise=8)
+    assert s.size == 16  # nothing set on error
+
+    class Holder(vlad.scorers.base.BaseScorer):
+        def __init__(self, inner=None, scale=1.0):
+            self.inner = inner
+            self.scale = scale
+
+    h = Holder(inner=vlad.create_scorer("test-brightness"))
+    assert h.get_params()["inner__size"] == h.inner.size
+    h.set_params(inner__size=8, scale=2.0)
+    assert h.inner.size == 8 and h.scale == 2.0
+    twin = clone(h)
+    assert twin.inner is not h.inner and twin.inner.size == 8 and twin.scale == 2.0

@@ -36,6 +36,24 @@ def test_heavy_libraries_arrive_with_a_scorer():
     assert "torch" in _modules_after("import vlad; vlad.create_scorer('patchcore')")
 
 
+def test_a_scorer_does_not_import_scikit_learn():
+    """Fitting and scoring with PatchCore imports neither scikit-learn nor SciPy (about 145 MB and 1 s
+    when pandas is installed); the NotFittedError raised before fit still is scikit-learn's."""
+    code = (
+        "import numpy as np, vlad\n"
+        "imgs = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(3)]\n"
+        "s = vlad.create_scorer('patchcore', weights='tiny')\n"
+        "s.fit(imgs[:2]); s.predict(imgs[2:])"
+    )
+    loaded = _modules_after(code)
+    assert "torch" in loaded and "sklearn" not in loaded and "scipy" not in loaded
+    raised = _modules_after(
+        "import vlad\ntry:\n    vlad.create_scorer('patchcore').predict([])\nexcept vlad.NotFittedError as e:\n"
+        "    from sklearn.exceptions import NotFittedError\n    assert isinstance(e, NotFittedError)"
+    )
+    assert "sklearn" in raised
+
+
 def test_not_fitted_error_is_still_scikit_learns():
     from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 

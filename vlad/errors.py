@@ -75,6 +75,7 @@ def _make_not_fitted_error() -> type:
         """``predict`` (or another fitted-state method) called before ``fit``."""
 
     NotFittedError.__module__ = __name__
+    NotFittedError.__qualname__ = "NotFittedError"
     return NotFittedError
 
 

@@ -76,7 +76,8 @@ from vlad.detector.fusion import (
     tier_weights,
 )
 from vlad.detector.spec import SHARED_OPTIONS, build_scorers, did_you_mean, parse_spec
-from vlad.errors import EmptyReferenceSetError, InvalidParameterError, NotFittedError, VladError
+from vlad import errors
+from vlad.errors import EmptyReferenceSetError, InvalidParameterError, VladError
 from vlad.images import LoadedImage, load_images
 from vlad.scorers.base import check_finite, reference_index
 from vlad.tiling import upsample_maps
@@ -641,7 +642,7 @@ class Detector:
 
     def _check_fitted(self) -> None:
         if not self.fitted_:
-            raise NotFittedError("this Detector is not fitted yet; call fit() (optionally with good images) first")
+            raise errors.NotFittedError("this Detector is not fitted yet; call fit() (optionally with good images) first")
 
     # -- calibration -----------------------------------------------------------------------
     def _units(self, name: str, raw: AnomalyResult) -> dict[str, tuple[str, AnomalyResult]]:

@@ -54,7 +54,7 @@ def _projected(features: torch.Tensor, projection_dim: int | None, random_state:
         # in row blocks: a float16 feature stack is never copied whole to float32
         proj = (torch.randn(d, projection_dim, generator=gen) / math.sqrt(projection_dim)).to(features.device)
         x = torch.empty((n, projection_dim), dtype=torch.float32, device=features.device)
-        step = 16384
+        step = 4096  # rows per float32 copy: 16 MB at D = 1024
         for s in range(0, n, step):
             torch.mm(features[s : s + step].float(), proj, out=x[s : s + step])
     else:

@@ -39,8 +39,16 @@ class InvalidSearchError(VladError, ValueError):
 
 
 def squared_norms(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise squared L2 norms of ``(N, D)`` as ``(N,)`` (cache them for a fixed memory)."""
-    return x.pow(2).sum(dim=1)
+    """Row-wise squared L2 norms of ``(N, D)`` as ``(N,)`` (cache them for a fixed memory).
+
+    Computed ``step`` rows at a time, so a large memory is never squared whole into a second tensor."""
+    step = 4096
+    if x.shape[0] <= step:
+        return x.pow(2).sum(dim=1)
+    out = x.new_empty(x.shape[0])
+    for s in range(0, x.shape[0], step):
+        torch.sum(x[s : s + step].pow(2), dim=1, out=out[s : s + step])
+    return out
 
 
 class KnnIndex:

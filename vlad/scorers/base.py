@@ -1,7 +1,8 @@
 """The written scorer contract: scikit-learn estimator rules plus vlad's image handling.
 
 **Parameters.** ``__init__`` lists the parameters and stores them as they are: no downloads, no
-validation, no other attributes (so ``get_params``, ``set_params`` and ``sklearn.base.clone`` work).
+validation, no other attributes (so ``get_params``, ``set_params`` and ``sklearn.base.clone`` work; the
+protocol comes from :class:`vlad.params.ParamsMixin`, which does not import scikit-learn).
 
 **Fitting.** ``fit(reference_images=None) -> self`` builds the backbone (lazily, from a weight name or
 an injected module) and learns from the normal references, if any. Fitted state lives in attributes
@@ -71,17 +72,17 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator
 
 from vlad.backbones import resolve_device
+from vlad import errors
 from vlad.errors import (
     EmptyReferenceSetError,
     InvalidParameterError,
-    NotFittedError,
     UnknownScorerError,
     VladError,
 )
 from vlad.images import LoadedImage, load_images
+from vlad.params import ParamsMixin
 from vlad.progress import track
 from vlad.serialization import (
     check_digests,
@@ -129,7 +130,7 @@ def _with_tiling_params(init):
     return __init__
 
 
-class BaseScorer(BaseEstimator):
+class BaseScorer(ParamsMixin):
     """Common machinery: input loading, batching, map resizing, fitted checks, save/load.
 
     Capabilities are declared here as class attributes (see the module docstring); the detector and the
@@ -330,7 +331,7 @@ class BaseScorer(BaseEstimator):
     # -- helpers for subclasses ---------------------------------------------------------------
     def _check_fitted(self) -> None:
         if not hasattr(self, "device_"):
-            raise NotFittedError(
+            raise errors.NotFittedError(  # looked up here: the class imports scikit-learn
                 f"this {type(self).__name__} is not fitted yet; call fit() (with reference images for "
                 "few-shot scorers) before predict()"
             )

@@ -129,15 +129,27 @@ class PatchCore(FewShotMixin, BaseScorer):
         with torch.inference_mode():
             feats = self.backbone_.model(x)
             grid = feats[0].shape[-2:]
-            b, e = x.shape[0], int(self.embed_dim)
+            b, e, n_layers = x.shape[0], int(self.embed_dim), len(feats)
+            # pooling the concatenation (B*h*w, L*E) to E averages windows of L channels; when L divides E
+            # each window lies inside one layer's block, so each layer is pooled straight into its slice
+            # of z (the same numbers, without the concatenation and every layer's (B*h*w, E) alive at once)
+            width = e // n_layers if e % n_layers == 0 else None
+            z = x.new_empty((b * grid[0] * grid[1], e)) if width else None
             pooled = []
-            for f in feats:
+            for i, f in enumerate(feats):
                 # channels-last: the 3x3 average is ~8x faster and the permute below is free
                 f = F.avg_pool2d(f.contiguous(memory_format=torch.channels_last), kernel_size=3, stride=1, padding=1)
                 if f.shape[-2:] != grid:
                     f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
-                pooled.append(pool_channels(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), e))  # (B*h*w, E)
-            z = pool_channels(torch.cat(pooled, dim=1), e)  # (B*h*w, L*E) -> (B*h*w, E)
+                p = pool_channels(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), e)  # (B*h*w, E)
+                del f
+                if width:
+                    z[:, i * width : (i + 1) * width] = pool_channels(p, width)
+                else:
+                    pooled.append(p)
+                del p
+            if not width:
+                z = pool_channels(torch.cat(pooled, dim=1), e)
         return z.reshape(b, grid[0], grid[1], e)
 
     def _embed_references(self, images: list[LoadedImage]) -> list[torch.Tensor]:
@@ -159,7 +171,7 @@ class PatchCore(FewShotMixin, BaseScorer):
             if bank is None:  # preallocate: no second copy of the whole stack when concatenating
                 dtype = torch.float16 if use_coreset else torch.float32
                 bank = z.new_empty((len(images) * per_image, z.shape[-1]), dtype=dtype)
-            if bank.dtype == torch.float16 and not bool(z.abs().amax() < self._FLOAT16_SAFE):
+            if bank.dtype == torch.float16 and not bool(torch.stack(torch.aminmax(z)).abs().amax() < self._FLOAT16_SAFE):
                 logger.info("PatchCore: features beyond the float16 range; holding the patch stack in float32")
                 bank = bank.float()
             bank[row : row + z.shape[0]] = z
@@ -172,7 +184,7 @@ class PatchCore(FewShotMixin, BaseScorer):
                 random_state=self.random_state,
             ).to(bank.device).sort().values
             logger.info("PatchCore: coreset kept %d of %d patches", keep.numel(), bank.shape[0])
-            bank, owner = bank[keep].float(), owner[keep]
+            bank, owner = _gather_rows(bank, keep), owner[keep]
         counts = torch.bincount(owner, minlength=len(images)).tolist()
         return list(bank.split(counts))
 
@@ -301,6 +313,15 @@ class PatchCore(FewShotMixin, BaseScorer):
         self.memory_chunks_ = list(memory.split(sizes)) if sizes else []
         self.reference_names_ = names
         self._memory_changed()
+
+
+def _gather_rows(bank: torch.Tensor, keep: torch.Tensor, step: int = 4096) -> torch.Tensor:
+    """``bank[keep]`` as float32, gathered ``step`` rows at a time: no float16 copy of all kept rows next to
+    the float32 one (the end of ``fit`` is PatchCore's memory peak)."""
+    out = torch.empty((keep.numel(), bank.shape[1]), dtype=torch.float32, device=bank.device)
+    for s in range(0, keep.numel(), step):
+        out[s : s + step] = bank[keep[s : s + step]]
+    return out
 
 
 def _rows_as_one(chunks: list[torch.Tensor], dim: int, device: torch.device) -> torch.Tensor:
