@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from vlad.errors import EmptyReferenceSetError, VladError
-from vlad.memory import InvalidSearchError, KnnIndex, knn_distances
+from vlad.memory import BoundedIndex, InvalidSearchError, KnnIndex, knn_distances
 
 
 def _brute(q: torch.Tensor, m: torch.Tensor, k: int, metric: str):
@@ -75,8 +75,42 @@ def test_pruned_search_is_exact_and_prunes(metric, as_blocks):
     ref = _brute(q, mem, 1, metric)
     assert torch.equal(i, ref.indices)
     torch.testing.assert_close(d.double(), ref.values, atol=1e-4, rtol=1e-4)
-    stats = index._bound.stats
-    assert stats["rows_searched"] < 0.5 * stats["chunks"] * mem.shape[0]
+    assert index._bound.scored_fraction < 0.5
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("block_rows,chunk", [(16, None), (16, 5), (64, 1), (1000, None)])
+def test_bounded_index_on_clustered_memory_of_odd_sized_sources(metric, block_rows, chunk):
+    """Clusters spread over sources of sizes that do not divide into blocks (padded last blocks), many
+    blocks, tiny query chunks: the same nearest rows as float64 brute force, with most pairs skipped."""
+    g = torch.Generator().manual_seed(3)
+    centres = 4 * torch.randn(40, 48, generator=g)
+    mem = centres[torch.randint(0, 40, (2600,), generator=g)] + 0.3 * torch.randn(2600, 48, generator=g)
+    q = centres[torch.randint(0, 40, (300,), generator=g)] + 0.3 * torch.randn(300, 48, generator=g)
+    if metric == "cosine":
+        mem, q = F.normalize(mem, dim=1), F.normalize(q, dim=1)
+    sizes = [1, 999, 17, 1583]
+    index = BoundedIndex(list(mem.split(sizes)), metric, rank=8, block_rows=block_rows)
+    d, i = index.search(q, chunk=chunk)
+    ref = _brute(q, mem, 1, metric)
+    assert torch.equal(i, ref.indices)
+    torch.testing.assert_close(d.double(), ref.values, atol=1e-4, rtol=1e-4)
+    if block_rows < 1000:
+        assert index.scored_fraction < 0.3 and index.stats["dense_chunks"] == 0
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_bounded_index_ties_go_to_the_earlier_row(metric):
+    """Copies of the nearest row in other blocks and sources: the earliest copy wins, as in the dense search."""
+    g = torch.Generator().manual_seed(4)
+    mem = F.normalize(torch.randn(900, 24, generator=g), dim=1)
+    target = mem[700].clone()
+    for pos in (650, 120, 899):  # copies before and after row 700, in other blocks
+        mem[pos] = target
+    q = F.normalize(target[None] + 1e-3 * torch.randn(3, 24, generator=g), dim=1)
+    dense = knn_distances(q, mem, metric=metric)[1]
+    pruned = BoundedIndex([mem[:400], mem[400:]], metric, rank=4, block_rows=32).search(q)[1]
+    assert torch.equal(pruned, dense) and pruned[:, 0].tolist() == [120, 120, 120]
 
 
 def test_ties_go_to_the_earlier_memory_row():

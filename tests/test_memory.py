@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlad.memory import (
-    BoundedL2Index,
+    BoundedIndex,
     coreset_size,
     greedy_coreset,
     greedy_coreset_reference,
@@ -98,13 +98,12 @@ def test_bounded_index_is_exact(structured, chunk):
         q = mem[torch.randint(0, 3000, (400,), generator=g)] + 0.5 * torch.randn(400, 128, generator=g)
     else:  # isotropic: nothing can be pruned, dense fallback
         mem, q = torch.randn(1500, 128, generator=g), torch.randn(200, 128, generator=g)
-    index = BoundedL2Index(mem, rank=16)
+    index = BoundedIndex(mem, rank=16)
     d, i = index.search(q, chunk=chunk)
     ref = torch.cdist(q.double(), mem.double()).min(dim=1)
     assert torch.equal(i[:, 0], ref.indices)
     torch.testing.assert_close(d[:, 0].double(), ref.values, atol=1e-4, rtol=1e-4)
-    pruned = index.stats["rows_searched"] < 0.2 * index.stats["chunks"] * mem.shape[0]
-    assert pruned == structured
+    assert (index.scored_fraction < 0.2) == structured
 
 
 @pytest.mark.parametrize("candidates,max_batch", [(8, 4), (32, 2048), (200, 16)])

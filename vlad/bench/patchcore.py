@@ -8,7 +8,7 @@ each reference count in a fresh subprocess so peak RSS is per setting:
 * ``predict`` images/s at batch ``--batch``,
 * ``fit`` time including the coreset (10% by default), and the memory size,
 * peak RSS of the process,
-* the nearest-neighbour search alone for one image: dense vs :class:`vlad.memory.BoundedL2Index`.
+* the nearest-neighbour search alone for one image: dense vs :class:`vlad.memory.BoundedIndex`.
 """
 
 from __future__ import annotations
@@ -66,15 +66,15 @@ def _child(args: argparse.Namespace) -> dict:
     pb = [timed(lambda: scorer.predict(test_b)) for _ in range(max(1, args.repeats // 2))]
     # the nearest-neighbour search alone, dense vs the pruned exact index, on one image's patches
     from vlad.images import load_images
-    from vlad.memory import BoundedL2Index, knn_distances
+    from vlad.memory import BoundedIndex, knn_distances
 
     q = scorer._embed(load_images(test1)).reshape(-1, scorer.memory_.shape[1])
-    index = BoundedL2Index(scorer.memory_)
+    index = BoundedIndex(scorer.memory_)
     dense_s = med([timed(lambda: knn_distances(q, scorer.memory_, memory_sq_norms=scorer.memory_sq_))
                    for _ in range(args.repeats)])
     index_s = med([timed(lambda: index.search(q)) for _ in range(args.repeats)])
     same = bool(torch.equal(index.search(q)[1], knn_distances(q, scorer.memory_)[1]))
-    searched = index.stats["rows_searched"] / max(1, index.stats["chunks"]) / scorer.memory_.shape[0]
+    searched = index.scored_fraction
     return {"knn_dense_s": dense_s, "knn_index_s": index_s, "knn_same": same, "rows_frac": searched,
         "refs": args.child_refs, "memory": int(scorer.memory_.shape[0]), "fit_s": fit_s,
         "forward_s": med(fw), "predict_s": med(pr), "batch_img_per_s": args.batch / med(pb),
@@ -118,6 +118,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['batch_img_per_s']:>10.2f} {r['fit_s']:>8.1f} {r['peak_rss_mb']:>12.0f} "
               f"{r['import_rss_mb']:>9.0f}", flush=True)
         print(f"      kNN alone, 1 image: dense {r['knn_dense_s']:.3f} s, pruned index {r['knn_index_s']:.3f} s "
-              f"(searched {100 * r['rows_frac']:.1f}% of memory rows per query chunk; same indices: "
+              f"(scored {100 * r['rows_frac']:.1f}% of the query-row pairs; same indices: "
               f"{r['knn_same']})", flush=True)
     return status

@@ -1,7 +1,7 @@
 """Memory banks of the few-shot scorers: the one exact nearest-neighbour search and the greedy coreset.
 
 * :mod:`vlad.memory.knn`: :class:`KnnIndex` / :func:`knn_distances`, exact k-NN (L2 or cosine) as
-  blocked matrix products with bounded memory, on CPU or GPU; :class:`BoundedL2Index` prunes exactly.
+  blocked matrix products with bounded memory, on CPU or GPU; :class:`BoundedIndex` prunes exactly.
 * :mod:`vlad.memory.coreset`: :func:`greedy_coreset`, PatchCore's greedy k-center coreset, fast and
   exact against the plain loop :func:`greedy_coreset_reference`.
 """
@@ -10,7 +10,7 @@ from vlad.memory.coreset import coreset_size, greedy_coreset, greedy_coreset_ref
 from vlad.memory.knn import (
     DEFAULT_MAX_BYTES,
     METRICS,
-    BoundedL2Index,
+    BoundedIndex,
     InvalidSearchError,
     KnnIndex,
     knn_distances,
@@ -20,7 +20,7 @@ from vlad.memory.knn import (
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "METRICS",
-    "BoundedL2Index",
+    "BoundedIndex",
     "InvalidSearchError",
     "KnnIndex",
     "coreset_size",
