@@ -20,6 +20,23 @@ def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) 
     return statistics.median(times)
 
 
+def paired_seconds(base: Callable[[], object], fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
+    """``(median base s, median fn s, median of fn / base)``: each repeat times ``base()`` then ``fn()`` back
+    to back (one warm-up of each first), so the ratio of a pair is taken under the same machine load;
+    the median of those ratios is steadier on a shared machine than the ratio of the two medians."""
+    base()
+    fn()
+    pairs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        base()
+        t1 = time.perf_counter()
+        fn()
+        pairs.append((t1 - t0, time.perf_counter() - t1))
+    return (statistics.median(b for b, _ in pairs), statistics.median(f for _, f in pairs),
+            statistics.median(f / b for b, f in pairs))
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

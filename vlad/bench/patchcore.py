@@ -4,7 +4,8 @@ Figures (WideResNet-50 layers 2+3, random weights, 224 x 224 inputs; cost does n
 each reference count in a fresh subprocess so peak RSS is per setting:
 
 * one plain backbone forward (layers 2+3), s/img at batch 1,
-* PatchCore ``predict`` s/img at batch 1 and its ratio to that forward (target <= 1.5x),
+* PatchCore ``predict`` s/img at batch 1 and its ratio to that forward: the median of ``--repeats``
+  back-to-back forward/predict pairs (target <= 1.5x),
 * ``predict`` images/s at batch ``--batch``,
 * ``fit`` time including the coreset (10% by default), and the memory size,
 * peak RSS of the process,
@@ -28,7 +29,7 @@ BACKBONE = "wide_resnet50_2.tv_in1k"
 def _child(args: argparse.Namespace) -> dict:
     import torch
 
-    from vlad.bench._util import peak_rss_mb
+    from vlad.bench._util import paired_seconds, peak_rss_mb
     from vlad.registry import create_scorer
 
     import_rss = peak_rss_mb()
@@ -55,14 +56,9 @@ def _child(args: argparse.Namespace) -> dict:
         with torch.inference_mode():
             model(x1)
 
-    # interleave forward and predict so machine load affects both alike; medians
-    forward()
-    scorer.predict(test1)
+    # back-to-back forward/predict pairs: each pair's ratio is taken under the same machine load
+    forward_s, predict_s, ratio = paired_seconds(forward, lambda: scorer.predict(test1), args.repeats)
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    fw, pr = [], []
-    for _ in range(args.repeats):
-        fw.append(timed(forward))
-        pr.append(timed(lambda: scorer.predict(test1)))
     pb = [timed(lambda: scorer.predict(test_b)) for _ in range(max(1, args.repeats // 2))]
     # the nearest-neighbour search alone, dense vs the pruned exact index, on one image's patches
     from vlad.images import load_images
@@ -77,7 +73,7 @@ def _child(args: argparse.Namespace) -> dict:
     searched = index.scored_fraction
     return {"knn_dense_s": dense_s, "knn_index_s": index_s, "knn_same": same, "rows_frac": searched,
         "refs": args.child_refs, "memory": int(scorer.memory_.shape[0]), "fit_s": fit_s,
-        "forward_s": med(fw), "predict_s": med(pr), "batch_img_per_s": args.batch / med(pb),
+        "forward_s": forward_s, "predict_s": predict_s, "ratio": ratio, "batch_img_per_s": args.batch / med(pb),
         "peak_rss_mb": peak_rss_mb(), "import_rss_mb": import_rss, "threads": torch.get_num_threads(),
     }
 
@@ -87,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--refs", default="1,16,200", help="reference counts, comma-separated")
     parser.add_argument("--batch", type=int, default=8, help="batch size of the throughput figure")
     parser.add_argument("--ratio", type=float, default=0.1, help="coreset ratio")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed repeats per figure (median)")
     parser.add_argument("--backbone", default=BACKBONE)
     parser.add_argument("--child-refs", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -113,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = 1
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        ratio = r["predict_s"] / r["forward_s"]
+        ratio = r["ratio"]
         print(f"{n:>5} {r['memory']:>7} {r['forward_s']:>10.3f} {r['predict_s']:>10.3f} {ratio:>5.2f}x "
               f"{r['batch_img_per_s']:>10.2f} {r['fit_s']:>8.1f} {r['peak_rss_mb']:>12.0f} "
               f"{r['import_rss_mb']:>9.0f}", flush=True)
