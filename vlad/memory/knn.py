@@ -316,10 +316,12 @@ class BoundedIndex:
         self.metric = metric
         self.blocks = blocks
         self.memory = blocks[0] if len(blocks) == 1 else blocks
-        self.offsets = torch.tensor([0] + [b.shape[0] for b in blocks], device=blocks[0].device).cumsum(0)
+        self.offsets = [0]  # first row of each source block in the concatenated memory
+        for b in blocks:
+            self.offsets.append(self.offsets[-1] + b.shape[0])
         self.max_fraction = float(max_fraction)
         self.max_bytes = int(max_bytes)
-        m, d = int(self.offsets[-1]), blocks[0].shape[1]
+        m, d = self.offsets[-1], blocks[0].shape[1]
         self.size, self.dim = m, d
         if memory_sq_norms is not None and len(blocks) == 1:
             self.mem_sq = memory_sq_norms.float()
@@ -339,7 +341,7 @@ class BoundedIndex:
         # each source block is ordered on its own, so a search block lies inside one source block (one
         # gather); its last search block is padded with rows that bound nothing (a huge negative score)
         bs, r = self.block_rows, self.basis.shape[1]
-        parts, local, src, valid = [], [], [], []
+        parts, local, src, starts, valid = [], [], [], [], []
         for k, (b, aug) in enumerate(zip(blocks, augs)):
             order = _block_order(aug[:, :r], bs, self.ORDER_ROUNDS)
             n_b = -(-b.shape[0] // bs)
@@ -349,16 +351,12 @@ class BoundedIndex:
             parts += [aug[order], filler]
             local.append(order)
             src += [k] * n_b
+            starts += range(0, n_b * bs, bs)  # where each search block starts in its source's order
             valid += [bs] * (n_b - 1) + [bs - pad]
         self.aug = torch.cat(parts).contiguous()  # (n_blocks * BLOCK_ROWS, rank + 3)
         self.n_blocks = len(src)
-        self.block_source, self.block_valid = src, valid
-        self.block_start = [0] * self.n_blocks  # where each search block starts in its source's order
+        self.block_source, self.block_start, self.block_valid = src, starts, valid
         self.local_order = local
-        start = 0
-        for b in range(self.n_blocks):
-            self.block_start[b] = start
-            start = 0 if b + 1 < self.n_blocks and src[b + 1] != src[b] else start + bs
         self.stats = {"chunks": 0, "dense_chunks": 0, "queries": 0, "rows_scored": 0}
 
     @property
@@ -428,12 +426,6 @@ class BoundedIndex:
                 torch.amax(u.view(qc.shape[0], -1, bs), dim=2, out=out[s : s + q_rows, t // bs : (t + rows.shape[0]) // bs])
         return out, qa
 
-    def _block_rows(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Memory row indices (ascending) of search block ``b`` and the rows."""
-        k, start = self.block_source[b], self.block_start[b]
-        local = self.local_order[k][start : start + self.block_valid[b]]
-        return local + self.offsets[k], self.blocks[k][local]
-
     def _exact(self, q: torch.Tensor, b: int, qa: torch.Tensor | None = None,
                floor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Best exact score of each query in block ``b`` (the dense search's arithmetic) and its memory row.
@@ -501,18 +493,6 @@ class BoundedIndex:
         else:
             dist = best.neg_().add_(1.0).clamp_(0.0, 2.0)
         return dist[:, None], best_i[:, None]
-
-    def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Memory rows ``(len(index), D)`` at int64 positions ``index`` of the (concatenated) memory."""
-        if len(self.blocks) == 1:
-            return self.blocks[0][index]
-        out = self.blocks[0].new_empty((index.numel(), self.dim))
-        which = torch.searchsorted(self.offsets[1:], index, right=True)
-        for b, block in enumerate(self.blocks):
-            sel = (which == b).nonzero()[:, 0]
-            if sel.numel():
-                out[sel] = block[index[sel] - self.offsets[b]]
-        return out
 
 
 def _groups(labels: torch.Tensor):
