@@ -19,6 +19,13 @@ from typing import Any
 from vlad.errors import InvalidParameterError
 
 
+def unknown_parameter(owner: str, name: str, accepted: list[str]) -> InvalidParameterError:
+    """The error for parameter ``name`` that ``owner`` does not have: the closest accepted name, then all."""
+    close = difflib.get_close_matches(name, accepted, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return InvalidParameterError(f"{owner} has no parameter {name!r}; {hint}its parameters are: {', '.join(accepted)}")
+
+
 class ParamsMixin:
     """``get_params`` / ``set_params`` / ``repr`` for a class whose ``__init__`` stores its parameters."""
 
@@ -56,11 +63,7 @@ class ParamsMixin:
         for key, value in params.items():
             name, sep, sub = key.partition("__")
             if name not in valid:
-                close = difflib.get_close_matches(name, valid, n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise InvalidParameterError(
-                    f"{type(self).__name__} has no parameter {name!r}; {hint}its parameters are: {', '.join(valid)}"
-                )
+                raise unknown_parameter(type(self).__name__, name, valid)
             if sep:
                 nested.setdefault(name, {})[sub] = value
             else:

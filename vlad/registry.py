@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Callable
 from typing import Any
 
-from vlad.errors import InvalidParameterError, UnknownScorerError
+from vlad.errors import UnknownScorerError
+from vlad.params import unknown_parameter
 
 # Built-in scorers, imported on first use so `import vlad` stays fast.
 _BUILTIN: dict[str, str] = {
@@ -86,11 +86,7 @@ def check_parameters(name: str, params: dict[str, Any]) -> None:
         return
     for key in params:
         if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise InvalidParameterError(
-                f"scorer {name!r} has no parameter {key!r}; {hint}its parameters are: {', '.join(accepted)}"
-            )
+            raise unknown_parameter(f"scorer {name!r}", key, accepted)
 
 
 def create_scorer(name: str, **params: Any):

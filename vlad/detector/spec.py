@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from vlad.errors import InvalidParameterError, UnknownScorerError, VladError
-from vlad.registry import create_scorer, get_scorer_class, list_scorers
+from vlad.registry import create_scorer, get_scorer_class, list_scorers, parameter_names
 
 DEFAULT_SPEC = "winclip+maeday+anomalydino"
 
@@ -54,11 +54,6 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def param_names(cls: type) -> set[str]:
-    """The ``__init__`` parameter names of a scorer class."""
-    return set(cls._get_param_names()) if hasattr(cls, "_get_param_names") else set()
-
-
 def build_scorers(
     names: Sequence[str],
     options: Mapping[str, Any],
@@ -83,7 +78,7 @@ def build_scorers(
     unknown = set(scorer_options) - set(names)
     if unknown:
         raise InvalidParameterError(f"scorer_options names {sorted(unknown)}, which are not in the spec {list(names)}")
-    accepted = {n: param_names(get_scorer_class(n)) for n in names}
+    accepted = {n: set(parameter_names(get_scorer_class(n))) for n in names}
     every = set().union(*accepted.values(), detector_options)
     unrouted = [k for k in options if k not in SHARED_OPTIONS and not any(k in accepted[n] for n in names)]
     if unrouted:

@@ -73,8 +73,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from vlad.backbones import resolve_device
 from vlad import errors
+from vlad.backbones import resolve_device
 from vlad.errors import (
     EmptyReferenceSetError,
     InvalidParameterError,
@@ -84,6 +84,7 @@ from vlad.errors import (
 from vlad.images import LoadedImage, load_images
 from vlad.params import ParamsMixin
 from vlad.progress import track
+from vlad.registry import parameter_names
 from vlad.serialization import (
     check_digests,
     check_keys,
@@ -535,10 +536,6 @@ class FewShotMixin:
         return [name for name, zi in zip(self.reference_names_, z) if zi > z_threshold]
 
 
-def _param_names(cls: type) -> set[str]:
-    return set(cls._get_param_names()) if hasattr(cls, "_get_param_names") else set()
-
-
 def check_params(name: str, cls: type, params: Any, where: str) -> dict[str, Any]:
     """Saved parameters of scorer ``name``: a plain JSON object of parameters ``cls`` accepts.
 
@@ -548,10 +545,10 @@ def check_params(name: str, cls: type, params: Any, where: str) -> dict[str, Any
     if not isinstance(params, dict):
         raise VladError(f"{where}: 'params' of {name!r} must be a JSON object, got {type(params).__name__}")
     check_plain(params, f"{where} parameters")
-    extra = set(params) - _param_names(cls)
+    extra = set(params) - set(parameter_names(cls))
     if extra:
         raise VladError(f"{where}: scorer {name!r} has no parameter(s) {sorted(extra)}; it accepts "
-                        f"{sorted(_param_names(cls))}")
+                        f"{parameter_names(cls)}")
     # JSON has no tuples: give back a tuple where the parameter's default is one (layers, scales, ...)
     defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
     return {k: tuple(v) if isinstance(v, list) and isinstance(defaults.get(k), tuple) else v
