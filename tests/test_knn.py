@@ -100,6 +100,26 @@ def test_bounded_index_on_clustered_memory_of_odd_sized_sources(metric, block_ro
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("pass_rank", [4, 16, 64])
+def test_block_pass_of_lower_rank_stays_exact(metric, pass_rank):
+    """A memory spread over many more directions than the block pass uses: the pass's bound must carry
+    the others (in rho), or it skips blocks that hold nearest rows. A pass_rank above rank is clipped."""
+    g = torch.Generator().manual_seed(5)
+    basis = torch.linalg.qr(torch.randn(64, 40, generator=g))[0].T  # 40 orthonormal directions in 64 dims
+    mem = (torch.randn(3000, 40, generator=g) * torch.linspace(3.0, 0.5, 40)) @ basis
+    mem += 0.05 * torch.randn(3000, 64, generator=g)
+    q = mem[torch.randint(0, 3000, (200,), generator=g)] + 0.2 * torch.randn(200, 64, generator=g)
+    if metric == "cosine":
+        mem, q = F.normalize(mem, dim=1), F.normalize(q, dim=1)
+    index = BoundedIndex([mem[:1234], mem[1234:]], metric, rank=32, pass_rank=pass_rank, block_rows=64)
+    d, i = index.search(q)
+    ref = _brute(q, mem, 1, metric)
+    assert torch.equal(i, ref.indices)
+    torch.testing.assert_close(d.double(), ref.values, atol=1e-4, rtol=1e-4)
+    assert index.pass_rank == min(pass_rank, 32) and index.stats["dense_chunks"] == 0
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
 def test_bounded_index_ties_go_to_the_earlier_row(metric):
     """Copies of the nearest row in other blocks and sources: the earliest copy wins, as in the dense search."""
     g = torch.Generator().manual_seed(4)
