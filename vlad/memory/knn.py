@@ -266,8 +266,9 @@ class BoundedIndex:
     only, is maximised over each block, tile by tile in cache-sized pieces (the ``(queries, rows)``
     bound matrix is never held), then
 
-    1. the exact score in the query's best-bound block gives a lower bound ``L`` on its best score;
-    2. every other block whose bound reaches ``L`` (with a float slack) is searched for that query: its
+    1. the exact scores of the :attr:`FIRST_ROWS` rows of best bound in the query's best-bound block
+       give a lower bound ``L`` on its best score;
+    2. every block whose bound reaches ``L`` (with a float slack) is searched for that query: its
        rows whose full-rank bound reaches ``L`` are scored exactly; the others cannot hold its nearest row.
 
     Exact scores are the dense search's own arithmetic (:class:`KnnIndex`), and ties go to the earlier
@@ -297,6 +298,8 @@ class BoundedIndex:
     TILE_BYTES = 4 * 2**20
     #: k-means rounds that order the rows (speed only)
     ORDER_ROUNDS = 4
+    #: rows of best bound per query scored first for a lower bound (speed only)
+    FIRST_ROWS = 4
 
     def __init__(
         self,
@@ -471,17 +474,21 @@ class BoundedIndex:
         self.stats["queries"] += n
         bound, qa = self._block_bounds(q)
         first = bound.argmax(dim=0)
-        # 1. the best-bound block of each query, exactly (queries sorted by that block, one split)
+        aug = self.aug.view(self.n_blocks, self.block_rows, -1)
+        # 1. a lower bound on each query's best score: the exact scores of the FIRST_ROWS rows of best
+        # bound in its best-bound block (queries sorted by that block, one split)
         order = torch.argsort(first)
         firsts, counts = torch.unique_consecutive(first[order], return_counts=True)
-        found = [self._best(qs, b) for b, qs in zip(firsts.tolist(), q[order].split(counts.tolist()))]
+        found = []
+        for b, qs, qas in zip(firsts.tolist(), q[order].split(counts.tolist()), qa[order].split(counts.tolist())):
+            top = torch.mm(qas, aug[b].T).topk(min(self.FIRST_ROWS, self.block_valid[b]), dim=1).indices
+            found.append(self._best(qs, b, top.reshape(-1).unique()))
         best, best_i = torch.empty_like(q[:, 0]), torch.empty_like(first)
         best[order], best_i[order] = torch.cat([v for v, _ in found]), torch.cat([i for _, i in found])
-        # 2. every block that may beat that (float slack: both sides are rounded)
+        # 2. every block that may beat that (float slack: both sides are rounded), that block included
         scale = 1.0 if self.metric == "cosine" else float(squared_norms(q).max()) + float(self.mem_sq.max())
         floor = best - 1e-4 * scale - 1e-6 * best.abs()
         todo = bound >= floor
-        todo[first, torch.arange(n, device=q.device)] = False
         pairs = todo.nonzero()  # (block, query), by block
         if pairs.shape[0] > self.max_fraction * n * self.n_blocks:
             self.stats["dense_chunks"] += 1
@@ -492,7 +499,6 @@ class BoundedIndex:
         counts = counts.tolist()
         queries = pairs[:, 1]
         packed = torch.cat([q, qa, floor[:, None]], dim=1)[queries]  # one gather for all blocks
-        aug = self.aug.view(self.n_blocks, self.block_rows, -1)
         found_q, found_v, found_i = [torch.arange(n, device=q.device)], [best], [best_i]
         for b, p, qs in zip(blocks.tolist(), packed.split(counts), queries.split(counts)):
             # only the rows whose own bound reaches some query's floor
