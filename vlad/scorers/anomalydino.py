@@ -204,16 +204,16 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
         coreset_per_reference: None (exact full memory, default) or the number of patches kept per
             reference (rotations included) by greedy k-center (:func:`vlad.memory.greedy_coreset`).
             Measured (``python -m vlad.bench anomalydino --refs 1,8,32,64``, ViT-S/14 at 448, batch 1,
-            random weights): predict took 1.13x one backbone forward with 1 reference x 8 rotations,
-            1.17-1.26x with 8 (65,536 patches), 2.6x with 32 and 2.5x with 64 (the search's bound pass
+            random weights): predict took 1.07x one backbone forward with 1 reference x 8 rotations,
+            1.16-1.23x with 8 (65,536 patches), 1.6x with 32 and 2.4x with 64 (the search's bound pass
             grows with the memory); a coreset bounds the cost (e.g. 1024 per reference). An
             approximation: the memory no longer holds every reference patch.
         random_state: seed of the coreset's first centre and of a ``weights="random"`` backbone.
         pruned_search: search memories of at least 4096 patches with the exact pruning of
             :class:`~vlad.memory.KnnIndex` (:class:`~vlad.memory.BoundedIndex`: a low-rank bound skips
             most blocks of rows; same nearest neighbours and distances as the dense search). On the 8
-            references x 8 rotations memory (65,536 patches, 1,024 queries) it scored 1.5-3% of the
-            query-patch pairs, in 0.08-0.15 s against 0.41-0.52 s dense; False = always dense.
+            references x 8 rotations memory (65,536 patches, 1,024 queries) it scored 1.7% of the
+            query-patch pairs, in 0.07-0.10 s against 0.41-0.52 s dense; False = always dense.
 
     Fitted attributes: ``memory_chunks_`` (one L2-normalised ``(rotations * h * w, D)`` block per
     reference), ``reference_names_``, ``masking_active_``.

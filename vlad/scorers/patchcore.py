@@ -62,7 +62,7 @@ class PatchCore(FewShotMixin, BaseScorer):
         pruned_search: search memories of at least 4096 rows with the exact pruning of
             :class:`~vlad.memory.KnnIndex` (:class:`~vlad.memory.BoundedIndex`, built on the first
             predict after a memory change) instead of the dense product. Same nearest neighbours; at
-            200 references (random weights) it scored 3% of the query-row pairs, in about a fifth of the
+            200 references (random weights) it scored 2.7% of the query-row pairs, in about a fifth of the
             dense search's time (``python -m vlad.bench patchcore``); False = always dense.
 
     Before the coreset picks its rows, the reference patches of one fit (or one ``add_references``
