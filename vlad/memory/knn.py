@@ -278,7 +278,7 @@ class BoundedIndex:
     Measured (``python -m vlad.bench anomalydino`` / ``patchcore``, one thread each way counted): on
     AnomalyDINO's 65,536-patch memory (8 references x 8 rotations, DINOv2 ViT-S, 1,024 queries) the
     search scored 1.7% of the query-row pairs; on PatchCore's 15,680-row coreset (1,024 dims, 784 queries)
-    3.4%. See the benchmarks for times.
+    2.7%. See the benchmarks for times.
 
     Args:
         memory: ``(M, D)`` float tensor, or a list of ``(M_i, D)`` blocks (never concatenated).
@@ -365,7 +365,7 @@ class BoundedIndex:
         # for each position of that order: its row in its source block, and in the concatenated memory
         self.local_row, self.memory_row = torch.cat(local), torch.cat(glob)
         # the block pass bounds with the first pass_rank directions only (the rest joins rho): a looser
-        # bound, but a pass over rank + 3 columns costs twice one over 16 + 3, and the rows of the blocks
+        # bound, but a pass over 32 + 3 columns measured 1.6x one over 16 + 3, and the rows of the blocks
         # it lets through are filtered with the full rank before they are scored
         self.pass_rank = max(1, min(int(pass_rank), r))
         self.aug_pass = self.aug if self.pass_rank == r else torch.cat(
