@@ -335,8 +335,10 @@ class BoundedIndex:
             self.mem_sq = torch.cat([squared_norms(b) for b in blocks])
         self.mean = sum(b.sum(dim=0) for b in blocks) / m
         self.mean_sq = float(self.mean @ self.mean)
+        self.mem_sq_max = float(self.mem_sq.max())  # for the float slack of every search
         self.basis = self._fit_basis(blocks, rank, fit_rows)
-        alpha = 2.0 if metric == "l2" else 1.0
+        # the bound is on 2 q.m - ||m||^2 ("l2") or q.m ("cosine")
+        self.alpha = alpha = 2.0 if metric == "l2" else 1.0
         augs = []
         for b, sq in zip(blocks, self.mem_sq.split([b.shape[0] for b in blocks])):
             a, rho = self._project(b)
@@ -424,7 +426,7 @@ class BoundedIndex:
         """``(n_blocks, Q)``: for each block and query, the largest bound on the score of the block's rows;
         and the queries' augmented vectors ``(Q, rank + 3)``."""
         a, rho = self._project(q)
-        alpha = 2.0 if self.metric == "l2" else 1.0
+        alpha = self.alpha
         const = alpha * (q @ self.mean - self.mean_sq)
         qa = torch.cat([alpha * a, alpha * rho[:, None], torch.ones_like(rho)[:, None], const[:, None]], dim=1)
         if self.pass_rank < a.shape[1]:
@@ -486,7 +488,7 @@ class BoundedIndex:
         best, best_i = torch.empty_like(q[:, 0]), torch.empty_like(first)
         best[order], best_i[order] = torch.cat([v for v, _ in found]), torch.cat([i for _, i in found])
         # 2. every block that may beat that (float slack: both sides are rounded), that block included
-        scale = 1.0 if self.metric == "cosine" else float(squared_norms(q).max()) + float(self.mem_sq.max())
+        scale = 1.0 if self.metric == "cosine" else float(squared_norms(q).max()) + self.mem_sq_max
         floor = best - 1e-4 * scale - 1e-6 * best.abs()
         todo = bound >= floor
         pairs = todo.nonzero()  # (block, query), by block

@@ -171,6 +171,7 @@ class PatchCore(FewShotMixin, BaseScorer):
             if bank is None:  # preallocate: no second copy of the whole stack when concatenating
                 dtype = torch.float16 if use_coreset else torch.float32
                 bank = z.new_empty((len(images) * per_image, z.shape[-1]), dtype=dtype)
+            # the largest magnitude from the min and max: z.abs() would be a second copy of the batch
             if bank.dtype == torch.float16 and not bool(torch.stack(torch.aminmax(z)).abs().amax() < self._FLOAT16_SAFE):
                 logger.info("PatchCore: features beyond the float16 range; holding the patch stack in float32")
                 bank = bank.float()
