@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -95,15 +96,54 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     k = gaussian_kernel1d(sigma, maps.device).to(maps.dtype)
     r = (k.numel() - 1) // 2
     x = maps[:, None]
-    pad_h = min(r, maps.shape[-2] - 1)
-    pad_w = min(r, maps.shape[-1] - 1)
-    if pad_h < r or pad_w < r:  # a map smaller than the kernel: fall back to replicate padding
-        x = F.pad(x, (r, r, r, r), mode="replicate")
-    else:
-        x = F.pad(x, (r, r, r, r), mode="reflect")
+    # a map smaller than the kernel: replicate padding (reflect needs a side longer than the radius)
+    x = F.pad(x, (r, r, r, r), mode=_blur_padding(tuple(maps.shape[-2:]), r))
     x = F.conv2d(x, k.view(1, 1, 1, -1))
     x = F.conv2d(x, k.view(1, 1, -1, 1))
     return x[:, 0]
+
+
+def _blur_padding(shape: tuple[int, int], radius: int) -> str:
+    """The padding :func:`gaussian_blur` uses for maps of ``shape``: reflect, or replicate when a side is
+    shorter than the kernel's radius + 1."""
+    return "reflect" if min(shape[0], shape[1]) - 1 >= radius else "replicate"
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_blur_matrix(n_in: int, n_out: int, sigma: float, padding: str, device: str) -> torch.Tensor:
+    """``(n_out, n_in)`` float32 matrix of one axis of :func:`resize_blur`: linear interpolation from
+    ``n_in`` to ``n_out`` samples (as bilinear ``F.interpolate``, ``align_corners=False``), then the 1-D
+    Gaussian of :func:`gaussian_blur` with ``padding``. Built by passing the identity through both."""
+    eye = torch.eye(n_in, dtype=torch.float64)[:, None]  # (n_in, 1, n_in): one unit impulse per row
+    x = eye if n_in == n_out else F.interpolate(eye, size=n_out, mode="linear", align_corners=False)
+    if sigma > 0:
+        k = gaussian_kernel1d(sigma).double()
+        r = (k.numel() - 1) // 2
+        x = F.conv1d(F.pad(x, (r, r), mode=padding), k.view(1, 1, -1))
+    return x[:, 0].T.contiguous().float().to(device)
+
+
+def resize_blur(maps: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
+    """:func:`resize_maps` to ``size`` followed by :func:`gaussian_blur` with ``sigma``, as two small
+    matrix products (both steps are separable and linear: ``A_h @ m @ A_w.T``), so the cost grows with
+    the output's pixels times the input's side rather than with the kernel at full size.
+
+    Equals the two-step result to float32 rounding. ``maps``: ``(B, h, w)``; returns ``(B, H, W)``.
+    """
+    size = (int(size[0]), int(size[1]))
+    sigma = float(sigma)
+    if sigma <= 0 and tuple(maps.shape[-2:]) == size:
+        return maps
+    radius = max(1, int(math.ceil(4.0 * sigma))) if sigma > 0 else 0
+    padding = _blur_padding(size, radius)
+    dev = str(maps.device)
+    a_h = _resize_blur_matrix(maps.shape[-2], size[0], sigma, padding, dev)
+    a_w = _resize_blur_matrix(maps.shape[-1], size[1], sigma, padding, dev)
+    x = maps.float()
+    # the smaller intermediate first: (B, h, w) -> (B, h, W) or (B, H, w)
+    if maps.shape[-2] * size[1] <= size[0] * maps.shape[-1]:
+        return a_h @ (x @ a_w.T)
+    return (a_h @ x) @ a_w.T
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

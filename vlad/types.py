@@ -131,6 +131,73 @@ class FewShotScorer(Scorer, Protocol):
     def add_references(self, images: ImagesLike) -> FewShotScorer: ...
 
 
+@dataclass
+class WorkingResult:
+    """Scores and maps as the predict path computes them: numpy arrays or torch tensors, on the
+    scorer's device, at the working resolution, not yet checked nor copied to the host. The internal
+    currency between scorers, calibration and fusion (:meth:`vlad.detector.Detector.predict` keeps
+    maps on the device until :meth:`to_result`, once, at the end).
+
+    Attributes:
+        scores: ``(B,)`` float32.
+        maps: B maps ``(H_i, W_i)`` float32.
+        parts: part or scorer name -> its own result (an :class:`AnomalyResult`'s ``components``).
+        names: optional identifier per image.
+    """
+
+    scores: Any
+    maps: list[Any]
+    parts: dict[str, WorkingResult] = field(default_factory=dict)
+    names: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, result: AnomalyResult) -> WorkingResult:
+        """The arrays of ``result`` (no copy), its components as parts."""
+        return cls(result.image_scores, result.map_list(), {p: cls.of(c) for p, c in result.components.items()},
+                   result.names)
+
+    def to_result(self) -> AnomalyResult:
+        """The public :class:`AnomalyResult`: float32 numpy on the host, one copy per map at most."""
+        return AnomalyResult(_host(self.scores), _host_maps(self.maps),
+                             components={p: r.to_result() for p, r in self.parts.items()}, names=self.names)
+
+    def check_finite(self, source: str) -> None:
+        """Refuse NaN or infinity in scores, maps or parts, as :func:`check_finite` (where the maps are)."""
+        bad = [not (_all_finite(self.scores[i]) and _all_finite(m)) for i, m in enumerate(self.maps)]
+        _refuse_non_finite(np.array(bad, dtype=bool), self.names, source)
+        for part, comp in self.parts.items():
+            comp.check_finite(f"{source} ({part})")
+
+
+def _all_finite(x: Any) -> bool:
+    return bool(np.isfinite(x).all()) if isinstance(x, (np.ndarray, np.generic, float)) else bool(x.isfinite().all())
+
+
+def _host(x: Any) -> np.ndarray:
+    return x if isinstance(x, np.ndarray) else x.detach().float().cpu().numpy()
+
+
+def _host_maps(maps: list[Any]) -> np.ndarray | list[np.ndarray]:
+    """Maps to host float32: one ``(B, H, W)`` array (stacked where they lie) when their shapes agree."""
+    if maps and not isinstance(maps[0], np.ndarray) and all(m.shape == maps[0].shape for m in maps):
+        import torch  # maps are tensors: torch is already imported
+
+        return (maps[0][None] if len(maps) == 1 else torch.stack(maps)).detach().float().cpu().numpy()
+    return [_host(m) for m in maps]
+
+
+def _refuse_non_finite(bad: np.ndarray, names: tuple[str, ...] | None, source: str) -> None:
+    if bad.any():
+        names = names or tuple(f"image {i}" for i in range(len(bad)))
+        which = [names[i] for i in np.flatnonzero(bad)[:5]]
+        more = f" and {int(bad.sum()) - 5} more" if bad.sum() > 5 else ""
+        raise NonFiniteScoreError(
+            f"{source} produced NaN or infinite scores/maps for {which}{more}; such results are refused, "
+            "never labelled normal. Causes: corrupted fitted state or weights (fit or save again), or an "
+            "input the model cannot handle (check the image)"
+        )
+
+
 def check_finite(result: AnomalyResult, source: str) -> None:
     """Refuse a result holding NaN or infinity (in scores, maps or parts).
 
@@ -141,14 +208,6 @@ def check_finite(result: AnomalyResult, source: str) -> None:
     for i, m in enumerate(result.map_list()):
         if not np.isfinite(m).all():
             bad[i] = True
-    if bad.any():
-        names = result.names or tuple(f"image {i}" for i in range(len(result)))
-        which = [names[i] for i in np.flatnonzero(bad)[:5]]
-        more = f" and {int(bad.sum()) - 5} more" if bad.sum() > 5 else ""
-        raise NonFiniteScoreError(
-            f"{source} produced NaN or infinite scores/maps for {which}{more}; such results are refused, "
-            "never labelled normal. Causes: corrupted fitted state or weights (fit or save again), or an "
-            "input the model cannot handle (check the image)"
-        )
+    _refuse_non_finite(bad, result.names, source)
     for part, comp in result.components.items():
         check_finite(comp, f"{source} ({part})")

@@ -70,8 +70,10 @@ from vlad.detector.fusion import (
     NORMALISATION_METHODS,
     Normaliser,
     calibrate_units,
+    calibrate_working,
     fit_reference_normaliser,
     fuse_results,
+    fuse_working,
     prior_normaliser,
     tier_weights,
 )
@@ -80,8 +82,9 @@ from vlad import errors
 from vlad.errors import EmptyReferenceSetError, InvalidParameterError, VladError
 from vlad.images import LoadedImage, load_images
 from vlad.scorers.base import check_finite, reference_index
+from vlad.ops import resize_maps
 from vlad.tiling import upsample_maps
-from vlad.types import AnomalyResult, ImagesLike
+from vlad.types import AnomalyResult, ImagesLike, WorkingResult
 
 logger = logging.getLogger(__name__)
 
@@ -488,7 +491,7 @@ class Detector:
         o = self.options
         normalisers: dict[str, Normaliser] = {}
         for name, result in results.items():
-            for unit, (_, r) in self._units(name, result).items():
+            for unit, r in self._units(name, result).items():
                 normalisers[unit] = fit_reference_normaliser(
                     r.image_scores, r.map_list(), method=o["normalisation"], z0_image=o["z0"],
                     pixel_quantile=o["pixel_quantile"], z0_pixel=o["z0"], temperature=o["temperature"],
@@ -613,27 +616,40 @@ class Detector:
             InvalidImageError: an input is unreadable (named).
             NonFiniteScoreError: a scorer produced NaN or infinity (named); never labelled normal.
         """
-        return self.predict_with_raw(images)[0]
+        return self._predict_working(images)[0]
 
     def predict_with_raw(self, images: ImagesLike) -> tuple[AnomalyResult, dict[str, AnomalyResult]]:
         """:meth:`predict` plus each active scorer's raw (uncalibrated) result, from the same pass: for
         evaluations that rank by a scorer's own scores while judging the detector's decisions. Raw
         maps are at the working resolution (the image's own up to 2048 x 2048 pixels)."""
+        fused, raw = self._predict_working(images)
+        return fused, {n: r.to_result() for n, r in raw.items()}
+
+    def _predict_working(self, images: ImagesLike) -> tuple[AnomalyResult, dict[str, WorkingResult]]:
+        """The fused result (maps at the images' sizes, thresholds applied) and each active scorer's raw
+        result as computed (on its device). Calibration and fusion run where the maps are, in float32;
+        maps come to the host once, at the end."""
         self._check_fitted()
         loaded = load_images(images)
         cal = self._calibrated()
         raw = self._raw_predict(loaded)
-        comps = {name: self._apply(cal, name, r) for name, r in raw.items()}
-        fused = fuse_results(comps, self._weights(), self.options["fusion"])
-        check_finite(fused, "the fused detector")
+        comps = {name: self._apply_working(cal, name, r) for name, r in raw.items()}
+        fused = fuse_working(comps, self._weights(), self.options["fusion"])
         sizes = [img.size for img in loaded]
         del loaded  # images read from files are freed before the full-size maps are made
-        maps = upsample_maps(fused.map_list(), sizes)  # once, at the very end
-        fused = AnomalyResult(fused.image_scores, maps, components=fused.components, names=fused.names)
-        return fused.with_thresholds(self.image_threshold, self.pixel_threshold), raw
+        fused.maps = [resize_maps(m[None], size)[0] if not isinstance(m, np.ndarray) else m
+                      for m, size in zip(fused.maps, sizes, strict=True)]  # once, at the very end
+        out = fused.to_result()
+        check_finite(out, "the fused detector")
+        maps = upsample_maps(out.map_list(), sizes)  # numpy maps (a scorer that computes on the host)
+        out = AnomalyResult(out.image_scores, maps, components=out.components, names=out.names)
+        return out.with_thresholds(self.image_threshold, self.pixel_threshold), raw
 
-    def _raw_predict(self, loaded: list[LoadedImage]) -> dict[str, AnomalyResult]:
-        return {n: s.predict_working(loaded) for n, s in self.scorers.items() if self.active_[n]}
+    def _raw_predict(self, loaded: list[LoadedImage]) -> dict[str, WorkingResult]:
+        raw = {n: s._predict_working(loaded) for n, s in self.scorers.items() if self.active_[n]}
+        for name, r in raw.items():
+            r.check_finite(name)
+        return raw
 
     def _weights(self) -> dict[str, float]:
         tiers = {n: t for n, t in self.tiers.items() if self.active_[n]}
@@ -645,19 +661,20 @@ class Detector:
             raise errors.NotFittedError("this Detector is not fitted yet; call fit() (optionally with good images) first")
 
     # -- calibration -----------------------------------------------------------------------
-    def _units(self, name: str, raw: AnomalyResult) -> dict[str, tuple[str, AnomalyResult]]:
-        """Calibration units of one scorer's raw result: unit -> (declared scale, result). A scorer whose
+    def _units(self, name: str, raw: AnomalyResult | WorkingResult) -> dict[str, Any]:
+        """Calibration units of one scorer's raw result: unit -> result of the same type. A scorer whose
         result carries its declared parts is calibrated part by part; otherwise as a whole."""
-        cls = type(self.scorers[name])
-        parts = {p: raw.components[p] for p in cls.part_scales if p in raw.components}
-        if parts:
-            return {f"{name}/{p}": (cls.part_scales[p], r) for p, r in parts.items()}
-        return {name: (cls.output_scale, raw)}
+        held = raw.components if isinstance(raw, AnomalyResult) else raw.parts
+        parts = {p: held[p] for p in type(self.scorers[name]).part_scales if p in held}
+        return {f"{name}/{p}": r for p, r in parts.items()} if parts else {name: raw}
 
     def _apply(self, cal: Calibration, name: str, raw: AnomalyResult) -> AnomalyResult:
         """One scorer's calibrated result: its units calibrated and averaged (parts kept as components)."""
-        units = self._units(name, raw)
-        return calibrate_units({u: r for u, (_, r) in units.items()}, cal.normalisers, raw.names)
+        return calibrate_units(self._units(name, raw), cal.normalisers, raw.names)
+
+    def _apply_working(self, cal: Calibration, name: str, raw: WorkingResult) -> WorkingResult:
+        """:meth:`_apply` on a :class:`~vlad.types.WorkingResult`, kept where it is."""
+        return calibrate_working(self._units(name, raw), cal.normalisers, raw.names)
 
     def _calibrated(self) -> Calibration:
         self._check_fitted()

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from vlad.errors import NonFiniteScoreError, VladError
-from vlad.types import AnomalyResult
+from vlad.types import AnomalyResult, WorkingResult
 
 FUSION_RULES = ("mean", "max", "harmonic")
 NORMALISER_KINDS = ("reference", "probability", "self")
@@ -64,14 +64,51 @@ EPS = 1e-6
 _MAX_PIXELS = 2_000_000  # reference pixel statistics use at most this many values (evenly subsampled)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
+def _xp(x: Any):
+    """The array module of ``x``: numpy for arrays (the torch-free runtime), torch for tensors (the
+    detector's predict path, on the scorer's device). The math below is written once for both."""
+    if isinstance(x, np.ndarray):
+        return np
+    import torch  # only reached with a tensor, so torch is already imported
+
+    return torch
 
 
-def _robust_loc_scale(values: np.ndarray) -> tuple[float, float]:
-    med = float(np.median(values))
-    return med, float(np.median(np.abs(values - med)) * 1.4826)
+def _sigmoid(x: Any) -> Any:
+    """Logistic function in the input's dtype, accurate for large negative ``x`` (no ``1 - tiny``)."""
+    if not isinstance(x, np.ndarray):
+        return x.sigmoid()
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, np.float32(1.0), e) / (1.0 + e)
+
+
+def _logit_of(values: Any, loc: float, scale: float, z0: float, temperature: float) -> Any:
+    """``((values - loc) / scale - z0) / temperature`` with one multiply: float32 values stay float32
+    (the scales' floor, ``SCALE_FLOOR * |loc|``, bounds the cancellation to about 1e-6 of a logit)."""
+    return (values - loc) * (1.0 / (scale * temperature)) - z0 / temperature
+
+
+def _calibrated(values: Any, loc: float, scale: float, z0: float, temperature: float) -> Any:
+    return _sigmoid(_logit_of(values, loc, scale, z0, temperature))
+
+
+def _median(values: Any) -> float:
+    """``numpy.median`` of a flat array or tensor (the mean of the two middle values for an even count),
+    in float64; on a GPU without leaving it but for the result."""
+    n = values.shape[0]
+    ks = (n // 2,) if n % 2 else (n // 2 - 1, n // 2)
+    if isinstance(values, np.ndarray) or values.device.type == "cpu":
+        arr = values if isinstance(values, np.ndarray) else values.numpy()
+        middle = np.partition(arr, ks)[list(ks)]
+    else:
+        middle = [values.kthvalue(k + 1).values for k in ks]
+    return float(sum(float(v) for v in middle)) / len(ks)
+
+
+def _robust_loc_scale(values: Any) -> tuple[float, float]:
+    """Median and 1.4826 x the median absolute deviation of a flat array or tensor."""
+    med = _median(values)
+    return med, _median(abs(values - med)) * 1.4826
 
 
 def _floor(scale: float, loc: float) -> float:
@@ -111,30 +148,37 @@ class Normaliser:
 
     # -- applying --------------------------------------------------------------------------
     def transform(self, scores: np.ndarray, maps: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Calibrate ``scores`` ``(B,)`` and ``maps`` (B maps ``(H_i, W_i)``) -> same shapes in ``[0, 1]``."""
-        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-        maps = [np.asarray(m, dtype=np.float64) for m in maps]
+        """Calibrate ``scores`` ``(B,)`` and ``maps`` (B maps ``(H_i, W_i)``) -> same shapes in ``[0, 1]``,
+        float32 (see :meth:`transform_arrays`)."""
+        return self.transform_arrays(np.asarray(scores, dtype=np.float32).reshape(-1),
+                                     [np.asarray(m, dtype=np.float32) for m in maps])
+
+    def transform_arrays(self, scores: Any, maps: Sequence[Any]) -> tuple[Any, list[Any]]:
+        """:meth:`transform` on float32 numpy arrays or torch tensors (kept on their device): scores
+        ``(B,)`` and B maps ``(H_i, W_i)`` of the same kind."""
         t = self.temperature
         if self.kind == "probability":
-            out_s = np.clip(scores, 0.0, 1.0)
-            out_m = [np.clip(m, 0.0, 1.0) for m in maps]
-        elif self.kind == "reference":
-            out_s = _sigmoid(((scores - self.image_loc) / self.image_scale - self.z0_image) / t)
-            out_m = [_sigmoid(((m - self.pixel_loc) / self.pixel_scale - self.z0_pixel) / t) for m in maps]
-        else:  # "self": each image against its own map
-            out_s = np.empty_like(scores)
-            out_m = []
-            for i, (s, m) in enumerate(zip(scores, maps, strict=True)):
-                loc, scale = _robust_loc_scale(m.reshape(-1))
-                scale = _floor(scale, loc)
-                out_s[i] = _sigmoid(((s - loc) / scale - self.z0_image) / t)
-                out_m.append(_sigmoid(((m - loc) / scale - self.z0_pixel) / t))
-        return out_s.astype(np.float32), [m.astype(np.float32) for m in out_m]
+            return scores.clip(0.0, 1.0), [m.clip(0.0, 1.0) for m in maps]
+        if self.kind == "reference":
+            out_s = _calibrated(scores, self.image_loc, self.image_scale, self.z0_image, t)
+            return out_s, [_calibrated(m, self.pixel_loc, self.pixel_scale, self.z0_pixel, t) for m in maps]
+        # "self": each image against its own map
+        out_s, out_m = [], []
+        for i, m in enumerate(maps):
+            loc, scale = _robust_loc_scale(m.reshape(-1))
+            scale = _floor(scale, loc)
+            out_s.append(_calibrated(scores[i : i + 1], loc, scale, self.z0_image, t))
+            out_m.append(_calibrated(m, loc, scale, self.z0_pixel, t))
+        return (_xp(scores).concatenate(out_s) if out_s else scores[:0]), out_m
 
     def apply(self, result: AnomalyResult) -> AnomalyResult:
         """A calibrated copy of ``result`` (names kept; labels, masks and components dropped)."""
-        s, m = self.transform(result.image_scores, result.map_list())
-        return AnomalyResult(s, m, names=result.names)
+        return self.apply_working(WorkingResult.of(result)).to_result()
+
+    def apply_working(self, result: WorkingResult) -> WorkingResult:
+        """:meth:`apply` on a :class:`~vlad.types.WorkingResult` (arrays or tensors, kept where they are)."""
+        s, m = self.transform_arrays(result.scores, result.maps)
+        return WorkingResult(s, m, names=result.names)
 
     # -- (de)serialising -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -242,35 +286,53 @@ def _check_rule(rule: str) -> None:
         raise VladError(f"fusion rule must be one of {FUSION_RULES}, got {rule!r}")
 
 
-def fuse_arrays(values: Sequence[np.ndarray], weights: Sequence[float], rule: str = "mean") -> np.ndarray:
+def _checked_weights(n_values: int, weights: Sequence[float]) -> tuple[list[int], np.ndarray]:
+    """The inputs with a positive weight and their weights normalised to sum 1."""
+    if n_values != len(weights) or not n_values:
+        raise VladError(f"need one weight per input, got {n_values} inputs and {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
+        raise VladError(f"fusion weights must be finite, >= 0 and not all 0, got {w.tolist()}")
+    keep = [i for i in range(len(w)) if w[i] > 0]
+    return keep, w[keep] / w[keep].sum()
+
+
+def fuse_arrays(values: Sequence[Any], weights: Sequence[float], rule: str = "mean") -> Any:
     """Fuse same-shaped calibrated arrays (one per scorer) into one.
 
     Args:
-        values: S arrays of one shape (e.g. ``(B,)`` scores or one ``(H, W)`` map each), in ``[0, 1]``.
+        values: S arrays of one shape (e.g. ``(B,)`` scores or one ``(H, W)`` map each), in ``[0, 1]``:
+            numpy arrays, or torch tensors (fused on their device).
         weights: S non-negative weights, at least one positive (ignored by ``"max"`` except that
             zero-weight scorers are left out).
         rule: ``"mean"``, ``"max"`` or ``"harmonic"``.
 
     Returns:
-        float32 array of the common shape.
+        float32 array (or tensor) of the common shape.
     """
     _check_rule(rule)
-    if len(values) != len(weights) or not values:
-        raise VladError(f"need one weight per input, got {len(values)} inputs and {len(weights)} weights")
-    w = np.asarray(weights, dtype=np.float64)
-    if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
-        raise VladError(f"fusion weights must be finite, >= 0 and not all 0, got {w.tolist()}")
-    keep = [i for i in range(len(w)) if w[i] > 0]
-    stack = np.stack([np.asarray(values[i], dtype=np.float64) for i in keep])
-    w = w[keep] / w[keep].sum()
-    wb = w.reshape((-1,) + (1,) * (stack.ndim - 1))
-    if rule == "mean":
-        out = (wb * stack).sum(axis=0)
-    elif rule == "max":
-        out = stack.max(axis=0)
+    keep, w = _checked_weights(len(values), weights)
+    tensor = next((values[i] for i in keep if not isinstance(values[i], np.ndarray)), None)
+    if tensor is not None:  # on the first tensor's device (a host-side scorer's arrays join it)
+        torch = _xp(tensor)
+        parts = [torch.as_tensor(values[i]).to(tensor.device).float() for i in keep]
     else:
-        out = 1.0 / (wb / np.maximum(stack, EPS)).sum(axis=0)
-    return out.astype(np.float32)
+        parts = [np.asarray(values[i], dtype=np.float32) for i in keep]
+    if rule == "max":
+        out = parts[0]
+        for p in parts[1:]:
+            out = _xp(out).maximum(out, p)
+        return out
+    # a running weighted sum: no (S, ...) stack of full-size maps
+    if rule == "mean":
+        out = parts[0] * float(w[0])
+        for wi, p in zip(w[1:], parts[1:]):
+            out = out + p * float(wi)
+        return out
+    out = float(w[0]) / parts[0].clip(EPS, None)
+    for wi, p in zip(w[1:], parts[1:]):
+        out = out + float(wi) / p.clip(EPS, None)
+    return 1.0 / out
 
 
 def fuse_results(
@@ -281,23 +343,28 @@ def fuse_results(
     Maps are fused image by image at each image's own resolution (mixed sizes give a list).
     ``components`` of the output holds the inputs.
     """
+    return fuse_working({n: WorkingResult.of(r) for n, r in results.items()}, weights, rule).to_result()
+
+
+def fuse_working(results: Mapping[str, WorkingResult], weights: Mapping[str, float], rule: str = "mean") -> WorkingResult:
+    """:func:`fuse_results` on :class:`~vlad.types.WorkingResult` s (arrays, or tensors fused on their
+    device); ``parts`` of the output holds the inputs."""
     names = [n for n in results if weights.get(n, 0.0) > 0]
     if not names:
         raise VladError(f"no scorer with a positive weight among {list(results)} (weights {dict(weights)})")
     w = [float(weights[n]) for n in names]
-    n_images = {len(results[n]) for n in names}
+    n_images = {len(results[n].maps) for n in names}
     if len(n_images) != 1:
-        raise VladError(f"components scored different numbers of images: { {n: len(results[n]) for n in names} }")
-    scores = fuse_arrays([results[n].image_scores for n in names], w, rule)
-    per_scorer_maps = [results[n].map_list() for n in names]
+        raise VladError(f"components scored different numbers of images: { {n: len(results[n].maps) for n in names} }")
+    scores = fuse_arrays([results[n].scores for n in names], w, rule)
     maps = []
-    for i in range(len(scores)):
-        shapes = {m[i].shape for m in per_scorer_maps}
+    for i in range(len(results[names[0]].maps)):
+        per_scorer = [results[n].maps[i] for n in names]
+        shapes = {tuple(m.shape) for m in per_scorer}
         if len(shapes) != 1:
             raise VladError(f"image {i}: components returned maps of different sizes {sorted(shapes)}")
-        maps.append(fuse_arrays([m[i] for m in per_scorer_maps], w, rule))
-    first = results[names[0]]
-    return AnomalyResult(scores, maps, components=dict(results), names=first.names)
+        maps.append(fuse_arrays(per_scorer, w, rule))
+    return WorkingResult(scores, maps, parts=dict(results), names=results[names[0]].names)
 
 
 def calibrate_units(
@@ -310,16 +377,23 @@ def calibrate_units(
     Raises:
         VladError: a unit without a normaliser.
     """
+    return calibrate_working({u: WorkingResult.of(r) for u, r in units.items()}, normalisers, names).to_result()
+
+
+def calibrate_working(
+    units: Mapping[str, WorkingResult], normalisers: Mapping[str, Normaliser], names: tuple[str, ...] | None = None
+) -> WorkingResult:
+    """:func:`calibrate_units` on :class:`~vlad.types.WorkingResult` s, kept where they are."""
     missing = [u for u in units if u not in normalisers]
     if missing:
         raise VladError(f"no calibration for {missing}: the detector changed without recalibrating; call "
                         "recalibrate() (or export it again)")
-    done = {unit: normalisers[unit].apply(r) for unit, r in units.items()}
+    done = {unit: normalisers[unit].apply_working(r) for unit, r in units.items()}
     if len(done) == 1:
         return next(iter(done.values()))
-    merged = fuse_results(done, {u: 1.0 for u in done}, "mean")
-    return AnomalyResult(merged.image_scores, merged.anomaly_maps, names=names,
-                         components={u.split("/", 1)[1]: r for u, r in done.items()})
+    merged = fuse_working(done, {u: 1.0 for u in done}, "mean")
+    return WorkingResult(merged.scores, merged.maps, names=names,
+                         parts={u.split("/", 1)[1]: r for u, r in done.items()})
 
 
 def tier_weights(

@@ -98,7 +98,7 @@ from vlad.serialization import (
     write_json,
 )
 from vlad.tiling import Stitcher, check_tiling, needs_tiling, tile_boxes, upsample_maps, working_shape
-from vlad.types import AnomalyResult, ImagesLike, check_finite  # noqa: F401 (check_finite: re-exported)
+from vlad.types import AnomalyResult, ImagesLike, WorkingResult, check_finite  # noqa: F401 (check_finite: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -243,36 +243,42 @@ class BaseScorer(ParamsMixin):
             as :meth:`predict`.
         """
         self._check_fitted()
-        loaded = load_images(images)
+        result = self._predict_working(load_images(images)).to_result()
+        check_finite(result, self.scorer_name or type(self).__name__)
+        return result
+
+    def _predict_working(self, loaded: list[LoadedImage]) -> WorkingResult:
+        """:meth:`predict_working` before the copy to the host: maps stay on the scorer's device (tiled
+        images are stitched on the host); not checked for non-finite values."""
         tiling = self._tiling()
         batch_size = max(1, int(getattr(self, "batch_size", 8) or 8))
         plain = [i for i, img in enumerate(loaded) if not needs_tiling(img.size, tiling)]
         tiled = [i for i, img in enumerate(loaded) if needs_tiling(img.size, tiling)]
         batches = [plain[i : i + batch_size] for i in range(0, len(plain), batch_size)]
-        per_image: list[tuple[float, torch.Tensor, dict[str, tuple[float, torch.Tensor]]]] = [None] * len(loaded)  # type: ignore[list-item]
+        per_image: list[tuple[torch.Tensor, torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = [None] * len(loaded)  # type: ignore[list-item]
         label = f"{self.scorer_name or type(self).__name__}"
         with torch.inference_mode():
             for batch in (track(batches, label) if len(batches) > 1 else batches):
                 out = self._predict_batch([loaded[i] for i in batch])
-                scores, maps = _to_numpy_scores(out[0]), _detach_maps(out[1])
-                parts = {p: (_to_numpy_scores(ps), _detach_maps(pm)) for p, (ps, pm) in _parts(out).items()}
+                scores, maps = _flat_scores(out[0]), _detach_maps(out[1])
+                parts = {p: (_flat_scores(ps), _detach_maps(pm)) for p, (ps, pm) in _parts(out).items()}
                 for j, i in enumerate(batch):
                     shape = working_shape(loaded[i].size)
-                    per_image[i] = (float(scores[j]), _resize(maps[j], shape),
-                                    {p: (float(ps[j]), _resize(pm[j], shape)) for p, (ps, pm) in parts.items()})
+                    per_image[i] = (scores[j], _resize(maps[j], shape),
+                                    {p: (ps[j], _resize(pm[j], shape)) for p, (ps, pm) in parts.items()})
             for i in tiled:
-                per_image[i] = self._predict_in_tiles(loaded[i], tiling, batch_size, label)
+                score, stitched, parts = self._predict_in_tiles(loaded[i], tiling, batch_size, label)
+                dev = per_image[plain[0]][0].device if plain else stitched.device
+                per_image[i] = (torch.tensor(score, device=dev), stitched.to(dev),
+                                {p: (torch.tensor(ps, device=dev), pm.to(dev)) for p, (ps, pm) in parts.items()})
         names = tuple(img.name for img in loaded)
         part_names = set(per_image[0][2]) if per_image else set()
-        components = {}
+        parts_out = {}
         if part_names and all(set(r[2]) == part_names for r in per_image):  # every image gave its parts
-            components = {p: AnomalyResult(np.array([r[2][p][0] for r in per_image], np.float32),
-                                           [r[2][p][1].numpy() for r in per_image], names=names)
-                          for p in sorted(part_names)}
-        result = AnomalyResult(np.array([r[0] for r in per_image], np.float32), [r[1].numpy() for r in per_image],
-                               components=components, names=names)
-        check_finite(result, self.scorer_name or type(self).__name__)
-        return result
+            parts_out = {p: WorkingResult(_stack_scores([r[2][p][0] for r in per_image]), [r[2][p][1] for r in per_image],
+                                          names=names)
+                         for p in sorted(part_names)}
+        return WorkingResult(_stack_scores([r[0] for r in per_image]), [r[1] for r in per_image], parts_out, names)
 
     def _predict_in_tiles(self, image: LoadedImage, tiling: tuple[int, int], batch_size: int, label: str):
         """One image scored tile by tile: ``(score, stitched map, {part: (score, map)})`` at the working
@@ -370,14 +376,19 @@ def _parts(out: tuple) -> dict[str, tuple[torch.Tensor, Any]]:
 
 
 def _resize(m: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """One map ``(h, w)`` brought to ``shape`` (bilinear), on its device."""
     m = m.float()
     if tuple(m.shape) == tuple(shape):
-        return m.cpu()
-    return torch.nn.functional.interpolate(m[None, None], size=shape, mode="bilinear", align_corners=False)[0, 0].cpu()
+        return m
+    return torch.nn.functional.interpolate(m[None, None], size=shape, mode="bilinear", align_corners=False)[0, 0]
 
 
-def _to_numpy_scores(s: torch.Tensor) -> np.ndarray:
-    return s.detach().float().cpu().numpy().reshape(-1)
+def _flat_scores(s: torch.Tensor) -> torch.Tensor:
+    return s.detach().float().reshape(-1)
+
+
+def _stack_scores(scores: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(scores) if scores else torch.zeros(0)
 
 
 def _detach_maps(m: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:

@@ -84,7 +84,7 @@ from vlad.memory.mutual import iter_image_nn_distances
 from vlad.ops import resize_maps, to_batch
 from vlad.scorers.base import BaseScorer, check_finite
 from vlad.tiling import working_shape
-from vlad.types import AnomalyResult, ImagesLike
+from vlad.types import AnomalyResult, ImagesLike, WorkingResult
 
 logger = logging.getLogger(__name__)
 
@@ -544,6 +544,9 @@ class MuSc(BaseScorer):
         detector asks for them; all images of the call are still scored together (the base class would
         score them in batches of ``batch_size``, which changes MuSc's result)."""
         return self._predict_at(images, working=True)
+
+    def _predict_working(self, loaded: list[LoadedImage]) -> WorkingResult:
+        return WorkingResult.of(self._predict_at(loaded, working=True))
 
     def _predict_at(self, images: ImagesLike, working: bool) -> AnomalyResult:
         """All images of the call scored together; maps at each image's size or its working size."""

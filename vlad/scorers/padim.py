@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from vlad.errors import VladError
 from vlad.features import check_layers, embed_all, generator, load_cnn_stages, stage_channels
 from vlad.images import LoadedImage
-from vlad.ops import gaussian_blur, preprocess_batch, resize_maps
+from vlad.ops import preprocess_batch, resize_blur
 from vlad.scorers.base import BaseScorer
 from vlad.weights import get_spec
 
@@ -181,7 +181,7 @@ class PaDiM(BaseScorer):
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
         x = preprocess_batch(images, self.backbone_.spec.preprocess, self.device_, size=self.size_)
         dist = self.mahalanobis(self._features(list(self.backbone_.model(x))))
-        maps = gaussian_blur(resize_maps(dist, (self.size_, self.size_)), self.sigma)
+        maps = resize_blur(dist, (self.size_, self.size_), self.sigma)
         return maps.flatten(1).max(dim=1).values, maps
 
     # -- persistence --------------------------------------------------------------------------

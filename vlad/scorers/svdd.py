@@ -30,7 +30,7 @@ from vlad.errors import VladError
 from vlad.features import aligned_features, check_layers, embed_all, forked_rng, generator, load_cnn_stages
 from vlad.features import stage_channels
 from vlad.images import LoadedImage
-from vlad.ops import gaussian_blur, preprocess_batch, resize_maps
+from vlad.ops import preprocess_batch, resize_blur
 from vlad.progress import track
 from vlad.scorers.base import BaseScorer
 
@@ -184,7 +184,7 @@ class PatchSVDD(BaseScorer):
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
         x = preprocess_batch(images, self.backbone_.spec.preprocess, self.device_, size=self.size_)
         dist = self.patch_distances(self._features(list(self.backbone_.model(x))))
-        maps = gaussian_blur(resize_maps(dist, (self.size_, self.size_)), self.sigma)
+        maps = resize_blur(dist, (self.size_, self.size_), self.sigma)
         return maps.flatten(1).max(dim=1).values, maps
 
     def _get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
