@@ -170,3 +170,31 @@ def test_bad_requests_are_vlad_errors_saying_what_was_expected():
         knn_distances(q, _rand(6, 9, 2))
     with pytest.raises(InvalidSearchError, match="one D"):
         KnnIndex([m, _rand(3, 9, 2)])
+
+
+# -- the device-aware default: pruned on the CPU, dense on a GPU ----------------------------------------
+def test_auto_prunes_on_the_cpu_only():
+    from vlad.memory import resolve_prune
+
+    assert resolve_prune("auto", "cpu") is True
+    assert resolve_prune("auto", torch.device("cuda")) is False  # only the device's type is read
+    assert resolve_prune(False, "cpu") is False and resolve_prune(True, "cuda") is True
+    assert KnnIndex(_rand(5000, 8, 0), prune="auto").prune
+    assert not KnnIndex(_rand(5000, 8, 0), prune=False).prune
+
+
+@pytest.mark.parametrize("bad", ["fast", 1, None])
+def test_bad_prune_values_are_refused(bad):
+    with pytest.raises(InvalidSearchError, match="pruned_search must be True"):
+        KnnIndex(_rand(10, 4, 0), prune=bad)
+
+
+@pytest.mark.parametrize("name", ["patchcore", "anomalydino"])
+def test_scorers_refuse_a_bad_pruned_search_at_fit(name):
+    import numpy as np
+
+    import vlad
+
+    scorer = vlad.create_scorer(name, weights="tiny", pruned_search="yes")
+    with pytest.raises(VladError, match="pruned_search"):
+        scorer.fit([np.full((64, 64, 3), 128, np.uint8)])

@@ -14,6 +14,7 @@ from vlad.memory.knn import (
     InvalidSearchError,
     KnnIndex,
     knn_distances,
+    resolve_prune,
     squared_norms,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "greedy_coreset",
     "greedy_coreset_reference",
     "knn_distances",
+    "resolve_prune",
     "squared_norms",
 ]

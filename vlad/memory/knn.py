@@ -52,6 +52,30 @@ def squared_norms(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+#: accepted values of the scorers' ``pruned_search`` and of :class:`KnnIndex`'s ``prune``
+PRUNE_CHOICES = (True, False, "auto")
+
+
+def resolve_prune(prune: bool | str, device: torch.device | str) -> bool:
+    """Whether to search with the pruned :class:`BoundedIndex` on ``device``.
+
+    ``"auto"`` prunes on the CPU only. Measured on one H200 (torch 2.11, random weights at real size,
+    cuda-synchronised medians), the dense product beat the pruned search at every size tried: PatchCore
+    with 200 references, batch 1: 4.95 ms dense against 16.6 ms pruned; AnomalyDINO with 8 references x 8
+    rotations, batch 1: 7.0 ms against 41.9 ms. On 2 CPU cores the pruned search is 4-5x faster than
+    dense on the same memories (``python -m vlad.bench patchcore``, ``... anomalydino``).
+
+    Raises:
+        InvalidSearchError: ``prune`` is not True, False or "auto".
+    """
+    if prune == "auto" and isinstance(prune, str):
+        return torch.device(device).type == "cpu"
+    if isinstance(prune, bool):
+        return prune
+    raise InvalidSearchError(f"pruned_search must be True (the exact pruned search), False (dense) or 'auto' "
+                             f"(pruned on the CPU, dense on a GPU), got {prune!r} ({type(prune).__name__})")
+
+
 class KnnIndex:
     """Exact k-nearest-neighbour search in a fixed memory.
 
@@ -65,6 +89,7 @@ class KnnIndex:
         max_bytes: bound on the float32 score block held at once.
         prune: search with the exact pruned :class:`BoundedIndex` (1-NN on a memory of at least
             ``prune_min_rows`` rows; built on the first such search). Same result as brute force.
+            ``"auto"`` (see :func:`resolve_prune`): pruned on the CPU, dense on a GPU.
         prune_min_rows: smallest memory worth pruning.
 
     Raises:
@@ -79,7 +104,7 @@ class KnnIndex:
         normalized: bool = False,
         memory_sq_norms: torch.Tensor | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
-        prune: bool = False,
+        prune: bool | str = False,
         prune_min_rows: int = 4096,
     ) -> None:
         if metric not in METRICS:
@@ -108,7 +133,8 @@ class KnnIndex:
                 self.sq_norms = [squared_norms(b) for b in blocks]
         else:
             self.sq_norms = [None] * len(blocks)
-        self.prune = bool(prune) and self.size >= int(prune_min_rows)
+        device = blocks[0].device if blocks else torch.device("cpu")
+        self.prune = resolve_prune(prune, device) and self.size >= int(prune_min_rows)
         self._bound: BoundedIndex | None = None
 
     # -- public ------------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from vlad.errors import EmptyReferenceSetError, VladError
 from vlad.images import LoadedImage
-from vlad.memory import KnnIndex, greedy_coreset
-from vlad.ops import gaussian_blur, to_batch
+from vlad.memory import KnnIndex, greedy_coreset, resolve_prune
+from vlad.ops import resize_blur, to_batch
 from vlad.scorers.base import BaseScorer, FewShotMixin
 
 logger = logging.getLogger(__name__)
@@ -213,7 +213,9 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
             :class:`~vlad.memory.KnnIndex` (:class:`~vlad.memory.BoundedIndex`: a low-rank bound skips
             most blocks of rows; same nearest neighbours and distances as the dense search). On the 8
             references x 8 rotations memory (65,536 patches, 1,024 queries) it scored 1.7% of the
-            query-patch pairs, in 0.07-0.10 s against 0.41-0.52 s dense; False = always dense.
+            query-patch pairs, in 0.07-0.10 s against 0.41-0.52 s dense; False = always dense; ``"auto"``
+            (the default) = pruned on the CPU, dense on a GPU, where the dense product is faster
+            (:func:`~vlad.memory.knn.resolve_prune` gives the figures).
 
     Fitted attributes: ``memory_chunks_`` (one L2-normalised ``(rotations * h * w, D)`` block per
     reference), ``reference_names_``, ``masking_active_``.
@@ -236,7 +238,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
         sigma: float = 4.0,
         coreset_per_reference: int | None = None,
         random_state: int = 0,
-        pruned_search: bool = True,
+        pruned_search: bool | str = "auto",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -262,6 +264,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
             )
         if not 0.0 < float(self.top_fraction) <= 1.0:
             raise VladError(f"top_fraction must be in (0, 1], got {self.top_fraction!r} (the paper uses 0.01)")
+        resolve_prune(self.pruned_search, self.device_)
         if self.coreset_per_reference is not None and int(self.coreset_per_reference) < 1:
             raise VladError(f"coreset_per_reference must be None or >= 1, got {self.coreset_per_reference!r}")
 
@@ -400,7 +403,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
         self._search_blocks_ = search
         self._merged_ = {b.data_ptr(): b for b in search}
         self._search_index_ = KnnIndex(search, "cosine", normalized=True,
-                                       prune=bool(getattr(self, "pruned_search", True)))
+                                       prune=getattr(self, "pruned_search", "auto"))
 
     # -- scoring -------------------------------------------------------------------------------
     def _mask_for(self, raw: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
@@ -417,8 +420,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image score and map ``(H, W)`` (bilinear to the image's own size, then Gaussian) of ``(h*w,)``."""
         score = mean_top_fraction(dist, float(self.top_fraction))
-        m = F.interpolate(dist.reshape(1, 1, *grid), size=size, mode="bilinear", align_corners=False)[0]
-        return score, gaussian_blur(m, float(self.sigma))[0]
+        return score, resize_blur(dist.reshape(1, *grid), size, float(self.sigma))[0]
 
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if not self.memory_chunks_:

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from vlad.backbones import load_backbone
 from vlad.errors import EmptyReferenceSetError, InvalidParameterError, VladError
 from vlad.images import LoadedImage
-from vlad.memory import DEFAULT_MAX_BYTES, KnnIndex, greedy_coreset, knn_distances, squared_norms
-from vlad.ops import gaussian_blur, preprocess_batch, resize_maps
+from vlad.memory import DEFAULT_MAX_BYTES, KnnIndex, greedy_coreset, knn_distances, resolve_prune, squared_norms
+from vlad.ops import preprocess_batch, resize_blur
 from vlad.progress import track
 from vlad.scorers.base import BaseScorer, FewShotMixin
 
@@ -63,7 +63,9 @@ class PatchCore(FewShotMixin, BaseScorer):
             :class:`~vlad.memory.KnnIndex` (:class:`~vlad.memory.BoundedIndex`, built on the first
             predict after a memory change) instead of the dense product. Same nearest neighbours; at
             200 references (random weights) it scored 2.7% of the query-row pairs, in about a fifth of the
-            dense search's time (``python -m vlad.bench patchcore``); False = always dense.
+            dense search's time (``python -m vlad.bench patchcore``); False = always dense; ``"auto"`` (the
+            default) = pruned on the CPU, dense on a GPU, where the dense product is faster
+            (:func:`~vlad.memory.knn.resolve_prune` gives the figures).
 
     Before the coreset picks its rows, the reference patches of one fit (or one ``add_references``
     call) are held in float16 (half the peak memory: 200 references are 157k x 1024 patches, 321 MB
@@ -93,7 +95,7 @@ class PatchCore(FewShotMixin, BaseScorer):
         image_size: int | None = None,
         random_state: int | None = 0,
         max_bytes: int = DEFAULT_MAX_BYTES,
-        pruned_search: bool = True,
+        pruned_search: bool | str = "auto",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -116,6 +118,7 @@ class PatchCore(FewShotMixin, BaseScorer):
             raise InvalidParameterError(f"coreset_ratio must be in (0, 1] (1.0 keeps every patch), got {self.coreset_ratio}")
         if int(self.num_neighbors) < 1:
             raise InvalidParameterError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
+        resolve_prune(self.pruned_search, self.device_)
         layers = tuple(int(i) for i in self.layers)
         if not layers:
             raise InvalidParameterError("layers must name at least one backbone stage, e.g. (2, 3)")
@@ -237,9 +240,10 @@ class PatchCore(FewShotMixin, BaseScorer):
     def _search_index(self) -> KnnIndex:
         """The exact nearest-neighbour index of the memory, built on the first search after a change."""
         index = getattr(self, "_index", None)
-        if index is None or index.prune != (bool(self.pruned_search) and self.memory_.shape[0] >= self._INDEX_MIN_ROWS):
+        prune = resolve_prune(self.pruned_search, self.memory_.device)
+        if index is None or index.prune != (prune and self.memory_.shape[0] >= self._INDEX_MIN_ROWS):
             index = KnnIndex(self.memory_, "l2", memory_sq_norms=self.memory_sq_, max_bytes=self.max_bytes,
-                             prune=bool(self.pruned_search), prune_min_rows=self._INDEX_MIN_ROWS)
+                             prune=prune, prune_min_rows=self._INDEX_MIN_ROWS)
             self._index = index
         return index
 
@@ -257,8 +261,7 @@ class PatchCore(FewShotMixin, BaseScorer):
         d, i = self._search_index().search(q)
         d, i = d[:, 0].reshape(bsz, h * w), i[:, 0].reshape(bsz, h * w)
         scores = self._image_scores(q.reshape(bsz, h * w, e), d, i, self.memory_, self.memory_sq_)
-        maps = resize_maps(d.reshape(bsz, h, w), (self.input_size_, self.input_size_))
-        maps = gaussian_blur(maps, float(self.sigma))
+        maps = resize_blur(d.reshape(bsz, h, w), (self.input_size_, self.input_size_), float(self.sigma))
         return scores, maps
 
     def leave_one_out_scores(self) -> np.ndarray:
