@@ -59,7 +59,16 @@ class ToyNaN(BaseScorer):
         return m.flatten(1).amax(dim=1), m
 
 
-for _name, _cls in (("toytrained_c", ToyTrained), ("toynan_c", ToyNaN)):
+class ToyInf(ToyNaN):
+    """A broken scorer: +infinity wherever the image is bright (a calibrated sigmoid would make it 1)."""
+
+    def _predict_batch(self, images):
+        x = _grid(images).mean(dim=1)
+        m = torch.where(x > 0.9, torch.tensor(float("inf")), x)
+        return m.flatten(1).amax(dim=1), m
+
+
+for _name, _cls in (("toytrained_c", ToyTrained), ("toynan_c", ToyNaN), ("toyinf_c", ToyInf)):
     if _name not in vlad.list_scorers():
         vlad.register_scorer(_name)(_cls)
 
@@ -160,6 +169,9 @@ def test_nan_is_refused_never_labelled_normal():
     det = vlad.create_detector("toyzero_d+toynan_c").fit()
     with pytest.raises(NonFiniteScoreError):
         det.predict([bright])
+    det = vlad.create_detector("toyzero_d+toyinf_c").fit(_refs(3))  # reference calibration: sigmoid(inf) = 1
+    with pytest.raises(NonFiniteScoreError, match="toyinf_c"):
+        det.predict([textured(1), bright])
     # and a NaN reaching a threshold anyway counts as anomalous
     res = AnomalyResult(np.array([np.nan, 0.1]), np.zeros((2, 2, 2))).with_thresholds(0.5, 0.5)
     assert res.labels.tolist() == [True, False]
