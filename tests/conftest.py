@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +76,33 @@ def fails_with_one_line(capsys, argv: list[str], *words: str) -> str:
     for word in words:
         assert word.lower() in lines[0].lower(), lines[0]
     return lines[0]
+
+
+#: as root (these tests often run so) every file is readable: a file without read permission cannot be made
+RUNS_AS_ROOT = os.name == "posix" and os.geteuid() == 0
+
+
+def write_bad_files(folder: Path) -> dict[str, str]:
+    """Write the unreadable files a line archive holds into ``folder``: a truncated PNG, an empty file, a
+    text file named ``.png``, a link to a missing file (cannot be opened, also as root) and, unless this
+    runs as root (root reads every file), a file without read permission. Returns file name -> the words
+    its error must say. Names start with digits, to sort between good images named ``00.png``..."""
+    from PIL import Image
+
+    whole = folder / "03_truncated.png"
+    Image.fromarray(textured(50)).save(whole)
+    whole.write_bytes(whole.read_bytes()[:300])
+    (folder / "05_empty.png").write_bytes(b"")
+    (folder / "07_text.png").write_text("a log line, not pixels\n")
+    (folder / "09_link.png").symlink_to(folder / "moved_away.png")
+    expected = {"03_truncated.png": "corrupt or truncated image", "05_empty.png": "the file is empty",
+                "07_text.png": "not an image file PIL can read", "09_link.png": "a broken link"}
+    if not RUNS_AS_ROOT:
+        locked = folder / "11_no_permission.png"
+        Image.fromarray(textured(51)).save(locked)
+        locked.chmod(0)
+        expected[locked.name] = "cannot be opened (Permission denied)"
+    return expected
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import RUNS_AS_ROOT, write_bad_files
 from vlad.errors import InvalidImageError
 from vlad.images import expand_paths, list_images, load_image, load_images
 
@@ -84,6 +85,38 @@ def test_bad_files_name_the_file(tmp_path, content, match):
     with pytest.raises(InvalidImageError, match=match) as info:
         load_images([path])
     assert str(path) in str(info.value)
+
+
+def test_every_bad_file_of_an_archive_says_what_is_wrong(tmp_path):
+    """Each kind of unreadable file gets its own message, starting with the file's path (a missing
+    permission is not reported as a corrupt image); a broken link is listed with the folder's images."""
+    Image.fromarray(_rgb()).save(tmp_path / "00.png")
+    expected = write_bad_files(tmp_path)
+    listed = list_images(tmp_path)
+    assert [p.name for p in listed] == ["00.png", *sorted(expected)]
+    for path in listed[1:]:
+        with pytest.raises(InvalidImageError) as info:
+            load_image(path)
+        assert str(info.value).startswith(f"{path}: {expected[path.name]}"), info.value
+
+
+@pytest.mark.skipif(not RUNS_AS_ROOT, reason="tested for real by the test above")
+def test_no_read_permission_as_root_would_see_it(tmp_path, monkeypatch):
+    """Root reads every file, so a missing read permission is shown by an open() that is refused."""
+    import builtins
+
+    path = tmp_path / "locked.png"
+    Image.fromarray(_rgb()).save(path)
+    real_open = builtins.open
+
+    def refuse(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    with pytest.raises(InvalidImageError, match=r"locked.png: cannot be opened \(Permission denied\)"):
+        load_image(path)
 
 
 def test_bad_arrays_and_types(tmp_path):

@@ -21,6 +21,7 @@ decompression-bomb limit for files read by vlad.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -175,22 +176,40 @@ def _pil_limit_off():
         Image.MAX_IMAGE_PIXELS = before
 
 
+def _cannot_open(name: str, exc: OSError) -> InvalidImageError:
+    return InvalidImageError(f"{name}: cannot be opened ({exc.strerror or exc}); check that this user may read "
+                             "it (its permissions) and that the disk or share holding it is reachable")
+
+
 def _read_file(path: Path) -> np.ndarray:
     name = str(path)
-    if not path.exists():
-        raise InvalidImageError(f"{name}: no such file")
-    if path.is_dir():
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise InvalidImageError(f"{name}: a broken link: it points to {os.readlink(path)}, which does not "
+                                    "exist") from None
+        raise InvalidImageError(f"{name}: no such file") from None
+    except OSError as exc:  # permission denied on a folder above it, a loop of links, an I/O error
+        raise _cannot_open(name, exc) from None
+    if stat.S_ISDIR(info.st_mode):
         raise InvalidImageError(f"{name}: is a folder; pass the image files (or use vlad.images.list_images)")
-    if path.stat().st_size == 0:
+    if info.st_size == 0:
         raise InvalidImageError(f"{name}: the file is empty")
     limit = max_image_pixels()
     try:
-        with _pil_limit_off(), Image.open(path) as img:
+        fh = open(path, "rb")
+    except OSError as exc:  # e.g. no read permission: the file is fine, this user cannot read it
+        raise _cannot_open(name, exc) from None
+    try:
+        with fh, _pil_limit_off(), Image.open(fh) as img:
             width, height = img.size
             if limit is not None and width * height > limit:  # from the header, before decoding
                 raise _too_large(name, width, height, limit)
             img.load()  # decode fully now so truncation is caught here, not later
             return _pil_to_array(img, name)
+    except InvalidImageError:
+        raise  # over the pixel limit: a ValueError too, but its own message already says everything
     except UnidentifiedImageError as exc:
         raise InvalidImageError(f"{name}: not an image file PIL can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -259,12 +278,15 @@ def load_images(images) -> list[LoadedImage]:
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """Image files in ``folder`` (sorted), by suffix. Raises InvalidImageError if there are none."""
+    """Image files in ``folder`` (sorted), by suffix. A link named like an image whose target is missing
+    is listed too, so that reading it reports it rather than the folder silently losing an image.
+    Raises InvalidImageError if there are none."""
     root = Path(folder)
     if not root.is_dir():
         raise InvalidImageError(f"{root}: not a folder")
     pattern = "**/*" if recursive else "*"
-    files = sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in root.glob(pattern)
+                   if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.exists())))
     if not files:
         raise InvalidImageError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
     return files
