@@ -17,11 +17,11 @@ import torch.nn.functional as F
 
 import vlad
 from vlad import EmptyReferenceSetError, NotFittedError, UnknownScorerError, VladError
-from vlad.errors import IntegrityError
+from vlad.errors import IntegrityError, InvalidImageError, InvalidParameterError
 from vlad.serialization import sha256_file
 from vlad.scorers.base import BaseScorer, FewShotMixin
 
-from conftest import textured, with_defect
+from conftest import textured, with_defect, write_bad_files
 
 
 def _grid(images, size=32):
@@ -271,6 +271,39 @@ def test_mixed_sizes_give_maps_at_each_size():
     res = det.predict([textured(1, size=64), textured(2, size=96)[:80]])
     assert [m.shape for m in res.map_list()] == [(64, 64), (80, 96)]
     assert [m.shape for m in res.masks] == [(64, 64), (80, 96)]
+
+
+def test_predict_on_error_skip_scores_the_readable_and_lists_the_rest(tmp_path, defect_image):
+    from PIL import Image
+
+    det = vlad.create_detector(SPEC).fit(_refs(4))
+    Image.fromarray(textured(40)).save(tmp_path / "00.png")
+    Image.fromarray(defect_image).save(tmp_path / "04_defect.png")
+    expected = write_bad_files(tmp_path)  # 03_..., 05_..., 07_..., 09_... (11_... unless root)
+    paths = [str(p) for p in sorted(tmp_path.iterdir())]
+    good = [str(tmp_path / "00.png"), str(tmp_path / "04_defect.png")]
+    with pytest.raises(InvalidImageError, match="03_truncated.png"):
+        det.predict(paths)  # the default: the first unreadable file raises
+    res = det.predict(paths, on_error="skip")
+    alone = det.predict(good)
+    assert len(res) == 2 and res.names == tuple(good)
+    np.testing.assert_allclose(res.image_scores, alone.image_scores, rtol=1e-6)
+    assert res.labels.tolist() == alone.labels.tolist() and res.masks.shape == alone.masks.shape
+    assert [f.index for f in res.failures] == [i for i, p in enumerate(paths) if p not in good]
+    for f in res.failures:
+        assert f.name == paths[f.index] and f.error.startswith(f"{f.name}: {expected[f.name.rsplit('/', 1)[-1]]}")
+    assert alone.failures == ()
+    # joined batches number the failures among all the inputs; a batch with no readable image adds none
+    both = vlad.AnomalyResult.concatenate([det.predict(paths[:1], on_error="skip"),
+                                           det.predict(paths[1:2], on_error="skip"),
+                                           det.predict(paths[2:], on_error="skip")])
+    assert len(both) == 2 and [f.index for f in both.failures] == [f.index for f in res.failures]
+    nothing = det.predict(paths[1:2], on_error="skip")
+    assert len(nothing) == 0 and nothing.labels.shape == (0,) and [f.index for f in nothing.failures] == [0]
+    assert det.predict([textured(1), np.zeros((2, 2))], on_error="skip").failures[0].error.startswith("<array>: ")
+    for bad in ("ignore", None, True):
+        with pytest.raises(InvalidParameterError, match="'raise'.*'skip'"):
+            det.predict(good, on_error=bad)
 
 
 # -- save / load --------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import RUNS_AS_ROOT, write_bad_files
 from vlad.errors import InvalidImageError
-from vlad.images import expand_paths, list_images, load_image, load_images
+from vlad.images import expand_paths, list_images, load_image, load_images, load_readable
 
 
 def _rgb(h=20, w=30):
@@ -117,6 +117,24 @@ def test_no_read_permission_as_root_would_see_it(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "open", refuse)
     with pytest.raises(InvalidImageError, match=r"locked.png: cannot be opened \(Permission denied\)"):
         load_image(path)
+
+
+def test_load_readable_lists_what_cannot_be_read(tmp_path):
+    Image.fromarray(_rgb()).save(tmp_path / "00.png")
+    expected = write_bad_files(tmp_path)
+    items = [*list_images(tmp_path), np.zeros((3, 3), np.uint8), _rgb()]
+    loaded, failures = load_readable(items)
+    assert [img.name for img in loaded] == [str(tmp_path / "00.png"), "<array>"]
+    names = [*sorted(expected), "<array>"]
+    assert [f.index for f in failures] == list(range(1, len(names) + 1))
+    assert [f.name.rsplit("/", 1)[-1] for f in failures] == names
+    for f in failures[:-1]:
+        assert f.error.startswith(f"{f.name}: {expected[f.name.rsplit('/', 1)[-1]]}")
+    assert failures[-1].error == "<array>: image is 3x3; at least 8x8 pixels are needed"
+    with pytest.raises(InvalidImageError, match="truncated"):
+        load_images(items)  # the first unreadable one raises
+    with pytest.raises(InvalidImageError, match="no images"):
+        load_readable([])
 
 
 def test_bad_arrays_and_types(tmp_path):

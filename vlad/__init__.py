@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AnomalyResult",
     "EmptyReferenceSetError",
+    "ImageFailure",
     "IntegrityError",
     "InvalidDeviceError",
     "InvalidImageError",
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 # Names resolved on first access, so that `import vlad` does not import numpy or scikit-learn.
-_LAZY = {"AnomalyResult": "vlad.types", "NotFittedError": "vlad.errors"}
+_LAZY = {"AnomalyResult": "vlad.types", "ImageFailure": "vlad.types", "NotFittedError": "vlad.errors"}
 
 
 def __getattr__(name: str) -> Any:

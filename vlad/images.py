@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlad.errors import InvalidImageError
+from vlad.types import ImageFailure
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MIN_SIZE = 8  # smaller images cannot give a meaningful map from any backbone
@@ -216,27 +217,36 @@ def _read_file(path: Path) -> np.ndarray:
         raise InvalidImageError(f"{name}: corrupt or truncated image ({exc})") from exc
 
 
+def _default_name(image) -> str:
+    """What an input is called in messages: its path, or the kind of image it is in memory."""
+    if isinstance(image, (str, os.PathLike)):
+        return str(Path(image))
+    if isinstance(image, Image.Image):
+        return "<PIL image>"
+    if isinstance(image, np.ndarray):
+        return "<array>"
+    if type(image).__module__.startswith("torch"):
+        return "<tensor>"
+    return f"<{type(image).__name__}>"
+
+
 def load_image(image, name: str | None = None) -> LoadedImage:
     """Read one image of any accepted kind into a :class:`LoadedImage`.
 
     Raises:
         InvalidImageError: the input is not a readable image; the message names it.
     """
+    name = name or _default_name(image)
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        pixels = _read_file(path)
-        name = name or str(path)
+        pixels = _read_file(Path(image))
     elif isinstance(image, Image.Image):
-        name = name or "<PIL image>"
         try:
             pixels = _pil_to_array(image, name)
         except OSError as exc:
             raise InvalidImageError(f"{name}: could not decode ({exc})") from exc
     elif isinstance(image, np.ndarray):
-        name = name or "<array>"
         pixels = _array_to_rgb(image, name)
     elif type(image).__module__.startswith("torch"):
-        name = name or "<tensor>"
         arr = image.detach().cpu()
         if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] not in (1, 3, 4):
             arr = arr.permute(1, 2, 0)
@@ -265,16 +275,42 @@ def _as_sequence(images) -> list:
     return [images]
 
 
+def _load_each(images, skip: bool) -> tuple[list[LoadedImage], tuple[ImageFailure, ...]]:
+    items = _as_sequence(images)
+    if not items:
+        raise InvalidImageError("no images were given")
+    loaded: list[LoadedImage] = []
+    failures: list[ImageFailure] = []
+    for i, item in enumerate(items):
+        try:
+            loaded.append(item if isinstance(item, LoadedImage) else load_image(item))
+        except InvalidImageError as exc:
+            if not skip:
+                raise
+            failures.append(ImageFailure.from_error(i, _default_name(item), exc))
+    return loaded, tuple(failures)
+
+
 def load_images(images) -> list[LoadedImage]:
     """Read one image or a sequence (a ``(B, ...)`` array/tensor counts as a batch).
 
     Raises:
         InvalidImageError: for the first unreadable input, or for an empty input.
     """
-    items = _as_sequence(images)
-    if not items:
-        raise InvalidImageError("no images were given")
-    return [it if isinstance(it, LoadedImage) else load_image(it) for it in items]
+    return _load_each(images, skip=False)[0]
+
+
+def load_readable(images) -> tuple[list[LoadedImage], tuple[ImageFailure, ...]]:
+    """Read every input that can be read, as :func:`load_images` does, and list the others.
+
+    Returns:
+        The readable images, in input order, and an :class:`~vlad.types.ImageFailure` per unreadable
+        one (its position among the inputs, its name and the error's message).
+
+    Raises:
+        InvalidImageError: an empty input (no images at all).
+    """
+    return _load_each(images, skip=True)
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:

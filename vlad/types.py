@@ -22,6 +22,32 @@ ImagesLike = Union[ImageLike, Sequence[ImageLike]]
 
 
 @dataclass(frozen=True)
+class ImageFailure:
+    """An input that could not be read, listed instead of raising (``Detector.predict(on_error="skip")``).
+
+    Attributes:
+        index: the input's position among the images of the call (after :meth:`AnomalyResult.concatenate`,
+            among the images of all the calls joined).
+        name: the file path, or ``<array>``, ``<PIL image>``, ``<tensor>`` for an image in memory.
+        error: what is wrong with it, as the error raised for it says (``"a.png: the file is empty"``).
+    """
+
+    index: int
+    name: str
+    error: str
+
+    @classmethod
+    def from_error(cls, index: int, name: str, exc: BaseException) -> ImageFailure:
+        """The failure of input ``index`` called ``name`` that raised ``exc``: the error's own message
+        when it names the input (vlad's errors about an image start with its name), else the error's
+        type and message."""
+        message = str(exc).strip() or type(exc).__name__
+        if not message.startswith(name):
+            message = f"{type(exc).__name__}: {message}"
+        return cls(int(index), str(name), message)
+
+
+@dataclass(frozen=True)
 class AnomalyResult:
     """Scores and maps for a batch of images. Higher always means more anomalous.
 
@@ -33,6 +59,9 @@ class AnomalyResult:
         masks: bool maps shaped like ``anomaly_maps`` once a pixel threshold is set, else None.
         components: per-scorer results of a fused detector (name -> AnomalyResult), else empty.
         names: optional identifier per image (e.g. file paths).
+        failures: the inputs that could not be read, when they were skipped rather than raised
+            (``Detector.predict(images, on_error="skip")``): an :class:`ImageFailure` each, in input
+            order. The other fields then hold the readable images only, in input order. Empty otherwise.
     """
 
     image_scores: np.ndarray
@@ -41,8 +70,10 @@ class AnomalyResult:
     masks: np.ndarray | list[np.ndarray] | None = None
     components: Mapping[str, AnomalyResult] = field(default_factory=dict)
     names: tuple[str, ...] | None = None
+    failures: tuple[ImageFailure, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "failures", tuple(self.failures))
         scores = np.asarray(self.image_scores, dtype=np.float32).reshape(-1)
         object.__setattr__(self, "image_scores", scores)
         maps = self.anomaly_maps
@@ -61,6 +92,7 @@ class AnomalyResult:
             raise ValueError(f"{len(scores)} image scores but {len(maps)} anomaly maps")
 
     def __len__(self) -> int:
+        """The number of images scored (``failures`` not counted)."""
         return len(self.image_scores)
 
     def map_list(self) -> list[np.ndarray]:
@@ -77,16 +109,23 @@ class AnomalyResult:
         if pixel_threshold is not None:
             masks = [_above(m, pixel_threshold) for m in self.map_list()]
             if isinstance(self.anomaly_maps, np.ndarray):
-                masks = np.stack(masks) if len(masks) != 1 else masks[0][None]
+                masks = np.stack(masks) if len(masks) > 1 else masks[0][None] if masks else np.zeros((0, 0, 0), bool)
         return replace(self, labels=labels, masks=masks)
 
     @staticmethod
     def concatenate(results: Sequence[AnomalyResult]) -> AnomalyResult:
-        """Join the results of several batches, in order (labels, masks and components included)."""
+        """Join the results of several batches, in order (labels, masks, components and failures
+        included; a failure's ``index`` counts the inputs of the batches before its own)."""
         if not results:
             raise ValueError("nothing to concatenate")
-        if len(results) == 1:
-            return results[0]
+        failures, offset = [], 0
+        for r in results:
+            failures.extend(replace(f, index=f.index + offset) for f in r.failures)
+            offset += len(r) + len(r.failures)
+        scored = [r for r in results if len(r)]  # a batch whose every input failed adds no image
+        if len(scored) <= 1:
+            return replace(scored[0] if scored else results[0], failures=tuple(failures))
+        results = scored
         scores = np.concatenate([r.image_scores for r in results])
         maps = [m for r in results for m in r.map_list()]
         labels = None
@@ -104,7 +143,7 @@ class AnomalyResult:
         names = None
         if all(r.names is not None for r in results):
             names = tuple(n for r in results for n in r.names)
-        return AnomalyResult(scores, maps, labels, masks, components, names)
+        return AnomalyResult(scores, maps, labels, masks, components, names, tuple(failures))
 
 
 def _above(values: np.ndarray, threshold: float) -> np.ndarray:

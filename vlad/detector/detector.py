@@ -80,7 +80,7 @@ from vlad.detector.fusion import (
 from vlad.detector.spec import SHARED_OPTIONS, build_scorers, did_you_mean, parse_spec
 from vlad import errors
 from vlad.errors import EmptyReferenceSetError, InvalidParameterError, VladError
-from vlad.images import LoadedImage, load_images
+from vlad.images import LoadedImage, load_images, load_readable
 from vlad.scorers.base import check_finite, reference_index
 from vlad.ops import resize_maps
 from vlad.tiling import upsample_maps
@@ -107,6 +107,9 @@ DETECTOR_DEFAULTS: dict[str, Any] = {
     "image_threshold": None,
     "pixel_threshold": None,
 }
+
+#: what :meth:`Detector.predict` does with an input it cannot read
+ON_ERROR = ("raise", "skip")
 
 
 @dataclass(frozen=True)
@@ -601,7 +604,7 @@ class Detector:
         return np.asarray(self._calibrated().reference_scores, dtype=np.float32)
 
     # -- predicting ------------------------------------------------------------------------
-    def predict(self, images: ImagesLike) -> AnomalyResult:
+    def predict(self, images: ImagesLike, on_error: str = "raise") -> AnomalyResult:
         """Score ``images``: fused scores ``(B,)``, maps at each image's size, labels and masks from the
         thresholds, and ``components`` (name -> that scorer's calibrated result).
 
@@ -611,26 +614,48 @@ class Detector:
         ``tile_size`` set (an option of every scorer, e.g. ``create_detector(tile_size=448)``), large
         images are scored tile by tile.
 
+        Args:
+            images: paths, PIL images, arrays or tensors (see :mod:`vlad.images`).
+            on_error: what an input that cannot be read does (a corrupt, truncated, empty or missing
+                file, a file this user may not read, a wrongly shaped array). ``"raise"`` (default): it
+                raises and nothing is scored. ``"skip"``: every readable input is scored, and each
+                unreadable one is listed in the result's ``failures`` (an
+                :class:`~vlad.types.ImageFailure`: its position among ``images``, its name and the
+                error's message); the result's scores, maps, labels and masks then hold the readable
+                images only, in input order (``B`` of them, perhaps none). Only reading is covered: an
+                error while scoring raises either way.
+
         Raises:
             NotFittedError: ``fit`` was not called.
-            InvalidImageError: an input is unreadable (named).
+            InvalidImageError: an input is unreadable (named), with ``on_error="raise"``; no input at all.
+            InvalidParameterError: ``on_error`` is neither ``"raise"`` nor ``"skip"``.
             NonFiniteScoreError: a scorer produced NaN or infinity (named); never labelled normal.
         """
-        return self._predict_working(images)[0]
+        return self._predict_working(images, on_error)[0]
 
-    def predict_with_raw(self, images: ImagesLike) -> tuple[AnomalyResult, dict[str, AnomalyResult]]:
+    def predict_with_raw(
+        self, images: ImagesLike, on_error: str = "raise"
+    ) -> tuple[AnomalyResult, dict[str, AnomalyResult]]:
         """:meth:`predict` plus each active scorer's raw (uncalibrated) result, from the same pass: for
         evaluations that rank by a scorer's own scores while judging the detector's decisions. Raw
         maps are at the working resolution (the image's own up to 2048 x 2048 pixels)."""
-        fused, raw = self._predict_working(images)
+        fused, raw = self._predict_working(images, on_error)
         return fused, {n: r.to_result() for n, r in raw.items()}
 
-    def _predict_working(self, images: ImagesLike) -> tuple[AnomalyResult, dict[str, WorkingResult]]:
-        """The fused result (maps at the images' sizes, thresholds applied) and each active scorer's raw
-        result as computed (on its device). Calibration and fusion run where the maps are, in float32;
-        maps come to the host once, at the end."""
+    def _predict_working(
+        self, images: ImagesLike, on_error: str = "raise"
+    ) -> tuple[AnomalyResult, dict[str, WorkingResult]]:
+        """The fused result (maps at the images' sizes, thresholds applied, ``failures`` listed) and each
+        active scorer's raw result as computed (on its device). Calibration and fusion run where the maps
+        are, in float32; maps come to the host once, at the end."""
         self._check_fitted()
-        loaded = load_images(images)
+        if not isinstance(on_error, str) or on_error not in ON_ERROR:
+            raise InvalidParameterError(f"on_error must be 'raise' (an unreadable image stops the call) or 'skip' "
+                                        f"(score the others, list it in result.failures), got {on_error!r}")
+        loaded, failures = load_readable(images) if on_error == "skip" else (load_images(images), ())
+        if not loaded:  # every input failed: an empty result that lists them
+            empty = AnomalyResult(np.zeros(0, np.float32), [], names=(), failures=failures)
+            return empty.with_thresholds(self.image_threshold, self.pixel_threshold), {}
         cal = self._calibrated()
         raw = self._raw_predict(loaded)
         comps = {name: self._apply_working(cal, name, r) for name, r in raw.items()}
@@ -642,7 +667,7 @@ class Detector:
         out = fused.to_result()
         check_finite(out, "the fused detector")
         maps = upsample_maps(out.map_list(), sizes)  # numpy maps (a scorer that computes on the host)
-        out = AnomalyResult(out.image_scores, maps, components=out.components, names=out.names)
+        out = AnomalyResult(out.image_scores, maps, components=out.components, names=out.names, failures=failures)
         return out.with_thresholds(self.image_threshold, self.pixel_threshold), raw
 
     def _raw_predict(self, loaded: list[LoadedImage]) -> dict[str, WorkingResult]:
