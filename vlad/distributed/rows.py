@@ -68,10 +68,8 @@ def _save_png(array: np.ndarray, target: Path) -> None:
     os.replace(tmp, target)  # atomic: a reader never sees half a picture
 
 
-def _error_row(path: str, names: Sequence[str], exc: BaseException) -> dict[str, Any]:
-    message = str(exc).strip() or type(exc).__name__
-    if not message.startswith(path):
-        message = f"{type(exc).__name__}: {message}"
+def _error_row(path: str, names: Sequence[str], message: str) -> dict[str, Any]:
+    """The row of an image that could not be read or scored; ``message`` as in :class:`vlad.ImageFailure`."""
     logger.warning("%s: not scored (%s)", path, message)
     return {"path": path, "score": None, "label": None, **{f"score_{n}": None for n in names},
             **dict.fromkeys(_STATS), "height": None, "width": None, "error": message}
@@ -130,30 +128,32 @@ def score_paths(det, paths: Sequence[str], out_dir: str | os.PathLike | None = N
         maps: write each fused map as a 16-bit PNG.
     """
     from vlad.errors import VladError
-    from vlad.images import load_image
+    from vlad.images import load_readable
+    from vlad.types import ImageFailure
 
     if (overlays or maps) and out_dir is None:
         raise VladError("overlays or maps were asked for without an output folder; pass out_dir")
+    if not paths:
+        return []
     out = Path(out_dir) if out_dir is not None else Path(".")
     names = active_scorers(det)
     rows: list[dict[str, Any] | None] = [None] * len(paths)
-    items = []
-    for i, path in enumerate(paths):
-        try:
-            items.append((i, path, load_image(path)))
-        except VladError as exc:
-            rows[i] = _error_row(path, names, exc)
+    loaded, failures = load_readable(list(paths))  # what Detector.predict(on_error="skip") reads, and says
+    for f in failures:
+        rows[f.index] = _error_row(paths[f.index], names, f.error)
+    readable = [i for i, row in enumerate(rows) if row is None]
+    items = [(paths[i], img) for i, img in zip(readable, loaded)]
     try:
-        scored = _predict_rows(det, names, [(p, img) for _, p, img in items], out, overlays, maps) if items else []
+        scored = _predict_rows(det, names, items, out, overlays, maps) if items else []
     except Exception as exc:  # noqa: BLE001 - isolate the image(s) that broke the batch, below
         logger.info("a batch of %d images failed (%s); scoring them one at a time", len(items), exc)
         scored = []
-        for _, path, img in items:
+        for path, img in items:
             try:
                 scored.extend(_predict_rows(det, names, [(path, img)], out, overlays, maps))
             except Exception as one_exc:  # noqa: BLE001 - one bad image must not stop an archive job
-                scored.append(_error_row(path, names, one_exc))
-    for (i, _, _), row in zip(items, scored):
+                scored.append(_error_row(path, names, ImageFailure.from_error(0, path, one_exc).error))
+    for i, row in zip(readable, scored):
         rows[i] = row
     for row in rows:
         if overlays:
