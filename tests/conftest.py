@@ -105,6 +105,19 @@ def write_bad_files(folder: Path) -> dict[str, str]:
     return expected
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray for the tests of one module (2 CPUs, a small object store); skips without Ray."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    pytest.importorskip("pyarrow")
+    from vlad.distributed.engine import connect
+
+    assert connect(None, num_cpus=2, object_store_mb=80)  # as the library starts a local Ray
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 def good_images() -> list[np.ndarray]:
     return [textured(i) for i in range(4)]

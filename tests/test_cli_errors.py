@@ -136,7 +136,7 @@ def test_image_over_the_pixel_limit(capsys, tmp_path):
     huge = tmp_path / "huge.png"
     _png_header_only(huge, 20_000, 20_000)  # 400 Mpx: over twice PIL's default limit
     line = fails_with_one_line(capsys, ["score", str(huge), "--detector", "winclip", "--weights", "tiny",
-                                         "--device", "cpu"], "huge.png", "VLAD_MAX_IMAGE_PIXELS")
+                                         "--device", "cpu", "--fail-fast"], "huge.png", "VLAD_MAX_IMAGE_PIXELS")
     assert "400000000" in line  # names the size
 
 

@@ -82,19 +82,7 @@ def test_engine_ray_needs_out_and_a_reachable_cluster(capsys, tmp_path):
                                   "--address", "nowhere"], "HOST:PORT")
 
 
-# -- Ray: one session per module ---------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    pytest.importorskip("pyarrow")
-    from vlad.distributed.engine import connect
-
-    assert connect(None, num_cpus=2, object_store_mb=80)  # as the library starts a local Ray
-    yield ray
-    ray.shutdown()
-
+# -- Ray: one session per module (conftest.ray_session) ------------------------------------------------
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> tuple[Path, list[Path]]:
@@ -225,9 +213,10 @@ def test_restarted_job_skips_what_is_written(ray_session, archive, detector_dir,
     assert parts
     (out / "scores" / ".part-x.parquet.tmp").write_bytes(b"half a part of a killed run")
     # the rest through the command line, which resumes the same way
-    assert main(["score", str(folder), "--load", str(detector_dir), "--engine", "ray", "--out", str(out)]) == 0
+    assert main(["score", str(folder), "--load", str(detector_dir), "--engine", "ray", "--out", str(out)]) == 3
     printed = capsys.readouterr().out
-    assert "4 images scored" in printed and "3 already written" in printed and "1 could not be scored" in printed
+    assert "4 rows written" in printed and "3 already written" in printed
+    assert printed.splitlines()[-1] == "3 scored, 1 failed: see the error column"
     rows = _rows(out)
     assert [r["path"] for r in rows] == sorted(str(p) for p in folder.iterdir())
     assert all((out / "scores" / n).stat().st_mtime_ns == t for n, t in parts.items())  # written once

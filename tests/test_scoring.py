@@ -97,7 +97,9 @@ def test_score_detector_end_to_end(folders, tmp_path, capsys):
     assert "bad.png" in printed and "anomalous" in printed and "score" in printed
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert [r["file"].rsplit("/", 1)[-1] for r in rows] == ["bad.png", "ok.png", "small.png"]
-    assert set(rows[0]) == {"file", "score", "label", "zeros_s", "fews_s"}
+    assert list(rows[0]) == ["file", "score", "label", "zeros_s", "fews_s", "error"]
+    assert all(r["error"] == "" for r in rows)
+    assert printed.splitlines()[-1] == "3 scored, 0 failed"
     labels = {r["file"].rsplit("/", 1)[-1]: r["label"] for r in rows}
     assert labels["bad.png"] == "anomalous" and labels["ok.png"] == "normal"
     summary = json.loads((out / "scores.json").read_text())
@@ -135,8 +137,10 @@ def test_score_errors(folders, tmp_path, capsys):
     assert "--refs" in capsys.readouterr().err
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
-    assert main(["score", str(test / "ok.png"), str(broken), "--detector", "zeros_s"]) == 2
+    assert main(["score", str(test / "ok.png"), str(broken), "--detector", "zeros_s", "--fail-fast"]) == 2
     assert "broken.png" in capsys.readouterr().err
+    assert main(["score", str(test / "ok.png"), str(broken), "--detector", "zeros_s"]) == 3  # scored the other
+    assert "broken.png" in capsys.readouterr().out
     assert main(["score", str(test), "--detector", "zeros_s", "--set", "nonsense=1"]) == 2
     assert "nonsense" in capsys.readouterr().err
     assert main(["score", str(test), "--detector", "fews_s", "--refs", str(good), "--prompts", "p.yaml"]) == 2

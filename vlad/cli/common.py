@@ -18,6 +18,37 @@ from typing import Any
 
 from vlad.errors import InvalidParameterError, VladError
 
+#: exit code of a run that went to the end but could not read or score some inputs (see the error column);
+#: 2 stays for the mistakes found before any work, 1 for operating-system errors (see vlad.cli.main)
+EXIT_FINISHED_WITH_FAILURES = 3
+
+
+def outcome_line(scored: int, failed: int) -> str:
+    """The last line of ``vlad score``, the same for every engine: ``10 scored, 1 failed: see the error column``."""
+    return f"{scored} scored, {failed} failed" + (": see the error column" if failed else "")
+
+
+def check_readable(paths: Sequence[str | os.PathLike], what: str) -> None:
+    """Read every image of ``paths`` once, now: the first unreadable one raises (references, the unlabeled
+    pool, and the inputs with ``--fail-fast``).
+
+    Raises:
+        InvalidImageError: names the file and what is wrong with it.
+    """
+    from vlad.images import load_image
+    from vlad.progress import track
+
+    for path in track(paths, f"checking {what}"):
+        load_image(path)
+
+
+def add_fail_fast_option(p: argparse.ArgumentParser) -> None:
+    """``--fail-fast``, for the commands that score many image files."""
+    p.add_argument("--fail-fast", action="store_true",
+                   help="read every input image before any work and stop at the first unreadable one (exit code "
+                        "2); by default the others are scored, it gets a row with its error, and the exit code is "
+                        f"{EXIT_FINISHED_WITH_FAILURES}")
+
 
 class CliParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors read ``vlad: error: ...`` like every other error of the CLI."""

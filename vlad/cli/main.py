@@ -4,6 +4,11 @@ A user mistake (any :class:`~vlad.errors.VladError`, raised by the up-front chec
 :mod:`vlad.cli.common` or by the library) prints ``vlad: error: <what and how to fix>`` and exits with
 code 2; an operating-system error (disk full, file vanished) prints one line and exits with 1. Anything
 else is a bug and keeps its traceback. ``-v`` shows the traceback of every error.
+
+Exit codes: 0 done; 1 an operating-system error; 2 a mistake found before any work (options, an
+unreadable reference, an unreadable input with ``--fail-fast``); 3 ``vlad score`` went to the end but
+some inputs could not be read or scored (each has a row with its error; ``10 scored, 1 failed: see the
+error column``); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from collections.abc import Sequence
 
 from vlad.cli import demo, export, score, weights
 from vlad.cli import eval as eval_cmd
-from vlad.cli.common import CliParser
+from vlad.cli.common import EXIT_FINISHED_WITH_FAILURES, CliParser  # noqa: F401 - every exit code here
 from vlad.errors import VladError
 
 EXIT_USER_ERROR = 2

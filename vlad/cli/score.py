@@ -21,16 +21,27 @@ so on the last line. With ``musc`` and no pool, all inputs are scored against ea
 
 Output: a table (file, score, label) on stdout; with ``--out``: ``scores.csv``, ``scores.json`` (also
 each component's calibrated score and the thresholds) and ``overlays/<NNNN>_<stem>.png`` per image (the
-fused map over the image, colour range fixed to ``[0, 1]``).
+fused map over the image, colour range fixed to ``[0, 1]``). The last line counts the images scored and
+those that failed.
+
+**An input image that cannot be read** (corrupt, truncated, empty, not an image, no read permission, a
+broken link) does not stop the run: every readable image is scored, and the unreadable one gets a row
+with no score and its ``error`` (a column of the table, ``scores.csv``, ``scores.json`` and, with
+``--engine ray``, the Parquet rows; the same text on both engines). The run then ends with
+``10 scored, 1 failed: see the error column`` and exit code 3
+(:data:`~vlad.cli.common.EXIT_FINISHED_WITH_FAILURES`). ``--fail-fast`` reads every input before any work
+instead and stops at the first unreadable one with one ``vlad: error:`` line (exit code 2).
 
 ``--load DIR`` scores with a detector saved with ``det.save(DIR)`` instead of building and fitting one.
 ``--engine ray`` scores a whole archive on a pool of Ray workers into Parquet (:mod:`vlad.cli.score_ray`,
 :mod:`vlad.distributed`; ``--num-workers``, ``--address``, ``--overlays``, ``--maps``).
 
 Checked before any work: the options (``--set`` names and types, device, output folder, prompt file),
-then every input and reference is read once before any model is built; the first problem stops the run
-with one ``vlad: error:`` line naming it (exit code 2). Nothing is skipped silently. A few-shot scorer
-(or a detector made only of few-shot scorers) without ``--refs`` is an error that says to pass ``--refs``.
+then every reference and unlabeled pool image (and, with ``--fail-fast``, every input) is read once before
+any model is built; the first problem stops the run with one ``vlad: error:`` line naming it (exit code
+2). An unreadable reference is always such an error: without it the detector would silently change.
+Nothing is skipped silently. A few-shot scorer (or a detector made only of few-shot scorers) without
+``--refs`` is an error that says to pass ``--refs``.
 """
 
 from __future__ import annotations
@@ -43,7 +54,9 @@ from pathlib import Path
 from typing import Any
 
 from vlad.cli.common import (
+    EXIT_FINISHED_WITH_FAILURES,
     add_engine_options,
+    add_fail_fast_option,
     add_image_size_options,
     add_model_options,
     apply_image_size_options,
@@ -52,7 +65,9 @@ from vlad.cli.common import (
     check_output_folder,
     check_param_types,
     check_prompts,
+    check_readable,
     check_weights,
+    outcome_line,
     parse_params,
 )
 from vlad.errors import EmptyReferenceSetError, VladError
@@ -79,6 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_rate_option(p)
     add_image_size_options(p)
     add_model_options(p)
+    add_fail_fast_option(p)
     add_engine_options(p)
 
 
@@ -93,14 +109,6 @@ def _reference_paths(refs: str | list[str] | None) -> list[Path]:
     if not parts:
         raise VladError(f"--refs {refs!r} names no file or folder")
     return expand_paths(parts)
-
-
-def _check_readable(paths: list[Path], what: str) -> None:
-    from vlad.images import load_image
-    from vlad.progress import track
-
-    for path in track(paths, f"checking {what}"):
-        load_image(path)  # raises InvalidImageError naming the file
 
 
 def _uses(names: list[str], param: str) -> bool:
@@ -163,38 +171,43 @@ def run(args: argparse.Namespace) -> int:
     if args.load:
         check_load_options(args)
         paths = expand_paths(args.inputs)
-        _check_readable(paths, "inputs")
+        if args.fail_fast:
+            check_readable(paths, "inputs")
         det = load_saved(args.load, args.device)
     else:
-        det, paths = fit_detector(args, args.inputs)
+        det, paths = fit_detector(args, args.inputs, read_inputs=args.fail_fast)
 
     chunk = len(paths) if det.batch_scoring else (args.batch_size or max(1, det.batch_size))
     groups = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    on_error = "raise" if args.fail_fast else "skip"
     results = []
     for group in track(groups, "scoring", total=len(groups)):
-        results.append(det.predict([str(p) for p in group]))
+        results.append(det.predict([str(p) for p in group], on_error=on_error))
     res = AnomalyResult.concatenate(results)
     rows = _rows(paths, res, det)
     _print_table(rows, det)
     if args.out:
-        _write_outputs(Path(args.out), paths, res, rows, det)
-    return 0
+        _write_outputs(Path(args.out), rows, res, det)
+    print(outcome_line(len(res), len(res.failures)))
+    return EXIT_FINISHED_WITH_FAILURES if res.failures else 0
 
 
-def fit_detector(args: argparse.Namespace, inputs: list[str] | None):
+def fit_detector(args: argparse.Namespace, inputs: list[str] | None, read_inputs: bool = True, expand=None):
     """Build the detector of ``--detector``/``--scorer`` and fit it on ``--refs``. The options are checked,
-    then every reference (and every image of ``inputs``, when given) is read once before any model is
-    built. Returns the fitted detector and the input image paths."""
+    then every reference and unlabeled image (and, with ``read_inputs``, every image of ``inputs``) is read
+    once before any model is built. ``inputs`` are expanded by ``expand`` (default
+    :func:`vlad.images.expand_paths`). Returns the fitted detector and the input image paths."""
     from vlad.images import expand_paths
 
     spec, params = check_options(args)
     det = build_detector(spec, args, params)  # stores parameters only: option errors surface here, cheaply
-    paths = expand_paths(inputs) if inputs else []
+    paths = (expand or expand_paths)(inputs) if inputs else []
     refs = _reference_paths(args.refs)
     pool = _reference_paths(args.unlabeled)
-    _check_readable(paths, "inputs")
-    _check_readable(refs, "references")
-    _check_readable(pool, "unlabeled images")
+    if read_inputs:
+        check_readable(paths, "inputs")
+    check_readable(refs, "references")
+    check_readable(pool, "unlabeled images")
     if det.requires_references and not refs and not args.bootstrap:
         names = "+".join(det.scorers)
         raise EmptyReferenceSetError(
@@ -250,11 +263,25 @@ def check_local_engine(args: argparse.Namespace) -> None:
                             "'vlad-inspect[ray]') or drop it (the local engine writes overlays to --out)")
 
 
+def _active(det) -> list[str]:
+    return [n for n, a in det.active_.items() if a]
+
+
 def _rows(paths: list[Path], res, det) -> list[dict[str, Any]]:
+    """One row per input, in order: the scored images from ``res``, the unreadable ones (``res.failures``)
+    with no score and their ``error``."""
     import numpy as np
 
+    failed = {f.index: f.error for f in res.failures}
+    scored = iter(range(len(res)))
     rows = []
-    for i, path in enumerate(paths):
+    for k, path in enumerate(paths):
+        if k in failed:
+            row = {"file": str(path), "score": None, "label": None, "components": dict.fromkeys(_active(det)),
+                   **({"anomalous_pixel_fraction": None} if res.masks is not None else {}), "error": failed[k]}
+            rows.append(row)
+            continue
+        i = next(scored)
         row = {
             "file": str(path),
             "score": float(res.image_scores[i]),
@@ -263,23 +290,29 @@ def _rows(paths: list[Path], res, det) -> list[dict[str, Any]]:
         }
         if res.masks is not None:
             row["anomalous_pixel_fraction"] = float(np.mean(res.masks[i]))
+        row["error"] = None
         rows.append(row)
     return rows
 
 
 def _print_table(rows: list[dict[str, Any]], det) -> None:
     width = min(60, max([4] + [len(r["file"]) for r in rows]))
-    print(f"{'file':<{width}}  {'score':>7}  label")
+    failed = any(r["error"] for r in rows)
+    print(f"{'file':<{width}}  {'score':>7}  " + ("label      error" if failed else "label"))
     for r in rows:
         name = r["file"] if len(r["file"]) <= width else "..." + r["file"][-(width - 3):]
-        print(f"{name:<{width}}  {r['score']:7.4f}  {r['label']}")
-    n_bad = sum(r["label"] == "anomalous" for r in rows)
-    print(f"{n_bad} of {len(rows)} anomalous (image threshold {det.image_threshold:.4f}, "
-          f"{len(det.list_references())} references, scorers: {'+'.join(n for n, a in det.active_.items() if a)})")
+        if r["error"]:
+            print(f"{name:<{width}}  {'-':>7}  {'-':<9}  {r['error']}")
+        else:
+            print(f"{name:<{width}}  {r['score']:7.4f}  {r['label']}")
+    scored = [r for r in rows if not r["error"]]
+    n_bad = sum(r["label"] == "anomalous" for r in scored)
+    print(f"{n_bad} of {len(scored)} anomalous (image threshold {det.image_threshold:.4f}, "
+          f"{len(det.list_references())} references, scorers: {'+'.join(_active(det))})")
     print(det.threshold_info().describe())
 
 
-def _write_outputs(out: Path, paths: list[Path], res, rows: list[dict[str, Any]], det) -> None:
+def _write_outputs(out: Path, rows: list[dict[str, Any]], res, det) -> None:
     from PIL import Image
 
     from vlad.images import load_image
@@ -288,19 +321,27 @@ def _write_outputs(out: Path, paths: list[Path], res, rows: list[dict[str, Any]]
     out.mkdir(parents=True, exist_ok=True)
     folder = out / "overlays"
     folder.mkdir(exist_ok=True)
-    maps = res.map_list()
-    for i, (path, row) in enumerate(zip(paths, rows)):
+    maps = iter(res.map_list())
+    for i, row in enumerate(rows):
+        if row["error"]:
+            row["overlay"] = None
+            continue
+        path = Path(row["file"])
         img = load_image(path)
         target = folder / f"{i:04d}_{path.stem}.png"
-        Image.fromarray(overlay(img.pixels, maps[i], vmin=0.0, vmax=1.0)).save(target)
+        Image.fromarray(overlay(img.pixels, next(maps), vmin=0.0, vmax=1.0)).save(target)
         row["overlay"] = str(target.relative_to(out))
-    comp_names = list(res.components)
+    comp_names = list(res.components) or _active(det)
+
+    def number(value: float | None) -> str:
+        return "" if value is None else f"{value:.6f}"
+
     with open(out / "scores.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["file", "score", "label", *comp_names])
+        writer.writerow(["file", "score", "label", *comp_names, "error"])
         for r in rows:
-            writer.writerow([r["file"], f"{r['score']:.6f}", r["label"],
-                             *(f"{r['components'][n]:.6f}" for n in comp_names)])
+            writer.writerow([r["file"], number(r["score"]), r["label"] or "",
+                             *(number(r["components"].get(n)) for n in comp_names), r["error"] or ""])
     from vlad.serialization import nan_to_none, write_json
 
     info = det.threshold_info()
@@ -313,9 +354,11 @@ def _write_outputs(out: Path, paths: list[Path], res, rows: list[dict[str, Any]]
         "pixel_threshold": det.pixel_threshold,
         "thresholds": {**asdict(info), "assumption": info.assumption, "in_words": info.describe()},
         "n_unlabeled": len(det.list_unlabeled()),
+        "n_scored": len(res),
+        "n_failed": len(res.failures),
         "score_scale": "calibrated [0, 1] (see vlad.detector.fusion); labels and masks from the thresholds",
         "results": rows,
     }
     write_json(out / "scores.json", nan_to_none(summary))
-    logger.info("wrote %s, %s and %d overlays", out / "scores.csv", out / "scores.json", len(paths))
+    logger.info("wrote %s, %s and %d overlays", out / "scores.csv", out / "scores.json", len(res))
 

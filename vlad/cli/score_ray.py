@@ -7,6 +7,11 @@ With ``--load DIR`` the saved detector is used as it is; otherwise the detector 
 for the local engine and saved to ``OUT/detector`` first (every worker loads it from there). Running the
 same command again with ``--load OUT/detector`` and the same ``--out`` resumes: images already written are
 skipped. See :mod:`vlad.distributed` for the output and the guarantees.
+
+A bad input is treated as on the local engine (:mod:`vlad.cli.score`): it becomes a row with its ``error``
+(the same text), the run ends with ``N scored, M failed: see the error column`` and exit code 3; with
+``--fail-fast`` this process reads every input before any work and stops at the first unreadable one
+(exit code 2).
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ DETECTOR_SUBDIR = "detector"
 
 def run(args: argparse.Namespace) -> int:
     """Run ``vlad score --engine ray``. Returns the exit code."""
-    from vlad.cli.common import check_output_folder
+    from vlad.cli.common import EXIT_FINISHED_WITH_FAILURES, check_output_folder, check_readable, outcome_line
     from vlad.cli.score import check_load_options, fit_detector
-    from vlad.distributed import score
+    from vlad.distributed import expand_inputs, score
     from vlad.distributed.engine import check_reachable, import_ray
 
     import_ray()  # Ray missing: say so before any work
@@ -38,13 +43,15 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out)
     if args.load:
         check_load_options(args)
+        if args.fail_fast:
+            check_readable(expand_inputs(args.inputs), "inputs")
         detector_dir = args.load
     else:
         target = out / DETECTOR_SUBDIR
         if target.exists():
             raise VladError(f"{target} holds the detector of an earlier run: resume that run with --load {target} "
                             "(instead of --detector/--scorer/--refs), or choose another --out")
-        det, _ = fit_detector(args, None)
+        det, _ = fit_detector(args, args.inputs if args.fail_fast else None, expand=expand_inputs)
         det.save(target)
         logger.info("saved the fitted detector to %s", target)
         detector_dir = target
@@ -52,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
                     address=args.address, device=None if args.device == "auto" else args.device,
                     overlays=args.overlays, maps=args.maps)
     skipped = f", {summary.skipped} already written by an earlier run" if summary.skipped else ""
-    print(f"{summary.scored} images scored in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s on "
-          f"{args.num_workers or 1} Ray worker{'s' * ((args.num_workers or 1) > 1)}){skipped}; "
-          f"{summary.errors} could not be scored (see the error column)")
+    print(f"{summary.scored} rows written in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s on "
+          f"{args.num_workers or 1} Ray worker{'s' * ((args.num_workers or 1) > 1)}){skipped}")
     print(f"rows: {summary.out_dir / 'scores'} (Parquet; vlad.distributed.read_scores({str(summary.out_dir)!r}))")
-    return 0
+    print(outcome_line(summary.scored - summary.errors, summary.errors))  # this run's rows, as the local engine
+    return EXIT_FINISHED_WITH_FAILURES if summary.errors else 0
