@@ -132,3 +132,45 @@ def test_detector_equals_the_float64_recipe(n_refs):
     for got, want in zip(res.map_list(), want_m):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_long_call_is_scored_in_chunks_with_the_same_result(monkeypatch, tmp_path):
+    """Many images: chunks of whole scorer batches, the next chunk read in the background; the result
+    equals one call per image batch (same batches), failures keep their positions among the inputs."""
+    from PIL import Image
+
+    det = vlad.create_detector("patchcore", weights="tiny", random_state=0, batch_size=2).fit(
+        [textured(s, 64) for s in range(2)])
+    monkeypatch.setattr(type(det), "_chunk_size", lambda self: 4)
+    paths = []
+    for i in range(9):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(with_defect(textured(20 + i, 64), (10, 20, 10, 20)) if i % 3 == 0 else textured(20 + i, 64)).save(path)
+        paths.append(path)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    calls = []
+    real = type(det)._predict_loaded
+    monkeypatch.setattr(type(det), "_predict_loaded", lambda self, loaded, failures=(): calls.append(len(loaded)) or real(self, loaded, failures))
+    whole = [det._predict_working(paths[i : i + 2])[0] for i in range(0, 9, 2)]  # the scorer's own batches
+    calls.clear()
+    res = det.predict(paths)
+    assert calls == [4, 4, 1]
+    # the same batches through the models; vectorised float32 ops may round the last bit differently
+    np.testing.assert_allclose(res.image_scores, np.concatenate([r.image_scores for r in whole]), rtol=1e-6)
+    np.testing.assert_allclose(res.anomaly_maps, np.concatenate([r.anomaly_maps for r in whole]), rtol=1e-6, atol=1e-9)
+    assert res.names == tuple(str(p) for p in paths)
+    mixed = paths[:5] + [tmp_path / "bad.png"] + paths[5:]
+    skipped = det.predict(mixed, on_error="skip")
+    assert [f.index for f in skipped.failures] == [5] and len(skipped) == 9
+    np.testing.assert_allclose(skipped.image_scores, res.image_scores, rtol=1e-6)
+    with pytest.raises(vlad.errors.InvalidImageError, match="bad.png"):
+        det.predict(mixed)
+
+
+def test_chunks_are_whole_batches_and_musc_without_a_pool_is_not_chunked():
+    det = vlad.create_detector("winclip+maeday", weights="tiny")
+    det.scorers["winclip"].batch_size, det.scorers["maeday"].batch_size = 8, 3
+    det.fit()
+    assert det._chunk_size() % 24 == 0 and det._chunk_size() >= 32
+    musc = vlad.create_detector("musc", weights="tiny").fit()
+    assert musc._chunk_size() is None

@@ -263,6 +263,12 @@ def load_image(image, name: str | None = None) -> LoadedImage:
     return LoadedImage(pixels, name)
 
 
+def as_image_list(images) -> list:
+    """The inputs of one call as a list of single images (a path, a PIL image, an array or a tensor
+    each); a ``(B, H, W, C)`` array or ``(B, C, H, W)`` tensor is B images. Nothing is read."""
+    return _as_sequence(images)
+
+
 def _as_sequence(images) -> list:
     if isinstance(images, (str, os.PathLike, Image.Image, LoadedImage)):
         return [images]

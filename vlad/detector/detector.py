@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,10 @@ from vlad.detector.fusion import (
 from vlad.detector.spec import SHARED_OPTIONS, build_scorers, did_you_mean, parse_spec
 from vlad import errors
 from vlad.errors import EmptyReferenceSetError, InvalidParameterError, VladError
-from vlad.images import LoadedImage, load_images, load_readable
+from vlad.images import LoadedImage, as_image_list, load_images, load_readable
 from vlad.scorers.base import check_finite, reference_index
 from vlad.ops import resize_maps
+from vlad.progress import track
 from vlad.tiling import upsample_maps
 from vlad.types import AnomalyResult, ImagesLike, WorkingResult
 
@@ -110,6 +112,17 @@ DETECTOR_DEFAULTS: dict[str, Any] = {
 
 #: what :meth:`Detector.predict` does with an input it cannot read
 ON_ERROR = ("raise", "skip")
+
+
+def _check_on_error(on_error: Any) -> None:
+    if not isinstance(on_error, str) or on_error not in ON_ERROR:
+        raise InvalidParameterError(f"on_error must be 'raise' (an unreadable image stops the call) or 'skip' "
+                                    f"(score the others, list it in result.failures), got {on_error!r}")
+
+
+def _read(images: ImagesLike, on_error: str) -> tuple[list[LoadedImage], tuple]:
+    """The readable images and the failures (with ``on_error="skip"``; else the first one raises)."""
+    return load_readable(images) if on_error == "skip" else (load_images(images), ())
 
 
 @dataclass(frozen=True)
@@ -625,13 +638,46 @@ class Detector:
                 images only, in input order (``B`` of them, perhaps none). Only reading is covered: an
                 error while scoring raises either way.
 
+        Many images are scored in chunks of whole scorer batches (the same batches, so the same
+        result), with a progress bar; the next chunk's files are read in a background thread while
+        the current one is scored, so the device does not wait for image decoding, and only one or two
+        chunks of decoded images are held at once.
+
         Raises:
             NotFittedError: ``fit`` was not called.
             InvalidImageError: an input is unreadable (named), with ``on_error="raise"``; no input at all.
             InvalidParameterError: ``on_error`` is neither ``"raise"`` nor ``"skip"``.
             NonFiniteScoreError: a scorer produced NaN or infinity (named); never labelled normal.
         """
-        return self._predict_working(images, on_error)[0]
+        items = as_image_list(images)
+        chunk = self._chunk_size()
+        if chunk is None or len(items) <= chunk:
+            return self._predict_working(items, on_error)[0]
+        self._check_fitted()
+        _check_on_error(on_error)
+        parts = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+        results = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlad-read") as reader:
+            pending = reader.submit(_read, parts[0], on_error)
+            for k in track(range(len(parts)), f"scoring {len(items)} images", total=len(parts)):
+                loaded, failures = pending.result()
+                if k + 1 < len(parts):
+                    pending = reader.submit(_read, parts[k + 1], on_error)
+                results.append(self._predict_loaded(loaded, failures)[0])
+                del loaded
+        return AnomalyResult.concatenate(results)
+
+    def _chunk_size(self) -> int | None:
+        """Images per chunk of a long :meth:`predict` call: a whole number of every active scorer's
+        batches (their least common multiple, at least 32 images), or None where the images of a call
+        must be scored together (an unlabeled-tier scorer without a pool)."""
+        if self.batch_scoring:
+            return None
+        step = 1
+        for name, scorer in self.scorers.items():
+            if self.active_.get(name, True):
+                step = math.lcm(step, max(1, int(getattr(scorer, "batch_size", 8) or 8)))
+        return step * max(1, -(-32 // step)) if step <= 256 else None
 
     def predict_with_raw(
         self, images: ImagesLike, on_error: str = "raise"
@@ -649,10 +695,13 @@ class Detector:
         active scorer's raw result as computed (on its device). Calibration and fusion run where the maps
         are, in float32; maps come to the host once, at the end."""
         self._check_fitted()
-        if not isinstance(on_error, str) or on_error not in ON_ERROR:
-            raise InvalidParameterError(f"on_error must be 'raise' (an unreadable image stops the call) or 'skip' "
-                                        f"(score the others, list it in result.failures), got {on_error!r}")
-        loaded, failures = load_readable(images) if on_error == "skip" else (load_images(images), ())
+        _check_on_error(on_error)
+        return self._predict_loaded(*_read(images, on_error))
+
+    def _predict_loaded(
+        self, loaded: list[LoadedImage], failures: tuple = ()
+    ) -> tuple[AnomalyResult, dict[str, WorkingResult]]:
+        """:meth:`_predict_working` on images already read (``failures``: the unreadable ones, listed)."""
         if not loaded:  # every input failed: an empty result that lists them
             empty = AnomalyResult(np.zeros(0, np.float32), [], names=(), failures=failures)
             return empty.with_thresholds(self.image_threshold, self.pixel_threshold), {}
