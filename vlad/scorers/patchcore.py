@@ -34,6 +34,7 @@ from vlad.errors import EmptyReferenceSetError, InvalidParameterError, VladError
 from vlad.images import LoadedImage
 from vlad.memory import DEFAULT_MAX_BYTES, KnnIndex, greedy_coreset, knn_distances, squared_norms
 from vlad.ops import gaussian_blur, preprocess_batch, resize_maps
+from vlad.precision import to_float32
 from vlad.progress import track
 from vlad.scorers.base import BaseScorer, FewShotMixin
 
@@ -64,6 +65,9 @@ class PatchCore(FewShotMixin, BaseScorer):
             predict after a memory change) instead of the dense product. Same nearest neighbours; at
             200 references (random weights) it scored 2.7% of the query-row pairs, in about a fifth of the
             dense search's time (``python -m vlad.bench patchcore``); False = always dense.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
+            under autocast at that dtype and their outputs are cast to float32 before anything else
+            (:mod:`vlad.precision`).
 
     Before the coreset picks its rows, the reference patches of one fit (or one ``add_references``
     call) are held in float16 (half the peak memory: 200 references are 157k x 1024 patches, 321 MB
@@ -94,6 +98,7 @@ class PatchCore(FewShotMixin, BaseScorer):
         random_state: int | None = 0,
         max_bytes: int = DEFAULT_MAX_BYTES,
         pruned_search: bool = True,
+        precision: str = "fp32",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -109,6 +114,7 @@ class PatchCore(FewShotMixin, BaseScorer):
         self.random_state = random_state
         self.max_bytes = max_bytes
         self.pruned_search = pruned_search
+        self.precision = precision
 
     # -- building and embedding ---------------------------------------------------------------
     def _build(self) -> None:
@@ -127,7 +133,9 @@ class PatchCore(FewShotMixin, BaseScorer):
         """Locally aware patch features ``(B, h, w, embed_dim)`` on layer ``layers[0]``'s grid."""
         x = preprocess_batch(images, self.backbone_.spec.preprocess, self.device_, size=self.input_size_)
         with torch.inference_mode():
-            feats = self.backbone_.model(x)
+            with self._autocast():
+                feats = self.backbone_.model(x)
+            feats = to_float32(feats)
             grid = feats[0].shape[-2:]
             b, e, n_layers = x.shape[0], int(self.embed_dim), len(feats)
             # pooling the concatenation (B*h*w, L*E) to E averages windows of L channels; when L divides E
