@@ -69,8 +69,9 @@ def create_detector(spec: str | None = None, **options: Any):
     return _create(spec, **options)
 
 
-def load(path: str) -> Any:
-    """Load a scorer or detector saved with ``.save(path)``; reads only JSON and safetensors."""
+def load(path: str, *, device: str | None = None, precision: str | None = None) -> Any:
+    """Load a scorer or detector saved with ``.save(path)``; reads only JSON and safetensors. ``device``
+    and ``precision`` (None: as saved) replace the saved ones (``precision="bf16"``: see the README)."""
     from vlad.detector import load_any
 
-    return load_any(path)
+    return load_any(path, device=device, precision=precision)

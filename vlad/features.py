@@ -25,6 +25,7 @@ from vlad.backbones import Backbone, load_backbone
 from vlad.errors import VladError
 from vlad.images import LoadedImage
 from vlad.ops import preprocess_batch
+from vlad.precision import autocast, to_float32
 from vlad.progress import track
 
 logger = logging.getLogger(__name__)
@@ -111,8 +112,11 @@ def embed_all(
     batch_size: int,
     fn: Callable[[list[torch.Tensor]], torch.Tensor],
     desc: str = "features",
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Run the frozen backbone over ``images`` in batches and concatenate ``fn(stage outputs)``.
+
+    The forwards run at ``precision`` (:mod:`vlad.precision`); ``fn`` gets the stages in float32.
 
     Returns:
         ``fn``'s outputs concatenated on dimension 0 (e.g. ``(N, C, h, w)``), on ``device``.
@@ -124,8 +128,16 @@ def embed_all(
     with torch.inference_mode():
         for batch in iterator:
             x = preprocess_batch(batch, bb.spec.preprocess, device, size=size)
-            chunks.append(fn(list(bb.model(x))))
+            chunks.append(fn(stage_outputs(bb, x, precision)))
     return torch.cat(chunks)
+
+
+def stage_outputs(bb: Backbone, x: torch.Tensor, precision: str = "fp32") -> list[torch.Tensor]:
+    """The frozen backbone's stage outputs for the batch ``x``, computed at ``precision`` (autocast on
+    ``x``'s device, :mod:`vlad.precision`) and returned in float32."""
+    with autocast(precision, x.device):
+        out = list(bb.model(x))
+    return to_float32(out)
 
 
 @contextlib.contextmanager

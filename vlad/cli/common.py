@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vlad.errors import InvalidParameterError, VladError
+from vlad.precision import PRECISIONS
 
 #: exit code of a run that went to the end but could not read or score some inputs (see the error column);
 #: 2 stays for the mistakes found before any work, 1 for operating-system errors (see vlad.cli.main)
@@ -68,6 +69,24 @@ def add_model_options(p: argparse.ArgumentParser, with_set: bool = True) -> None
     if with_set:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                        help="extra scorer or detector parameter, repeatable (e.g. --set n_masks=16)")
+
+
+def add_precision_option(p: argparse.ArgumentParser) -> None:
+    """``--precision``, shared by the commands that score with pretrained backbones."""
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="precision of the pretrained backbones' forward passes: fp32 (full, the default of a new "
+                        "model), bf16 or fp16 (autocast: faster on a GPU; distances, calibration and fusion stay "
+                        "float32). With --load it replaces the saved one")
+
+
+def check_precision_option(args: argparse.Namespace) -> None:
+    """Fail now if ``--precision`` cannot run on ``--device`` (e.g. bf16 on a GPU without bfloat16)."""
+    if getattr(args, "precision", None) is None:
+        return
+    from vlad.backbones import resolve_device
+    from vlad.precision import check_precision
+
+    check_precision(args.precision, resolve_device(args.device), "--precision")
 
 
 def rate(text: str) -> float:

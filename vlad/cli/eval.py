@@ -13,11 +13,13 @@ from pathlib import Path
 from vlad.cli.common import (
     add_image_size_options,
     add_model_options,
+    add_precision_option,
     apply_image_size_options,
     add_rate_option,
     check_device,
     check_output_folder,
     check_param_types,
+    check_precision_option,
     check_weights,
     parse_params,
 )
@@ -36,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_rate_option(p)
     add_image_size_options(p)
     add_model_options(p)
+    add_precision_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,9 +47,12 @@ def run(args: argparse.Namespace) -> int:
     from vlad.evaluation import format_table, run_eval
 
     params = apply_image_size_options(args, parse_params(args.set))
+    if args.precision is not None:
+        params.setdefault("precision", args.precision)  # --set precision=... wins, as for --tile
     check_param_types(parse_spec(args.scorer), params)
     check_weights(args.weights)
     check_device(args.device)
+    check_precision_option(args)
     if args.out:
         check_output_folder(args.out)
     cats = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None

@@ -59,11 +59,13 @@ from vlad.cli.common import (
     add_fail_fast_option,
     add_image_size_options,
     add_model_options,
+    add_precision_option,
     apply_image_size_options,
     add_rate_option,
     check_device,
     check_output_folder,
     check_param_types,
+    check_precision_option,
     check_prompts,
     check_readable,
     check_weights,
@@ -95,6 +97,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_image_size_options(p)
     add_model_options(p)
     add_fail_fast_option(p)
+    add_precision_option(p)
     add_engine_options(p)
 
 
@@ -128,6 +131,7 @@ def check_options(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]
     check_param_types(names, params)
     check_weights(args.weights)
     check_device(args.device)
+    check_precision_option(args)
     if args.prompts and not _uses(names, "prompts"):
         raise VladError(f"--prompts was given but no scorer of {'+'.join(names)} uses prompts; add winclip")
     if _uses(names, "prompts"):
@@ -151,7 +155,8 @@ def build_detector(spec: str | None, args: argparse.Namespace, params: dict[str,
 
     options = dict(params)
     for key, value in (("object_name", args.object_name), ("weights", args.weights), ("device", args.device),
-                       ("prompts", args.prompts), ("false_alarm_rate", args.false_alarm_rate)):
+                       ("precision", getattr(args, "precision", None)), ("prompts", args.prompts),
+                       ("false_alarm_rate", args.false_alarm_rate)):
         if value is not None:
             options.setdefault(key, value)
     return vlad.create_detector(spec, **options)
@@ -173,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         paths = expand_paths(args.inputs)
         if args.fail_fast:
             check_readable(paths, "inputs")
-        det = load_saved(args.load, args.device)
+        det = load_saved(args.load, args.device, getattr(args, "precision", None))
     else:
         det, paths = fit_detector(args, args.inputs, read_inputs=args.fail_fast)
 
@@ -238,16 +243,18 @@ def check_load_options(args: argparse.Namespace) -> None:
                         "saved detector keeps its scorers, references, weights and thresholds); drop them, or "
                         "drop --load to build and fit a detector")
     check_device(args.device)
+    check_precision_option(args)
     apply_image_size_options(args, {})  # --max-pixels (a saved detector keeps its own tiling)
     if args.out:
         check_output_folder(args.out)
 
 
-def load_saved(folder: str, device: str = "auto"):
-    """The detector saved in ``folder`` (``--load``), on ``device`` unless it is ``auto``."""
+def load_saved(folder: str, device: str = "auto", precision: str | None = None):
+    """The detector saved in ``folder`` (``--load``), on ``device`` unless it is ``auto``, at ``precision``
+    unless it is None (then as saved)."""
     from vlad.detector import Detector, load_any
 
-    det = load_any(folder, device=None if device == "auto" else device)
+    det = load_any(folder, device=None if device == "auto" else device, precision=precision)
     if not isinstance(det, Detector):
         raise VladError(f"--load {folder}: holds a single scorer, not a detector; save a detector "
                         "(vlad.create_detector(...).fit(...).save(folder)) and load that")

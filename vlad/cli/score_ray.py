@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         detector_dir = target
     summary = score(args.inputs, detector_dir, out, num_workers=args.num_workers or 1, batch_size=args.batch_size,
                     address=args.address, device=None if args.device == "auto" else args.device,
-                    overlays=args.overlays, maps=args.maps)
+                    precision=getattr(args, "precision", None), overlays=args.overlays, maps=args.maps)
     skipped = f", {summary.skipped} already written by an earlier run" if summary.skipped else ""
     print(f"{summary.scored} rows written in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s on "
           f"{args.num_workers or 1} Ray worker{'s' * ((args.num_workers or 1) > 1)}){skipped}")

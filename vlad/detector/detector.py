@@ -82,6 +82,8 @@ from vlad.detector.spec import SHARED_OPTIONS, build_scorers, did_you_mean, pars
 from vlad import errors
 from vlad.errors import EmptyReferenceSetError, InvalidParameterError, VladError
 from vlad.images import LoadedImage, as_image_list, load_images, load_readable
+from vlad.precision import check_precision_value
+from vlad.registry import parameter_names
 from vlad.scorers.base import check_finite, reference_index
 from vlad.ops import resize_maps
 from vlad.progress import track
@@ -233,6 +235,9 @@ class Detector:
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < MIN_CALIBRATION):
             raise InvalidParameterError(f"calibration_refs must be None (all references) or an integer >= "
                                         f"{MIN_CALIBRATION}, got {c!r}")
+        for name, scorer in self.scorers.items():  # a scorer option, checked here to fail before any fit
+            if "precision" in parameter_names(type(scorer)):
+                check_precision_value(scorer.precision, f"precision (of scorer {name!r})")
         fw = o["fusion_weights"]
         if fw is not None:
             if not isinstance(fw, Mapping) or set(fw) - set(self.scorers):
@@ -840,8 +845,9 @@ class Detector:
         return export_detector(self, path, format=format, image_size=image_size)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None) -> Detector:
-        """Load a detector saved with :meth:`save`; checked, never executes code from the files."""
+    def load(cls, path: str | Path, device: str | None = None, precision: str | None = None) -> Detector:
+        """Load a detector saved with :meth:`save`; checked, never executes code from the files.
+        ``device`` and ``precision`` (None: as saved) replace the saved ones in every scorer."""
         from vlad.detector.persistence import load_detector
 
-        return load_detector(path, device=device)
+        return load_detector(path, device=device, precision=precision)

@@ -21,7 +21,7 @@ from vlad.detector.detector import DETECTOR_DEFAULTS, Detector
 from vlad.detector.spec import parse_spec
 from vlad.errors import IntegrityError, VladError
 from vlad.images import LoadedImage
-from vlad.registry import create_scorer, get_scorer_class
+from vlad.registry import create_scorer, get_scorer_class, parameter_names
 from vlad.scorers.base import CONFIG_FILE, check_params, load_scorer
 from vlad.serialization import (
     check_digests,
@@ -92,8 +92,10 @@ def _check_detector_digests(folder: Path, digests: Any, names: list[str], active
         check_digests(sub.parent, {sub.name: digest}, str(folder / DETECTOR_FILE))
 
 
-def load_detector(path: str | Path, device: str | None = None) -> Detector:
+def load_detector(path: str | Path, device: str | None = None, precision: str | None = None) -> Detector:
     """Load a detector saved with :meth:`Detector.save`. Never executes code from the files.
+
+    ``device`` and ``precision`` (None: as saved) replace the saved values in every scorer that has them.
 
     Raises:
         VladError: missing files, not JSON, unknown scorer names, unexpected keys or types.
@@ -126,11 +128,13 @@ def load_detector(path: str | Path, device: str | None = None) -> Detector:
             if entry.get("folder") != name:
                 raise VladError(f"{where}: scorer {name!r} must be saved in the sub-folder {name!r}, "
                                 f"got {entry.get('folder')!r}")
-            scorers[name] = load_scorer(folder / name, device=device, expected=name)
+            scorers[name] = load_scorer(folder / name, device=device, expected=name, precision=precision)
         else:
             params = check_params(name, get_scorer_class(name), entry.get("params", {}), where)
             if device is not None and "device" in params:
                 params["device"] = device
+            if precision is not None and "precision" in parameter_names(get_scorer_class(name)):
+                params["precision"] = precision
             scorers[name] = create_scorer(name, **params)
     options = doc["options"]
     check_keys(options, set(DETECTOR_DEFAULTS), f"{where}: options")
@@ -167,8 +171,9 @@ def _read_references(folder: Path, names: Any) -> list[LoadedImage]:
     return refs
 
 
-def load_any(path: str | Path, device: str | None = None):
+def load_any(path: str | Path, device: str | None = None, precision: str | None = None):
     """Load a detector folder (``detector.json``) or a scorer folder (``config.json``): ``vlad.load``.
+    ``device`` and ``precision`` (None: as saved) replace the saved ones.
 
     Raises:
         VladError: the folder holds neither, or both (ambiguous), or its files are not what vlad writes.
@@ -182,7 +187,7 @@ def load_any(path: str | Path, device: str | None = None):
         raise VladError(f"{folder}: holds both {DETECTOR_FILE} (a detector) and {CONFIG_FILE} (a scorer), so it is "
                         "ambiguous which one to load; save each to its own folder (or delete the stale file)")
     if has_detector:
-        return load_detector(folder, device=device)
+        return load_detector(folder, device=device, precision=precision)
     if has_scorer:
-        return load_scorer(folder, device=device)
+        return load_scorer(folder, device=device, precision=precision)
     raise VladError(f"{folder}: contains neither {DETECTOR_FILE} (a detector) nor {CONFIG_FILE} (a scorer)")

@@ -20,7 +20,8 @@ from vlad.registry import create_scorer, get_scorer_class, list_scorers, paramet
 DEFAULT_SPEC = "winclip+maeday+anomalydino"
 
 #: scorer parameters many scorers share: silently not routed to a scorer (or detector) that lacks them
-SHARED_OPTIONS = frozenset({"object_name", "prompts", "weights", "device", "batch_size", "random_state"})
+SHARED_OPTIONS = frozenset({"object_name", "prompts", "weights", "device", "precision", "batch_size",
+                            "random_state"})
 
 
 def parse_spec(spec: str | Sequence[str] | None) -> list[str]:

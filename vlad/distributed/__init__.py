@@ -110,7 +110,7 @@ def score(inputs: str | os.PathLike | Iterable[str | os.PathLike] | Any, detecto
           out_dir: str | os.PathLike, *, num_workers: int = 1, batch_size: int | None = None,
           address: str | None = None, device: str | None = None, overlays: bool = False, maps: bool = False,
           recursive: bool = False, rows_per_part: int = 1000, num_cpus: int | None = None,
-          object_store_mb: int | None = None, progress: bool = True) -> ScoreSummary:
+          object_store_mb: int | None = None, progress: bool = True, precision: str | None = None) -> ScoreSummary:
     """Score every input image with a saved detector on Ray, writing Parquet to ``out_dir``.
 
     Args:
@@ -131,6 +131,7 @@ def score(inputs: str | os.PathLike | Iterable[str | os.PathLike] | Any, detecto
         num_cpus: CPUs of the local Ray (default: all of this machine's); ignored with ``address``.
         object_store_mb: object store size of the local Ray (default: Ray's own choice).
         progress: show a progress bar (images written / total; ``VLAD_PROGRESS=0`` hides it too).
+        precision: precision of the workers' backbone forwards (None: the saved one; see :mod:`vlad.precision`).
 
     Returns:
         A :class:`ScoreSummary`; the rows are read back with :func:`read_scores`.
@@ -170,7 +171,8 @@ def score(inputs: str | os.PathLike | Iterable[str | os.PathLike] | Any, detecto
     try:
         if work:
             rows, n_todo = engine.run(todo, done, folder, str(out.root), num_workers=num_workers,
-                                      batch_size=batch_size, device=device, overlays=overlays, maps=maps)
+                                      batch_size=batch_size, device=device, overlays=overlays, maps=maps,
+                                      precision=precision)
             try:
                 _stream(rows, buffer, n_todo, num_workers, progress)
             except ray.exceptions.RayError as exc:

@@ -118,10 +118,11 @@ class ScoreWorker:
         device: passed to :func:`vlad.detector.load_detector` (None: as saved).
         overlays, maps: write the PNGs (see :mod:`vlad.distributed.rows`).
         threads: torch threads of this worker (its share of the CPUs).
+        precision: passed to :func:`vlad.detector.load_detector` (None: as saved).
     """
 
     def __init__(self, detector_dir: str, out_dir: str, device: str | None, overlays: bool, maps: bool,
-                 threads: int) -> None:
+                 threads: int, precision: str | None = None) -> None:
         import torch
 
         from vlad.detector import load_detector
@@ -129,7 +130,7 @@ class ScoreWorker:
 
         torch.set_num_threads(max(1, threads))
         t0 = time.perf_counter()
-        self.det = load_detector(detector_dir, device=device)
+        self.det = load_detector(detector_dir, device=device, precision=precision)
         self.out_dir, self.overlays, self.maps = Path(out_dir), overlays, maps
         self.schema = output_schema(active_scorers(self.det), overlays, maps)
         self.stats: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "threads": threads,
@@ -177,7 +178,7 @@ def cpus_per_worker(num_workers: int) -> float:
 
 
 def run(paths_or_dataset, todo_filter, detector_dir: str, out_dir: str, *, num_workers: int, batch_size: int,
-        device: str | None, overlays: bool, maps: bool):
+        device: str | None, overlays: bool, maps: bool, precision: str | None = None):
     """Build the streaming job; returns ``(dataset of rows, number of inputs to score)``.
 
     ``paths_or_dataset`` is a list of paths (already filtered) or a Ray Dataset with a ``path`` column,
@@ -205,7 +206,8 @@ def run(paths_or_dataset, todo_filter, detector_dir: str, out_dir: str, *, num_w
     rows = ds.map_batches(
         ScoreWorker,
         fn_constructor_kwargs={"detector_dir": detector_dir, "out_dir": out_dir, "device": device,
-                               "overlays": overlays, "maps": maps, "threads": max(1, int(cpus))},
+                               "overlays": overlays, "maps": maps, "threads": max(1, int(cpus)),
+                               "precision": precision},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_workers),
         num_cpus=cpus)
     return rows, total

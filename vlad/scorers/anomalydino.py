@@ -216,6 +216,9 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
             query-patch pairs, in 0.07-0.10 s against 0.41-0.52 s dense; False = always dense; ``"auto"``
             (the default) = pruned on the CPU, dense on a GPU, where the dense product is faster
             (:func:`~vlad.memory.knn.resolve_prune` gives the figures).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
+            under autocast at that dtype and their outputs are cast to float32 before anything else
+            (:mod:`vlad.precision`).
 
     Fitted attributes: ``memory_chunks_`` (one L2-normalised ``(rotations * h * w, D)`` block per
     reference), ``reference_names_``, ``masking_active_``.
@@ -239,6 +242,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
         coreset_per_reference: int | None = None,
         random_state: int = 0,
         pruned_search: bool | str = "auto",
+        precision: str = "fp32",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -253,6 +257,7 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
         self.coreset_per_reference = coreset_per_reference
         self.random_state = random_state
         self.pruned_search = pruned_search
+        self.precision = precision
 
     # -- building ------------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -289,7 +294,8 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
     # -- features ------------------------------------------------------------------------------
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Raw last-layer patch tokens ``(B, h*w, D)`` of a normalised batch ``(B, 3, H, W)``."""
-        out = self.model_.forward_features(x)
+        with self._autocast():
+            out = self.model_.forward_features(x)
         return out[:, self.prefix_ :].float()
 
     def _groups(self, images: list[LoadedImage]) -> dict[tuple[int, int], list[int]]:

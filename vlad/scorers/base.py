@@ -83,6 +83,7 @@ from vlad.errors import (
 )
 from vlad.images import LoadedImage, load_images
 from vlad.params import ParamsMixin
+from vlad.precision import autocast, check_precision
 from vlad.progress import track
 from vlad.registry import parameter_names
 from vlad.serialization import (
@@ -184,6 +185,12 @@ class BaseScorer(ParamsMixin):
     def _set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         pass
 
+    def _autocast(self):
+        """The context of this scorer's pretrained-backbone forwards: :func:`vlad.precision.autocast` at its
+        ``precision`` (a scorer without the parameter: fp32, no autocast) on its device. Cast what the
+        backbone returns with :func:`vlad.precision.to_float32` before using it."""
+        return autocast(getattr(self, "precision", "fp32"), self.device_)
+
     @property
     def weights_seed(self) -> int:
         """Seed of the backbone's initialisation with ``weights="random"``/``"tiny"``: the scorer's
@@ -202,6 +209,7 @@ class BaseScorer(ParamsMixin):
         references = self._load_references(reference_images)
         tiling = self._tiling()
         self.device_ = resolve_device(getattr(self, "device", "cpu"))
+        check_precision(getattr(self, "precision", "fp32"), self.device_)
         self._build()
         if references is not None and tiling is not None:
             tiles, groups = tile_references(references, tiling)
@@ -331,9 +339,10 @@ class BaseScorer(ParamsMixin):
         return folder
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None) -> BaseScorer:
-        """Load a scorer saved with :meth:`save` (checked; see :func:`load_scorer`)."""
-        return load_scorer(path, device=device)
+    def load(cls, path: str | Path, device: str | None = None, precision: str | None = None) -> BaseScorer:
+        """Load a scorer saved with :meth:`save` (checked; see :func:`load_scorer`); ``device`` and
+        ``precision`` (None: as saved) replace the saved ones."""
+        return load_scorer(path, device=device, precision=precision)
 
     # -- helpers for subclasses ---------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -566,12 +575,15 @@ def check_params(name: str, cls: type, params: Any, where: str) -> dict[str, Any
             for k, v in params.items()}
 
 
-def load_scorer(path: str | Path, device: str | None = None, expected: str | None = None) -> BaseScorer:
+def load_scorer(path: str | Path, device: str | None = None, expected: str | None = None,
+                precision: str | None = None) -> BaseScorer:
     """The one checked loader of a scorer folder written by :meth:`BaseScorer.save`.
 
     Checks, before any tensor is read: ``config.json`` is plain JSON with the known keys, names a
     registered scorer (``expected`` if given) with parameters it accepts, and the sha256 of
     ``state.safetensors`` matches the one recorded at saving. Never executes code from the files.
+
+    ``device`` and ``precision`` (None: as saved) replace the saved values, for a scorer that has them.
 
     Raises:
         VladError: missing files, not JSON, unknown scorer or keys, a saved state that does not fit.
@@ -604,11 +616,14 @@ def load_scorer(path: str | Path, device: str | None = None, expected: str | Non
         raise VladError(f"{cfg_path}: 'sha256' must list exactly {STATE_FILE}")
     if device is not None and "device" in params:
         params["device"] = device
+    if precision is not None and "precision" in parameter_names(get_scorer_class(name)):
+        params["precision"] = precision
     from vlad.registry import create_scorer
 
     scorer = create_scorer(name, **params)
     try:
         scorer.device_ = resolve_device(params.get("device", "cpu"))
+        check_precision(params.get("precision", "fp32"), scorer.device_)
         scorer._build()
         tensors = load_safetensors(folder / STATE_FILE, device=str(scorer.device_))
         scorer._set_state(tensors, meta)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from vlad.backbones import load_backbone
 from vlad.errors import InvalidParameterError
+from vlad.features import stage_outputs
 from vlad.images import LoadedImage
 from vlad.ops import preprocess_batch, to_batch
 from vlad.scorers.autoencoder import resolve_size, seeded, train_loop
@@ -105,6 +106,10 @@ class EfficientAD(BaseScorer):
         lr, weight_decay: Adam parameters (paper: 1e-4, 1e-5).
         hard_quantile: quantile of the hard feature loss (paper: 0.999).
         map_quantiles: ``(q_a, q_b)`` quantiles of the reference maps used to normalise maps (paper: 0.9, 0.995).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
+            under autocast at that dtype and their outputs are cast to float32 before anything else
+            (:mod:`vlad.precision`). Only the frozen teacher's forwards; the student trains and runs in
+            float32.
     """
 
     requires_references = True
@@ -124,6 +129,7 @@ class EfficientAD(BaseScorer):
         weight_decay: float = 1e-5,
         hard_quantile: float = 0.999,
         map_quantiles: tuple[float, float] = (0.9, 0.995),
+        precision: str = "fp32",
     ):
         self.backbone = backbone
         self.weights = weights
@@ -138,6 +144,7 @@ class EfficientAD(BaseScorer):
         self.weight_decay = weight_decay
         self.hard_quantile = hard_quantile
         self.map_quantiles = map_quantiles
+        self.precision = precision
 
     def _build(self) -> None:
         layers = tuple(int(i) for i in self.layers)
@@ -173,7 +180,8 @@ class EfficientAD(BaseScorer):
         """Projected teacher features on the PDN grid, before normalisation: ``(B, C, h, w)``."""
         x = preprocess_batch(images, self.teacher_.spec.preprocess, self.device_, size=self.size_)
         feats = [F.interpolate(F.avg_pool2d(f, 3, 1, 1, count_include_pad=False), size=self.grid_,
-                               mode="bilinear", align_corners=False) for f in self.teacher_.model(x)]
+                               mode="bilinear", align_corners=False)
+                 for f in stage_outputs(self.teacher_, x, self.precision)]
         f = torch.cat(feats, dim=1)
         return torch.einsum("bchw,cd->bdhw", f, self.projection_)
 

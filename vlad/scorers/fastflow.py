@@ -37,7 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlad.errors import VladError
-from vlad.features import check_layers, embed_all, forked_rng, generator, load_cnn_stages, stage_channels
+from vlad.features import (
+    check_layers,
+    embed_all,
+    forked_rng,
+    generator,
+    load_cnn_stages,
+    stage_channels,
+    stage_outputs,
+)
 from vlad.images import LoadedImage
 from vlad.ops import gaussian_blur, preprocess_batch, resize_maps, topk_mean
 from vlad.progress import track
@@ -122,6 +130,9 @@ class FastFlow(BaseScorer):
         sigma: Gaussian smoothing of the map in input pixels (0 = none, FastFlow's).
         random_state: seed of initialisation (incl. a ``weights="random"`` backbone), permutations and
             shuffling.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
+            under autocast at that dtype and their outputs are cast to float32 before anything else
+            (:mod:`vlad.precision`). Only the frozen backbone's forwards; the flows train and run in float32.
     """
 
     requires_references = True
@@ -144,6 +155,7 @@ class FastFlow(BaseScorer):
         score: str = "max",
         sigma: float = 0.0,
         random_state: int | None = 0,
+        precision: str = "fp32",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -161,6 +173,7 @@ class FastFlow(BaseScorer):
         self.score = score
         self.sigma = sigma
         self.random_state = random_state
+        self.precision = precision
 
     def _build(self) -> None:
         self.layers_ = check_layers(self.layers, "FastFlow")
@@ -207,7 +220,7 @@ class FastFlow(BaseScorer):
             return torch.cat([f.flatten(1) for f in self._normalise(stages)], dim=1)
 
         cache = embed_all(references, self.backbone_, self.size_, self.device_, self.batch_size, fn,
-                          "FastFlow features").clone()  # frozen features, computed once
+                          "FastFlow features", precision=self.precision).clone()  # frozen features, computed once
         sizes = [math.prod(s) for s in shapes]
         n = len(references)
         epochs = int(self.epochs) if self.epochs is not None else max(1, round(int(self.image_steps) / n))
@@ -245,7 +258,7 @@ class FastFlow(BaseScorer):
 
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
         x = preprocess_batch(images, self.backbone_.spec.preprocess, self.device_, size=self.size_)
-        maps, _ = self._nll_maps(self._normalise(list(self.backbone_.model(x))))
+        maps, _ = self._nll_maps(self._normalise(stage_outputs(self.backbone_, x, self.precision)))
         size = (self.size_, self.size_)
         amap = gaussian_blur(torch.stack([resize_maps(m, size) for m in maps]).mean(0), self.sigma)
         flat = amap.flatten(1)

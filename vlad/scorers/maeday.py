@@ -128,6 +128,9 @@ class MAEDAY(BaseScorer):
             images of different sizes the stitched maps are brought to one size for the batch (then
             back to each image's own size), so ``batch_size=1`` keeps them exact.
         random_state: seed of the masks and of a ``weights="random"`` backbone.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
+            under autocast at that dtype and their outputs are cast to float32 before anything else
+            (:mod:`vlad.precision`).
     """
 
     requires_references = False
@@ -147,6 +150,7 @@ class MAEDAY(BaseScorer):
         image_size: int | None = None,
         large_images: str = "resize",
         random_state: int = 0,
+        precision: str = "fp32",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -161,6 +165,7 @@ class MAEDAY(BaseScorer):
         self.image_size = image_size
         self.large_images = large_images
         self.random_state = random_state
+        self.precision = precision
 
     # -- building -----------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -246,8 +251,9 @@ class MAEDAY(BaseScorer):
             ``(logits, hidden)``: the decoder's patch predictions ``(M, L, p*p*3)`` (normalised per patch
             when the model uses ``norm_pix_loss``) and the mask it applied ``(M, L)`` (1 = hidden).
         """
-        out = self.model_(pixel_values=pixels, noise=noise, interpolate_pos_encoding=self.interpolate_)
-        return out.logits, out.mask
+        with self._autocast():
+            out = self.model_(pixel_values=pixels, noise=noise, interpolate_pos_encoding=self.interpolate_)
+        return out.logits.float(), out.mask
 
     def _to_pixels(self, patches: torch.Tensor) -> torch.Tensor:
         """ImageNet-normalised patches ``(..., p*p*3)`` (channel last) -> [0, 1] pixels."""

@@ -82,6 +82,7 @@ from vlad.errors import InvalidParameterError, VladError
 from vlad.images import LoadedImage, load_images
 from vlad.memory.mutual import iter_image_nn_distances
 from vlad.ops import resize_maps, to_batch
+from vlad.precision import to_float32
 from vlad.scorers.base import BaseScorer, check_finite
 from vlad.tiling import working_shape
 from vlad.types import AnomalyResult, ImagesLike, WorkingResult
@@ -356,6 +357,9 @@ class MuSc(BaseScorer):
         max_bytes: bound on the similarity block of the mutual search (memory, not results).
         random_state: seed of the backbone's initialisation with ``weights="random"`` (nothing else in
             MuSc is random).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
+            under autocast at that dtype and their outputs are cast to float32 before anything else
+            (:mod:`vlad.precision`).
 
     Fitted attributes: ``pool_tokens_`` (list per layer of ``(N, P, D)`` layer-normed tokens),
     ``pool_embeddings_`` ``(N, E)``, ``pool_names_``, ``grid_``.
@@ -379,6 +383,7 @@ class MuSc(BaseScorer):
         pool_size: int = 200,
         max_bytes: int = 64 * 2**20,
         random_state: int = 0,
+        precision: str = "fp32",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -392,6 +397,7 @@ class MuSc(BaseScorer):
         self.pool_size = pool_size
         self.max_bytes = max_bytes
         self.random_state = random_state
+        self.precision = precision
 
     # -- building ------------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -459,7 +465,10 @@ class MuSc(BaseScorer):
         bs = max(1, int(self.batch_size or 8))
         with torch.inference_mode():
             for s in range(0, len(loaded), bs):
-                tokens, emb = self.extractor_(self._input(loaded[s : s + bs]))
+                x = self._input(loaded[s : s + bs])
+                with self._autocast():
+                    tokens, emb = self.extractor_(x)
+                tokens, emb = to_float32(tokens), emb.float()
                 for i, t in enumerate(tokens):
                     if len(per_layer) <= i:
                         per_layer.append([])

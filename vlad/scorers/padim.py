@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from vlad.errors import VladError
-from vlad.features import check_layers, embed_all, generator, load_cnn_stages, stage_channels
+from vlad.features import check_layers, embed_all, generator, load_cnn_stages, stage_channels, stage_outputs
 from vlad.images import LoadedImage
 from vlad.ops import preprocess_batch, resize_blur
 from vlad.scorers.base import BaseScorer
@@ -55,6 +55,9 @@ class PaDiM(BaseScorer):
         epsilon: ridge added to each covariance (``S + epsilon I``).
         sigma: Gaussian smoothing of the upsampled map, in input pixels (0 = none).
         random_state: seed of the channel subset and of a ``weights="random"`` backbone.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
+            under autocast at that dtype and their outputs are cast to float32 before anything else
+            (:mod:`vlad.precision`).
     """
 
     requires_references = True
@@ -71,6 +74,7 @@ class PaDiM(BaseScorer):
         epsilon: float = 0.01,
         sigma: float = 4.0,
         random_state: int | None = 0,
+        precision: str = "fp32",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -82,6 +86,7 @@ class PaDiM(BaseScorer):
         self.epsilon = epsilon
         self.sigma = sigma
         self.random_state = random_state
+        self.precision = precision
 
     # -- building -----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -125,7 +130,7 @@ class PaDiM(BaseScorer):
     def _fit(self, references: list[LoadedImage] | None) -> None:
         assert references is not None
         feats = embed_all(references, self.backbone_, self.size_, self.device_, self.batch_size,
-                          self._features, "PaDiM features")
+                          self._features, "PaDiM features", precision=self.precision)
         n, d, h, w = feats.shape
         self.grid_ = (h, w)
         x = feats.flatten(2).permute(2, 0, 1)  # (P, n, d)
@@ -180,7 +185,7 @@ class PaDiM(BaseScorer):
 
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
         x = preprocess_batch(images, self.backbone_.spec.preprocess, self.device_, size=self.size_)
-        dist = self.mahalanobis(self._features(list(self.backbone_.model(x))))
+        dist = self.mahalanobis(self._features(stage_outputs(self.backbone_, x, self.precision)))
         maps = resize_blur(dist, (self.size_, self.size_), self.sigma)
         return maps.flatten(1).max(dim=1).values, maps
 

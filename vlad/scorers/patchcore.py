@@ -34,6 +34,7 @@ from vlad.errors import EmptyReferenceSetError, InvalidParameterError, VladError
 from vlad.images import LoadedImage
 from vlad.memory import DEFAULT_MAX_BYTES, KnnIndex, greedy_coreset, knn_distances, resolve_prune, squared_norms
 from vlad.ops import preprocess_batch, resize_blur
+from vlad.precision import to_float32
 from vlad.progress import track
 from vlad.scorers.base import BaseScorer, FewShotMixin
 
@@ -66,6 +67,9 @@ class PatchCore(FewShotMixin, BaseScorer):
             dense search's time (``python -m vlad.bench patchcore``); False = always dense; ``"auto"`` (the
             default) = pruned on the CPU, dense on a GPU, where the dense product is faster
             (:func:`~vlad.memory.knn.resolve_prune` gives the figures).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
+            under autocast at that dtype and their outputs are cast to float32 before anything else
+            (:mod:`vlad.precision`).
 
     Before the coreset picks its rows, the reference patches of one fit (or one ``add_references``
     call) are held in float16 (half the peak memory: 200 references are 157k x 1024 patches, 321 MB
@@ -96,6 +100,7 @@ class PatchCore(FewShotMixin, BaseScorer):
         random_state: int | None = 0,
         max_bytes: int = DEFAULT_MAX_BYTES,
         pruned_search: bool | str = "auto",
+        precision: str = "fp32",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -111,6 +116,7 @@ class PatchCore(FewShotMixin, BaseScorer):
         self.random_state = random_state
         self.max_bytes = max_bytes
         self.pruned_search = pruned_search
+        self.precision = precision
 
     # -- building and embedding ---------------------------------------------------------------
     def _build(self) -> None:
@@ -130,7 +136,9 @@ class PatchCore(FewShotMixin, BaseScorer):
         """Locally aware patch features ``(B, h, w, embed_dim)`` on layer ``layers[0]``'s grid."""
         x = preprocess_batch(images, self.backbone_.spec.preprocess, self.device_, size=self.input_size_)
         with torch.inference_mode():
-            feats = self.backbone_.model(x)
+            with self._autocast():
+                feats = self.backbone_.model(x)
+            feats = to_float32(feats)
             grid = feats[0].shape[-2:]
             b, e, n_layers = x.shape[0], int(self.embed_dim), len(feats)
             # pooling the concatenation (B*h*w, L*E) to E averages windows of L channels; when L divides E

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vlad.errors import VladError
-from vlad.features import check_layers, embed_all, load_cnn_stages
+from vlad.features import check_layers, embed_all, load_cnn_stages, stage_outputs
 from vlad.images import LoadedImage
 from vlad.memory import knn_distances
 from vlad.ops import gaussian_blur, preprocess_batch, resize_maps
@@ -44,6 +44,9 @@ class SPADE(BaseScorer):
         max_bytes: bound on each distance block of the pixel kNN (``vlad.memory.knn_distances``).
         random_state: seed of the backbone's initialisation with ``weights="random"`` (nothing else in
             SPADE is random).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
+            under autocast at that dtype and their outputs are cast to float32 before anything else
+            (:mod:`vlad.precision`).
     """
 
     requires_references = True
@@ -60,6 +63,7 @@ class SPADE(BaseScorer):
         sigma: float = 4.0,
         max_bytes: int = 256 * 2**20,
         random_state: int = 0,
+        precision: str = "fp32",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -71,6 +75,7 @@ class SPADE(BaseScorer):
         self.sigma = sigma
         self.max_bytes = max_bytes
         self.random_state = random_state
+        self.precision = precision
 
     def _build(self) -> None:
         self.layers_ = check_layers(self.layers, "SPADE")
@@ -98,7 +103,7 @@ class SPADE(BaseScorer):
             return torch.cat([pooled] + [p.flatten(1) for p in pyramid], dim=1)
 
         flat = embed_all(references, self.backbone_, self.size_, self.device_, self.batch_size, fn,
-                         "SPADE features")
+                         "SPADE features", precision=self.precision)
         self._unpack(flat, grids)
 
     def _unpack(self, flat: torch.Tensor, grids: list[tuple[int, int]]) -> None:
@@ -117,7 +122,7 @@ class SPADE(BaseScorer):
 
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
         x = preprocess_batch(images, self.backbone_.spec.preprocess, self.device_, size=self.size_)
-        pooled, pyramid = self._embed(list(self.backbone_.model(x)))
+        pooled, pyramid = self._embed(stage_outputs(self.backbone_, x, self.precision))
         k = min(int(self.k), self.pooled_.shape[0])
         dists, idx = knn_distances(pooled, self.pooled_, k=k)
         scores = dists.mean(dim=1)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from vlad.backbones import load_backbone
 from vlad.errors import InvalidParameterError
+from vlad.features import stage_outputs
 from vlad.images import LoadedImage
 from vlad.ops import gaussian_blur, preprocess_batch
 from vlad.scorers.autoencoder import resolve_size, seeded, train_loop
@@ -69,6 +70,10 @@ class STPM(BaseScorer):
         train_steps: optimisation steps (the training budget).
         lr, momentum, weight_decay: SGD parameters (paper: 0.4, 0.9, 1e-4).
         sigma: Gaussian smoothing of the map, pixels at ``image_size``.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
+            under autocast at that dtype and their outputs are cast to float32 before anything else
+            (:mod:`vlad.precision`). Only the frozen teacher's forwards; the student trains and runs in
+            float32.
     """
 
     requires_references = True
@@ -87,6 +92,7 @@ class STPM(BaseScorer):
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         sigma: float = 4.0,
+        precision: str = "fp32",
     ):
         self.backbone = backbone
         self.weights = weights
@@ -100,6 +106,7 @@ class STPM(BaseScorer):
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.sigma = sigma
+        self.precision = precision
 
     def _build(self) -> None:
         layers = tuple(int(i) for i in self.layers)
@@ -129,7 +136,7 @@ class STPM(BaseScorer):
         def step(_: int) -> float:
             x = data[torch.randint(0, data.shape[0], (bs,), generator=gen)].to(self.device_)
             with torch.no_grad():
-                t_feats = self.teacher_.model(x)
+                t_feats = stage_outputs(self.teacher_, x, self.precision)
             loss = sum(d.mean() for d in layer_distances(t_feats, self.student_(x)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -142,7 +149,7 @@ class STPM(BaseScorer):
 
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._inputs(images)
-        dists = layer_distances(self.teacher_.model(x), self.student_(x))
+        dists = layer_distances(stage_outputs(self.teacher_, x, self.precision), self.student_(x))
         maps = torch.ones(x.shape[0], *self.size_, device=x.device)
         for d in dists:
             maps = maps * F.interpolate(d[:, None], size=self.size_, mode="bilinear", align_corners=False)[:, 0]

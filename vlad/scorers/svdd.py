@@ -28,7 +28,7 @@ from torch import nn
 
 from vlad.errors import VladError
 from vlad.features import aligned_features, check_layers, embed_all, forked_rng, generator, load_cnn_stages
-from vlad.features import stage_channels
+from vlad.features import stage_channels, stage_outputs
 from vlad.images import LoadedImage
 from vlad.ops import preprocess_batch, resize_blur
 from vlad.progress import track
@@ -67,6 +67,9 @@ class PatchSVDD(BaseScorer):
         sigma: Gaussian smoothing of the upsampled map, in input pixels (0 = none).
         random_state: seed of the head's initialisation, the subsample, the shuffling and a
             ``weights="random"`` backbone.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
+            under autocast at that dtype and their outputs are cast to float32 before anything else
+            (:mod:`vlad.precision`). Only the frozen backbone's forwards; the head trains and runs in float32.
     """
 
     requires_references = True
@@ -88,6 +91,7 @@ class PatchSVDD(BaseScorer):
         max_patches: int = 100_000,
         sigma: float = 4.0,
         random_state: int | None = 0,
+        precision: str = "fp32",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -104,6 +108,7 @@ class PatchSVDD(BaseScorer):
         self.max_patches = max_patches
         self.sigma = sigma
         self.random_state = random_state
+        self.precision = precision
 
     def _build(self) -> None:
         self.layers_ = check_layers(self.layers, "PatchSVDD")
@@ -137,7 +142,8 @@ class PatchSVDD(BaseScorer):
             return f.reshape(-1, f.shape[-1])
 
         patches = embed_all(references, self.backbone_, self.size_, self.device_, self.batch_size, sample,
-                            "PatchSVDD features").clone()  # a normal tensor: used with autograd below
+                            "PatchSVDD features", precision=self.precision)
+        patches = patches.clone()  # a normal tensor: used with autograd below
         # one fixed scalar so that the head sees unit-RMS inputs whatever the backbone
         self.input_scale_ = patches.square().mean().rsqrt().reshape(1)
         patches *= self.input_scale_
@@ -183,7 +189,7 @@ class PatchSVDD(BaseScorer):
 
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
         x = preprocess_batch(images, self.backbone_.spec.preprocess, self.device_, size=self.size_)
-        dist = self.patch_distances(self._features(list(self.backbone_.model(x))))
+        dist = self.patch_distances(self._features(stage_outputs(self.backbone_, x, self.precision)))
         maps = resize_blur(dist, (self.size_, self.size_), self.sigma)
         return maps.flatten(1).max(dim=1).values, maps
 

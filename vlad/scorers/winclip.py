@@ -41,6 +41,7 @@ from vlad.errors import VladError
 from vlad.images import LoadedImage
 from vlad.memory import KnnIndex
 from vlad.ops import preprocess_batch
+from vlad.precision import to_float32
 from vlad.prompts import PromptSet, PromptsLike, clip_weights_id, load_prompts, text_cache
 from vlad.scorers.base import BaseScorer, FewShotMixin
 
@@ -299,6 +300,9 @@ class WinCLIP(FewShotMixin, BaseScorer):
             so another size is an error).
         random_state: seed of the backbone's initialisation with ``weights="random"`` (nothing else in
             WinCLIP is random).
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
+            under autocast at that dtype and their outputs are cast to float32 before anything else
+            (:mod:`vlad.precision`). The text prototypes are always computed in float32 (once, and cached).
     """
 
     requires_references = False
@@ -319,6 +323,7 @@ class WinCLIP(FewShotMixin, BaseScorer):
         batch_size: int = 8,
         image_size: int | None = None,
         random_state: int = 0,
+        precision: str = "fp32",
     ) -> None:
         self.object_name = object_name
         self.prompts = prompts
@@ -330,6 +335,7 @@ class WinCLIP(FewShotMixin, BaseScorer):
         self.batch_size = batch_size
         self.image_size = image_size
         self.random_state = random_state
+        self.precision = precision
 
     # -- building -------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -431,9 +437,12 @@ class WinCLIP(FewShotMixin, BaseScorer):
         """Normalised image embedding ``(B, D)``, patch tokens ``(B, N, W)``, window embeddings per scale."""
         pre = self.backbone_.spec.preprocess
         x = preprocess_batch(images, pre, self.device_, size=self.image_size_)
-        tokens = self.encoder_.embed(x)
-        image, patches = self.encoder_.encode_full(tokens)
-        windows = {k: F.normalize(self.encoder_.encode_windows(tokens, idx), dim=-1) for k, idx in self.windows_.items()}
+        with self._autocast():  # the image tower only; the text prototypes are computed in float32
+            tokens = self.encoder_.embed(x)
+            image, patches = self.encoder_.encode_full(tokens)
+            windows = {k: self.encoder_.encode_windows(tokens, idx) for k, idx in self.windows_.items()}
+        image, patches, windows = to_float32((image, patches, windows))
+        windows = {k: F.normalize(w, dim=-1) for k, w in windows.items()}
         return {"image": F.normalize(image, dim=-1), "patches": F.normalize(patches, dim=-1), "windows": windows}
 
     def _class_scores(self, emb: torch.Tensor) -> torch.Tensor:
