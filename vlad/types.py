@@ -202,7 +202,13 @@ class WorkingResult:
 
     def check_finite(self, source: str) -> None:
         """Refuse NaN or infinity in scores, maps or parts, as :func:`check_finite` (where the maps are)."""
-        bad = [not (_all_finite(self.scores[i]) and _all_finite(m)) for i, m in enumerate(self.maps)]
+        if isinstance(self.scores, np.ndarray):
+            bad = [not (_all_finite(self.scores[i]) and _all_finite(m)) for i, m in enumerate(self.maps)]
+        else:  # one flag per image computed where the maps are, one copy to the host
+            import torch
+
+            flags = torch.stack([m.isfinite().all() for m in self.maps]) if self.maps else self.scores.isfinite()
+            bad = (~(self.scores.isfinite() & flags)).cpu().tolist()
         _refuse_non_finite(np.array(bad, dtype=bool), self.names, source)
         for part, comp in self.parts.items():
             comp.check_finite(f"{source} ({part})")
