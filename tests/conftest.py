@@ -26,6 +26,20 @@ def _guarded_connect(self, address):
 socket.socket.connect = _guarded_connect
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run where ``torch.cuda.is_available()`` and are skipped elsewhere."""
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in gpu:
+        item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     import torch
