@@ -1,5 +1,5 @@
 """Devices: the same ``random_state`` gives the same random draws, and the same model wherever the
-arithmetic allows it, on every device.
+arithmetic allows it, on every device; a detector saved on a GPU machine loads on one without a GPU.
 
 On the CPU (always):
 
@@ -10,12 +10,15 @@ On the CPU (always):
 * building a scorer for another device draws nothing there: ``_build`` for the ``meta`` device (a device
   every machine has, whose tensors hold no data) must make all its draws on CPU tensors before moving
   them. Re-initialising a module after moving it (STPM's student did, so CPU and CUDA trained different
-  students) fails this check.
+  students) fails this check;
+* a detector or scorer saved with ``device="cuda"`` loads on a machine without CUDA on the CPU, with one
+  logged warning, and scores as the original; ``--device`` with ``--load`` on the command line.
 
 On a GPU (``gpu`` marker, skipped elsewhere): every registered scorer fitted on the CPU and on CUDA with
 the same ``random_state`` starts from the identical model and gives the same scores and maps within 1e-4
-(relative to their largest magnitude). TF32 is turned off for the comparison (cuDNN convolutions use it
-by default on CUDA: a precision choice, not a random stream). DRAEM and STPM are compared with a training budget of zero steps: their
+(relative to their largest magnitude), and a detector fitted and saved on CUDA scores the same loaded on
+the CPU. TF32 is turned off for the comparison (cuDNN convolutions use it by default on CUDA: a precision
+choice, not a random stream). DRAEM and STPM are compared with a training budget of zero steps: their
 training amplifies rounding, so no two machines that add in different orders train the same model (on
 this project's CPU, 1 and 2 torch threads already give DRAEM scores 1.5% apart after 3 steps and 30%
 apart after 100; a 1e-6 relative change of STPM's initial weights moves its scores by 6% after 20 steps).
@@ -24,12 +27,14 @@ Their random streams are the same on every device (checked on the CPU above); th
 
 from __future__ import annotations
 
+import logging
 import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import fails_with_one_line, textured
 from test_contract import SCORERS, normal_test_images, references, settings, synthetic_defect
 from torch.overrides import TorchFunctionMode
 
@@ -156,6 +161,104 @@ def test_rng_helpers_draw_on_the_cpu_and_leave_the_callers_state_alone():
     assert torch.equal(a.weight, rng.init_module(lambda: torch.nn.Linear(3, 2), "cpu", 5).weight)
 
 
+# -- saved on a GPU machine, loaded on one without -------------------------------------------------------
+
+def _as_if_saved_on_cuda(det_or_scorer) -> None:
+    """Set every scorer's ``device`` to ``cuda``, as on the GPU machine that saved it (its state tensors
+    are saved from the CPU either way)."""
+    scorers = getattr(det_or_scorer, "scorers", {"": det_or_scorer})
+    for scorer in scorers.values():
+        scorer.set_params(device="cuda")
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """This machine has no CUDA (also on one that does)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _fallback_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "loading it on the CPU" in r.getMessage()]
+
+
+@pytest.fixture(scope="module")
+def saved_on_cuda(tmp_path_factory):
+    """A tiny two-scorer detector fitted on the CPU, saved as a GPU machine would; its scores."""
+    det = vlad.create_detector("patchcore+padim", weights="tiny", false_alarm_rate=0.25)
+    det.fit([textured(i) for i in range(4)])
+    expected = det.predict(_images())
+    _as_if_saved_on_cuda(det)
+    folder = tmp_path_factory.mktemp("saved") / "det"
+    det.save(folder)
+    return folder, expected
+
+
+def test_detector_saved_on_cuda_loads_on_the_cpu_with_one_warning(saved_on_cuda, no_cuda, caplog):
+    folder, expected = saved_on_cuda
+    with caplog.at_level(logging.WARNING):
+        det = vlad.load(folder)
+    warnings = _fallback_warnings(caplog)
+    assert len(warnings) == 1, warnings  # one line for the whole detector, not one per scorer
+    assert "cuda" in warnings[0] and str(folder) in warnings[0]
+    assert {s.device for s in det.scorers.values()} == {"cpu"}  # get_params says where it runs
+    res = det.predict(_images())
+    np.testing.assert_allclose(res.image_scores, expected.image_scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.stack(res.anomaly_maps), np.stack(expected.anomaly_maps), rtol=1e-5, atol=1e-6)
+    assert list(res.labels) == list(expected.labels)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        vlad.load(folder, device="cpu")  # asked for: no warning
+    assert not _fallback_warnings(caplog)
+
+
+def test_scorer_saved_on_cuda_loads_on_the_cpu_with_one_warning(tmp_path, no_cuda, caplog):
+    scorer = vlad.create_scorer("padim", weights="tiny").fit([textured(i) for i in range(3)])
+    expected = scorer.predict(_images()).image_scores
+    _as_if_saved_on_cuda(scorer)
+    scorer.save(tmp_path / "padim")
+    with caplog.at_level(logging.WARNING):
+        loaded = vlad.load(tmp_path / "padim")
+    assert len(_fallback_warnings(caplog)) == 1
+    assert loaded.device == "cpu" and loaded.device_.type == "cpu"
+    np.testing.assert_allclose(loaded.predict(_images()).image_scores, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_asking_for_a_missing_device_is_an_error_not_a_fallback(saved_on_cuda, no_cuda):
+    folder, _ = saved_on_cuda
+    with pytest.raises(vlad.InvalidDeviceError, match="CUDA is not available"):
+        vlad.load(folder, device="cuda")
+
+
+def test_a_saved_device_torch_does_not_know_is_refused(tmp_path, no_cuda):
+    import json
+
+    vlad.create_scorer("padim", weights="tiny").fit([textured(0)]).save(tmp_path / "s")
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    config["params"]["device"] = "gpu0"  # a damaged file, not another machine
+    (tmp_path / "s" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(vlad.InvalidDeviceError, match="gpu0"):
+        vlad.load(tmp_path / "s")
+
+
+def test_cli_load_with_device(saved_on_cuda, no_cuda, tmp_path, capsys, caplog):
+    from vlad.cli import main
+
+    folder, expected = saved_on_cuda
+    from PIL import Image
+
+    img = tmp_path / "a.png"
+    Image.fromarray(_images()[2]).save(img)
+    with caplog.at_level(logging.WARNING):
+        assert main(["score", str(img), "--load", str(folder), "--device", "cpu"]) == 0
+    assert not _fallback_warnings(caplog)
+    assert "a.png" in capsys.readouterr().out
+    with caplog.at_level(logging.WARNING):
+        assert main(["score", str(img), "--load", str(folder)]) == 0  # --device auto: as saved, else the CPU
+    assert len(_fallback_warnings(caplog)) == 1
+    fails_with_one_line(capsys, ["score", str(img), "--load", str(folder), "--device", "cuda"], "cuda", "not available")
+
+
 # -- CPU against CUDA (run where there is a GPU) ------------------------------------------------------------
 
 @pytest.fixture
@@ -206,3 +309,23 @@ def test_same_model_on_cpu_and_cuda(name, exact_fp32):
     assert _relative_difference(cpu.image_scores, cuda.image_scores) <= 1e-4, (cpu.image_scores, cuda.image_scores)
     assert _relative_difference(np.stack(cpu.anomaly_maps), np.stack(cuda.anomaly_maps)) <= 1e-4
     assert list(np.argsort(cpu.image_scores)) == list(np.argsort(cuda.image_scores))
+
+
+@pytest.mark.gpu
+def test_detector_fitted_on_cuda_scores_the_same_loaded_on_the_cpu(tmp_path, exact_fp32, monkeypatch, caplog):
+    det = vlad.create_detector("patchcore+padim+efficientad", weights="tiny", device="cuda",
+                               false_alarm_rate=0.25, scorer_options={"efficientad": settings("efficientad", quick=True)})
+    det.fit([textured(i) for i in range(4)])
+    expected = det.predict(_images())
+    det.save(tmp_path / "det")
+    on_cpu = vlad.load(tmp_path / "det", device="cpu")
+    assert {s.device_.type for s in on_cpu.scorers.values()} == {"cpu"}
+    res = on_cpu.predict(_images())
+    assert _relative_difference(expected.image_scores, res.image_scores) <= 1e-4
+    assert _relative_difference(np.stack(expected.anomaly_maps), np.stack(res.anomaly_maps)) <= 1e-4
+    assert list(res.labels) == list(expected.labels)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same folder on a machine without CUDA
+    with caplog.at_level(logging.WARNING):
+        fallback = vlad.load(tmp_path / "det")
+    assert len(_fallback_warnings(caplog)) == 1
+    np.testing.assert_allclose(fallback.predict(_images()).image_scores, res.image_scores, rtol=1e-6, atol=1e-7)

@@ -68,8 +68,13 @@ def create_detector(spec: str | None = None, **options: Any):
     return _create(spec, **options)
 
 
-def load(path: str) -> Any:
-    """Load a scorer or detector saved with ``.save(path)``; reads only JSON and safetensors."""
+def load(path: str, *, device: str | None = None) -> Any:
+    """Load a scorer or detector saved with ``.save(path)``; reads only JSON and safetensors.
+
+    ``device`` (``"cpu"``, ``"cuda"``, ...): where it runs. None (default): the device it was saved on
+    when this machine has it, else the CPU, with a logged warning (a detector fitted on a GPU machine
+    loads on a machine without one).
+    """
     from vlad.detector import load_any
 
-    return load_any(path)
+    return load_any(path, device=device)

@@ -259,7 +259,9 @@ def positive_int(text: str) -> int:
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """``--load``, ``--batch-size`` and the options of ``--engine ray`` (:mod:`vlad.distributed`)."""
     p.add_argument("--load", metavar="DETECTOR_DIR",
-                   help="score with a detector saved with det.save(DIR) instead of building and fitting one")
+                   help="score with a detector saved with det.save(DIR) instead of building and fitting one; "
+                        "it runs on --device, or with auto on the device it was saved on when this machine has "
+                        "it, else on the CPU")
     p.add_argument("--batch-size", type=positive_int, metavar="N",
                    help="images per model call (default: the detector's batch size)")
     g = p.add_argument_group("scoring a whole archive with Ray (pip install 'vlad-inspect[ray]')")

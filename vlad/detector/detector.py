@@ -750,7 +750,9 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> Detector:
-        """Load a detector saved with :meth:`save`; checked, never executes code from the files."""
+        """Load a detector saved with :meth:`save`; checked, never executes code from the files. ``device``:
+        where it runs (None: where it was saved when this machine has that device, else the CPU, with a
+        logged warning)."""
         from vlad.detector.persistence import load_detector
 
         return load_detector(path, device=device)
