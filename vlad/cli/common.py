@@ -272,5 +272,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="Ray workers, each holding one detector and an equal share of the CPUs (default 1)")
     g.add_argument("--address", metavar="HOST:PORT",
                    help="a running Ray cluster (ray start --head); default: a local Ray started for the job")
+    g.add_argument("--gpus-per-worker", metavar="F",
+                   help="GPUs each Ray worker reserves and runs the detector on (e.g. 1, or 0.5 for two workers "
+                        "per GPU; above 1 a whole number); default: CPU workers")
     g.add_argument("--overlays", action="store_true", help="with --engine ray: also write overlay PNGs")
     g.add_argument("--maps", action="store_true", help="with --engine ray: also write each map as a 16-bit PNG")

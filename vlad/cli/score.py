@@ -25,7 +25,7 @@ fused map over the image, colour range fixed to ``[0, 1]``).
 
 ``--load DIR`` scores with a detector saved with ``det.save(DIR)`` instead of building and fitting one.
 ``--engine ray`` scores a whole archive on a pool of Ray workers into Parquet (:mod:`vlad.cli.score_ray`,
-:mod:`vlad.distributed`; ``--num-workers``, ``--address``, ``--overlays``, ``--maps``).
+:mod:`vlad.distributed`; ``--num-workers``, ``--address``, ``--gpus-per-worker``, ``--overlays``, ``--maps``).
 
 Checked before any work: the options (``--set`` names and types, device, output folder, prompt file),
 then every input and reference is read once before any model is built; the first problem stops the run
@@ -210,8 +210,9 @@ def fit_detector(args: argparse.Namespace, inputs: list[str] | None):
     return det, paths
 
 
-def check_load_options(args: argparse.Namespace) -> None:
-    """``--load`` scores with a saved detector: the options that build or fit one do not apply."""
+def check_load_options(args: argparse.Namespace, device_here: bool = True) -> None:
+    """``--load`` scores with a saved detector: the options that build or fit one do not apply.
+    ``device_here=False``: ``--device`` is for GPU workers elsewhere, not checked on this machine."""
     given = [flag for flag, value in (("--scorer", args.scorer), ("--detector", args.detector),
                                       ("--refs", args.refs), ("--object", args.object_name),
                                       ("--prompts", args.prompts), ("--set", args.set),
@@ -224,7 +225,8 @@ def check_load_options(args: argparse.Namespace) -> None:
         raise VladError(f"--load scores with a saved detector, so {', '.join(given)} cannot be used with it (the "
                         "saved detector keeps its scorers, references, weights and thresholds); drop them, or "
                         "drop --load to build and fit a detector")
-    check_device(args.device)
+    if device_here:
+        check_device(args.device)
     apply_image_size_options(args, {})  # --max-pixels (a saved detector keeps its own tiling)
     if args.out:
         check_output_folder(args.out)
@@ -244,10 +246,12 @@ def load_saved(folder: str, device: str = "auto"):
 def check_local_engine(args: argparse.Namespace) -> None:
     """Options of ``--engine ray`` given without it."""
     for flag, value in (("--num-workers", args.num_workers), ("--address", args.address),
-                        ("--maps", args.maps), ("--overlays", args.overlays)):
+                        ("--gpus-per-worker", args.gpus_per_worker), ("--maps", args.maps),
+                        ("--overlays", args.overlays)):
         if value:
             raise VladError(f"{flag} is an option of --engine ray; add --engine ray (pip install "
-                            "'vlad-inspect[ray]') or drop it (the local engine writes overlays to --out)")
+                            "'vlad-inspect[ray]') or drop it (the local engine scores in this process, on "
+                            "--device, and writes overlays to --out)")
 
 
 def _rows(paths: list[Path], res, det) -> list[dict[str, Any]]:
