@@ -70,8 +70,13 @@ def create_detector(spec: str | None = None, **options: Any):
 
 
 def load(path: str, *, device: str | None = None, precision: str | None = None) -> Any:
-    """Load a scorer or detector saved with ``.save(path)``; reads only JSON and safetensors. ``device``
-    and ``precision`` (None: as saved) replace the saved ones (``precision="bf16"``: see the README)."""
+    """Load a scorer or detector saved with ``.save(path)``; reads only JSON and safetensors.
+
+    ``device`` (``"cpu"``, ``"cuda"``, ...): where it runs. None (default): the device it was saved on
+    when this machine has it, else the CPU, with a logged warning (a detector fitted on a GPU machine
+    loads on a machine without one). ``precision`` (None: as saved) replaces the saved one
+    (``precision="bf16"``: see the README).
+    """
     from vlad.detector import load_any
 
     return load_any(path, device=device, precision=precision)

@@ -46,7 +46,7 @@ import numpy as np
 
 from vlad.data import Category, discover_categories, draw_references, load_mask
 from vlad.errors import VladError
-from vlad.features import forked_rng
+from vlad import rng
 from vlad.metrics import (
     DECISION_METRICS,
     IMAGE_METRICS,
@@ -361,7 +361,7 @@ def run_eval(
                 refs = draw_references(cat, k, seed)
                 # Random-weight backbones are drawn from torch's global generator, whose start is random in
                 # every process: seeding it per cell makes a cell's figures repeatable run to run.
-                with forked_rng(seed):
+                with rng.seeded(seed):
                     model = builder.build(cat.object_name, seed)
                     t0 = time.perf_counter()
                     model.fit([str(p) for p in refs] if refs else None)

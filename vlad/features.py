@@ -14,9 +14,8 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -138,22 +137,3 @@ def stage_outputs(bb: Backbone, x: torch.Tensor, precision: str = "fp32") -> lis
     with autocast(precision, x.device):
         out = list(bb.model(x))
     return to_float32(out)
-
-
-@contextlib.contextmanager
-def forked_rng(seed: int | None) -> Iterator[None]:
-    """Inside the block, torch's CPU generator is seeded with ``seed`` (None: left as is); restored after."""
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(int(seed))
-        yield
-
-
-def generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator on ``device`` seeded with ``seed`` (``None``: a fresh random seed)."""
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(int(seed))
-    return g

@@ -10,10 +10,11 @@ architecture, random init: for benchmarks) or a path to a folder/file of weights
 ``tiny-`` are miniature twins of the real architectures, always random, for tests; ``weights="tiny"``
 swaps any backbone for the twin of its family.
 
-Random initialisation is reproducible: every backbone is built with torch's CPU generator seeded with
-``seed`` (default 0) inside :func:`torch.random.fork_rng`, so two builds with the same name, weights and
-seed are identical (a saved random-weight scorer reloads the backbone it was fitted with) and the
-caller's global RNG state is left exactly as it was.
+Random initialisation is reproducible: every backbone is built on the CPU with torch's CPU generator
+seeded with ``seed`` (default 0) inside :func:`vlad.rng.seeded`, then moved to the device, so two builds
+with the same name, weights and seed are identical on every device (a saved random-weight scorer
+reloads the backbone it was fitted with) and the caller's RNG state (CPU and GPU) is left exactly as it
+was.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from vlad.errors import InvalidDeviceError
+from vlad.rng import seeded
 from vlad.weights import WeightSpec, get_spec, resolve
 
 WEIGHT_MODES = ("pretrained", "random", "tiny")
@@ -92,8 +94,7 @@ def load_backbone(
         from vlad.backbones.dino import load_dino as loader
     else:
         from vlad.backbones.cnn import load_cnn as loader
-    with torch.random.fork_rng(devices=[]):  # construction runs on the CPU generator only
-        torch.manual_seed(int(seed))
+    with seeded(int(seed)):  # construction runs on the CPU generator only (vlad.rng)
         backbone = loader(spec, location, **kwargs)
     backbone.model.to(device).eval()
     backbone.pretrained = location is not None

@@ -3,6 +3,8 @@
 Each target is a module ``vlad.bench.<target>`` with a ``main(argv) -> int``. They run at the real
 architecture sizes with random weights (cost does not depend on the weights) and report the ratio to one
 plain forward pass of the same backbone measured in the same run, so figures compare across machines.
+Every target takes ``--device`` (default ``cpu``; see :mod:`vlad.bench._util`), times on a GPU after
+synchronising it, and names the device in its header line.
 """
 
 from __future__ import annotations
@@ -29,4 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if target not in targets():
         print(f"unknown benchmark {target!r}; available: {', '.join(targets())}", file=sys.stderr)
         return 2
-    return int(importlib.import_module(f"vlad.bench.{target}").main(rest) or 0)
+    from vlad.errors import VladError
+
+    try:
+        return int(importlib.import_module(f"vlad.bench.{target}").main(rest) or 0)
+    except VladError as exc:  # a mistake in the options (e.g. --device cuda without a GPU): one line
+        print(f"vlad.bench {target}: error: {exc}", file=sys.stderr)
+        return 2

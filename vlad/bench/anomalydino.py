@@ -23,9 +23,9 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 
+from vlad.bench._util import add_device_option, clock, device_args, use_device
 from vlad.bench._util import synthetic_images as _images
 
 BACKBONE = "vit_small_patch14_dinov2.lvd142m"
@@ -38,27 +38,29 @@ def _child(args: argparse.Namespace) -> dict:
     from vlad.registry import create_scorer
 
     baseline_rss = peak_rss_mb()  # after imports, before any model
+    device = use_device(args)
     torch.manual_seed(0)
     size = args.image_size
     scorer = create_scorer(
         "anomalydino", backbone=args.backbone, weights="random", rotations=args.rotations, batch_size=8,
-        image_size=size, coreset_per_reference=args.coreset or None, pruned_search=not args.dense,
+        image_size=size, coreset_per_reference=args.coreset or None, pruned_search=not args.dense, device=device,
     )
     n_refs = args.child_refs
     embed_n = n_refs if args.embed_max <= 0 else min(n_refs, args.embed_max)
     refs = _images(max(1, embed_n), size, seed=1)
-    t0 = time.perf_counter()
+    t0 = clock()
     scorer.fit(refs[:1])
     if embed_n > 1:
         scorer.add_references(refs[1:embed_n])
-    embed_s = (time.perf_counter() - t0) / max(1, embed_n)
+    embed_s = (clock() - t0) / max(1, embed_n)
     if n_refs > embed_n:  # complete the memory with perturbed copies (same search cost)
         gen = torch.Generator().manual_seed(0)
         blocks = list(scorer.memory_chunks_)
         infos = list(scorer.ref_info_)
         for i in range(n_refs - embed_n):
             src = blocks[i % len(blocks)]
-            blk = torch.nn.functional.normalize(src + 0.01 * torch.randn(src.shape, generator=gen), dim=1)
+            noise = torch.randn(src.shape, generator=gen).to(src.device)
+            blk = torch.nn.functional.normalize(src + 0.01 * noise, dim=1)
             info = dict(infos[i % len(infos)])
             info["query"] = blk[: info["query"].shape[0]]
             scorer._pending_infos = [info]
@@ -68,7 +70,7 @@ def _child(args: argparse.Namespace) -> dict:
     scorer.n_references_ = len(scorer.reference_names_)
     test = _images(1, size, seed=2)
     model = scorer.model_
-    x = torch.randn(1, 3, size, size)
+    x = torch.randn(1, 3, size, size).to(device)
 
     def forward():
         with torch.inference_mode():
@@ -97,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--coreset", type=int, default=0,
                         help="coreset_per_reference (patches kept per reference incl. rotations); 0 = exact, off")
     parser.add_argument("--dense", action="store_true", help="dense search instead of the exact pruned one")
+    add_device_option(parser)
     parser.add_argument("--child-refs", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(list(argv) if argv is not None else None)
 
@@ -106,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from vlad.bench._util import machine_line
 
+    use_device(args)  # checked here, before any child starts
     print(machine_line())
     print(f"AnomalyDINO, {args.backbone} random weights, {args.image_size} px, batch 1, "
           f"{args.rotations} rotations per reference, medians of {args.repeats} forward/predict pairs, "
@@ -118,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "vlad.bench", "anomalydino", "--child-refs", str(n),
                "--rotations", str(args.rotations), "--image-size", str(args.image_size),
                "--backbone", args.backbone, "--repeats", str(args.repeats), "--embed-max", str(args.embed_max),
-               "--coreset", str(args.coreset)] + (["--dense"] if args.dense else [])
+               "--coreset", str(args.coreset), *device_args()] + (["--dense"] if args.dense else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{n:>5} failed:\n{proc.stderr[-2000:]}")

@@ -24,11 +24,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from vlad.bench._util import add_device_option, clock, device_args, use_device
 
 
 def _status_mb(key: str) -> float:
@@ -54,8 +55,9 @@ def write_texture_jpeg(path: Path, size: int, seed: int = 0) -> None:
     Image.fromarray(img).save(path, quality=90)
 
 
-def _child(path: str, tile: str | None, refs: int, threads: int) -> dict:
-    """Runs in its own process: models' RSS, then the peak while scoring ``path``."""
+def _child(path: str, tile: str | None, refs: int, threads: int, device: str = "cpu") -> dict:
+    """Runs in its own process: models' RSS, then the peak while scoring ``path`` (host memory: on a GPU the
+    models' weights are not in it)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -66,15 +68,15 @@ def _child(path: str, tile: str | None, refs: int, threads: int) -> dict:
     if tile:
         size, _, overlap = tile.partition(",")
         options = {"tile_size": int(size), "tile_overlap": int(overlap) if overlap else None}
-    det = vlad.create_detector(weights="random", **options)
+    det = vlad.create_detector(weights="random", device=device, **options)
     det.fit(synthetic_images(refs, 512, seed=1) if refs else None)
     det.predict(synthetic_images(1, 512, seed=2))  # warm-up: lazy buffers and allocator pools
     models = _status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current RSS
-    t0 = time.perf_counter()
+    t0 = clock()
     res = det.predict(path)
-    seconds = time.perf_counter() - t0
+    seconds = clock() - t0
     peak = _status_mb("VmHWM")
     h, w = res.anomaly_maps.shape[-2:]
     return {"models_mb": models, "peak_mb": peak, "seconds": seconds, "map": [int(h), int(w)],
@@ -87,12 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tile", default="3000,256", help="SIZE,OVERLAP of the tiled runs (default 3000,256)")
     parser.add_argument("--refs", type=int, default=0, help="512 px references to fit on (0: zero-shot, the default)")
     parser.add_argument("--threads", type=int, default=2)
+    add_device_option(parser)
     parser.add_argument("--child", nargs=2, metavar=("IMAGE", "TILE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    device = use_device(args)  # checked before any child starts
     if args.child:
         image, tile = args.child
-        print(json.dumps(_child(image, None if tile == "none" else tile, args.refs, args.threads)))
+        print(json.dumps(_child(image, None if tile == "none" else tile, args.refs, args.threads, device)))
         return 0
 
     from vlad.bench._util import machine_line
@@ -107,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_texture_jpeg(path, side)
             for tile in ("none", args.tile):
                 cmd = [sys.executable, "-m", "vlad.bench", "bigimage", "--child", str(path), tile,
-                       "--refs", str(args.refs), "--threads", str(args.threads)]
+                       "--refs", str(args.refs), "--threads", str(args.threads), *device_args()]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode != 0:
                     print(f"{side}x{side} {tile}: failed\n{out.stderr[-2000:]}", file=sys.stderr)

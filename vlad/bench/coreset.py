@@ -14,6 +14,8 @@ import argparse
 import time
 from collections.abc import Sequence
 
+from vlad.bench._util import add_device_option, clock, use_device
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlad.bench coreset", description=__doc__.split("\n")[0])
@@ -25,7 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ref-steps", type=int, default=300,
                         help="time the plain loop over this many selections and extrapolate (0 = skip)")
     parser.add_argument("--seed", type=int, default=0)
+    add_device_option(parser)
     args = parser.parse_args(list(argv) if argv is not None else None)
+    device = use_device(args)
 
     import logging
 
@@ -36,25 +40,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(machine_line())
     gen = torch.Generator().manual_seed(args.seed)
-    feats = torch.randn(args.n, args.dim, generator=gen)
+    feats = torch.randn(args.n, args.dim, generator=gen).to(device)
     size = coreset_size(args.n, ratio=args.ratio)
     print(f"greedy k-center coreset: {args.n} x {args.dim} -> {size} (ratio {args.ratio}), "
           f"projection {args.projection_dim}, random Gaussian features")
 
     logging.basicConfig(level=logging.WARNING)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = clock(), time.process_time()
     sel = greedy_coreset(feats, ratio=args.ratio, projection_dim=args.projection_dim, random_state=args.seed,
                          block_size=args.block_size)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu = clock() - t0, time.process_time() - c0
     print(f"vlad greedy_coreset: {wall:8.1f} s wall, {cpu:8.1f} s CPU ({torch.get_num_threads()} threads), "
           f"peak RSS {peak_rss_mb():.0f} MB")
 
     if args.ref_steps > 0:
         steps = min(args.ref_steps, size)
         x, start = _projected(feats, args.projection_dim, args.seed)
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = clock(), time.process_time()
         plain = plain_greedy_steps(x, start, steps)
-        pw, pc = time.perf_counter() - t0, time.process_time() - c0
+        pw, pc = clock() - t0, time.process_time() - c0
         scale = size / steps
         same = plain == sel[:steps].tolist()
         print(f"plain loop: {pw:.1f} s wall / {pc:.1f} s CPU for {steps} selections -> extrapolated "

@@ -16,6 +16,8 @@ Ray with 1 worker, Ray with 2 workers (``--workers``), repeated ``--rounds`` tim
   worker process. Starting the local Ray itself is timed separately and added in the ratio "with start".
 
 Images are real ones from ``--data`` (the MVTec-layout sets, cycled when there are fewer than asked).
+With ``--device cuda`` the detectors are fitted and the plain side scores on the GPU, and the Ray
+workers share it (``gpus_per_worker`` = 1 / workers).
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlad.bench._util import machine_line
+from vlad.bench._util import add_device_option, bench_device, clock, device_args, machine_line, use_device
 
 
 def plain_score(detector_dir: str, list_file: str, batch_size: int) -> dict:
@@ -42,28 +43,29 @@ def plain_score(detector_dir: str, list_file: str, batch_size: int) -> dict:
     from vlad.distributed.inputs import expand_inputs
     from vlad.distributed.rows import score_paths
 
-    t0 = time.perf_counter()
-    det = load_detector(detector_dir)
-    load_s = time.perf_counter() - t0
+    t0 = clock()
+    det = load_detector(detector_dir)  # on the device it was saved on: the benchmark's
+    load_s = clock() - t0
     paths = expand_inputs(list_file)
     rows = []
-    t0 = time.perf_counter()
+    t0 = clock()
     for i in range(0, len(paths), batch_size):
         rows.extend(score_paths(det, paths[i : i + batch_size]))
     return {"images": len(rows), "errors": sum(r["error"] is not None for r in rows), "peak_rss_mb": peak_rss_mb(),
-            "load_s": load_s, "scoring_s": time.perf_counter() - t0}
+            "load_s": load_s, "scoring_s": clock() - t0}
 
 
 def _plain(detector_dir: Path, list_file: Path, batch_size: int) -> dict:
-    code = ("import json, sys; from vlad.bench.distributed import plain_score; "
+    code = ("import json, sys, argparse; from vlad.bench._util import use_device; "
+            "from vlad.bench.distributed import plain_score; use_device(argparse.Namespace(device=sys.argv[5])); "
             "print(json.dumps(plain_score(sys.argv[1], sys.argv[2], int(sys.argv[3]))))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parents[2]), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code, str(detector_dir), str(list_file), str(batch_size)],
-                         check=True, capture_output=True, text=True, env=env)
+    t0 = clock()
+    out = subprocess.run([sys.executable, "-c", code, str(detector_dir), str(list_file), str(batch_size),
+                          *device_args()], check=True, capture_output=True, text=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["seconds"] = time.perf_counter() - t0
+    result["seconds"] = clock() - t0
     return result
 
 
@@ -71,9 +73,12 @@ def _ray(detector_dir: Path, list_file: Path, out: Path, workers: int, batch_siz
     from vlad.distributed import score
 
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    summary = score(list_file, detector_dir, out, num_workers=workers, batch_size=batch_size, progress=False)
-    seconds = time.perf_counter() - t0
+    # on a GPU the workers share it (one GPU, each worker reserving its share)
+    gpus = 1.0 / workers if bench_device().type == "cuda" else None
+    t0 = clock()
+    summary = score(list_file, detector_dir, out, num_workers=workers, batch_size=batch_size, progress=False,
+                    gpus_per_worker=gpus)
+    seconds = clock() - t0
     return {"images": summary.scored, "errors": summary.errors, "seconds": seconds,
             "peak_rss_mb": max((w["peak_rss_mb"] for w in summary.workers), default=float("nan")),
             "worker_peaks": [round(w["peak_rss_mb"]) for w in summary.workers],
@@ -117,12 +122,12 @@ def _bench_detector(name: str, spec: str | None, n: int, args, workdir: Path, in
             p = str(link)
         lines.append(p)
     list_file.write_text("\n".join(lines))
-    t0 = time.perf_counter()
-    det = vlad.create_detector(spec, weights=args.weights, device="cpu", object_name="bottle").fit(refs)
+    t0 = clock()
+    det = vlad.create_detector(spec, weights=args.weights, device=str(bench_device()), object_name="bottle").fit(refs)
     det_dir = det.save(workdir / f"{name}-detector")
     batch = args.batch_size or det.batch_size
     print(f"\n{name}: {'+'.join(det.scorers)}, {len(refs)} references, {n} images, batch {batch} "
-          f"(fit and save {time.perf_counter() - t0:.0f} s)", flush=True)
+          f"(fit and save {clock() - t0:.0f} s)", flush=True)
     del det
     runs: dict[str, list[dict]] = {}
     for _ in range(args.rounds):  # interleaved: plain, then each worker count, per round
@@ -155,15 +160,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (medians)")
     parser.add_argument("--weights", default="random", help="random (real size, default) or tiny (a smoke run)")
     parser.add_argument("--data", default="../shared/data", help="folder holding the MVTec-layout sets")
+    add_device_option(parser)
     args = parser.parse_args(list(argv) if argv is not None else None)
+    use_device(args)
     args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
 
     from vlad.distributed.engine import connect
 
     print(machine_line())
-    t0 = time.perf_counter()
+    t0 = clock()
     started = connect(None, num_cpus=os.cpu_count(), object_store_mb=256)
-    init_s = time.perf_counter() - t0
+    init_s = clock() - t0
     print(f"local Ray started in {init_s:.1f} s ({os.cpu_count()} CPUs; once per `vlad score --engine ray` job)")
     try:
         with tempfile.TemporaryDirectory(prefix="vlad-bench-ray-") as tmp:

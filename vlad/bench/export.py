@@ -18,13 +18,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vlad.bench._util import machine_line, peak_rss_mb, synthetic_images
+from vlad.bench._util import (
+    add_device_option,
+    bench_device,
+    clock,
+    machine_line,
+    peak_rss_mb,
+    synthetic_images,
+    use_device,
+)
 
 #: per scorer: image size, references, scorer options (the real recipes, shortened where only the
 #: memory size changes the cost)
@@ -44,9 +51,9 @@ def _interleaved(fns: dict[str, callable], repeats: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -73,13 +80,14 @@ def bench_scorer(name: str, batch: int, repeats: int, folder: Path) -> None:
     from vlad.images import load_images
 
     size, n_refs, opts = SETUPS[name]
-    det = vlad.create_detector(name, weights="random", scorer_options={name: {**opts, "batch_size": batch}})
-    t0 = time.perf_counter()
+    det = vlad.create_detector(name, weights="random", device=str(bench_device()),
+                               scorer_options={name: {**opts, "batch_size": batch}})
+    t0 = clock()
     det.fit(synthetic_images(n_refs, size, seed=1) if n_refs else None)
-    fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    fit_s = clock() - t0
+    t0 = clock()
     det.export(folder / name)
-    export_s = time.perf_counter() - t0
+    export_s = clock() - t0
     onnx_mb = sum(p.stat().st_size for p in (folder / name).iterdir()) / 2**20
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same threads as torch
@@ -102,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
     parser.add_argument("--runtime-venv", default=None, help="a venv with only the runtime extra (size printed)")
     parser.add_argument("--sizes-only", action="store_true", help="print the environment sizes only")
+    add_device_option(parser)  # torch's side; onnxruntime runs on the CPU
     args = parser.parse_args(argv)
+    use_device(args)
     names = [n.strip() for n in args.scorers.split(",") if n.strip()]
     unknown = [n for n in names if n not in SETUPS]
     if unknown:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vlad.bench._util import machine_line, median_seconds, peak_rss_mb
+from vlad.bench._util import add_device_option, machine_line, median_seconds, peak_rss_mb, use_device
 
 
 def _images(n: int, size: int = 224) -> list[np.ndarray]:
@@ -40,16 +40,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-masks", type=int, default=32)
     parser.add_argument("--mask-batch", type=int, default=32, help="masked copies per forward (default 32)")
     parser.add_argument("--threads", type=int, default=2)
+    add_device_option(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    device = use_device(args)
 
     import vlad
 
     print(machine_line())
     print(f"peak RSS at start: {peak_rss_mb():.0f} MB")
     scorer = vlad.create_scorer(
-        "maeday", weights="random", batch_size=1, n_masks=args.n_masks, mask_batch=args.mask_batch
+        "maeday", weights="random", batch_size=1, n_masks=args.n_masks, mask_batch=args.mask_batch, device=device
     ).fit()
     print(f"peak RSS after building vit-mae-base: {peak_rss_mb():.0f} MB")
     images = _images(args.images)
@@ -58,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rss_pred = peak_rss_mb()
 
     model = scorer.model_
-    x = torch.randn(1, 3, 224, 224).expand(args.n_masks, -1, -1, -1).contiguous()
-    noise = torch.rand(args.n_masks, scorer.n_patches_, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, 224, 224).expand(args.n_masks, -1, -1, -1).contiguous().to(device)
+    noise = torch.rand(args.n_masks, scorer.n_patches_, generator=torch.Generator().manual_seed(0)).to(device)
 
     def forward() -> None:
         with torch.inference_mode():

@@ -29,8 +29,9 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
+
+from vlad.bench._util import add_device_option, clock, device_args, use_device
 
 BACKBONE = "vit_small_patch14_dinov2.lvd142m"
 
@@ -56,27 +57,28 @@ def _child(args: argparse.Namespace) -> dict:
     from vlad.scorers.musc import lnamd, mutual_patch_scores
 
     baseline_rss = peak_rss_mb()
+    device = use_device(args)
     n = args.child_n
     full = n <= args.full_max
     scorer = create_scorer("musc", backbone=args.backbone, weights="random", image_size=args.image_size,
-                           batch_size=8, max_bytes=args.max_bytes).fit()
+                           batch_size=8, max_bytes=args.max_bytes, device=device).fit()
     with torch.inference_mode():
         if full:
             images = synthetic_images(n, args.image_size, seed=1)
-            t0 = time.perf_counter()
+            t0 = clock()
             tokens, emb = scorer.embed(images)
-            t1 = time.perf_counter()
+            t1 = clock()
             patch = scorer._maps(tokens, None)
-            t2 = time.perf_counter()
+            t2 = clock()
             res = scorer._result(patch, emb)
-            t3 = time.perf_counter()
+            t3 = clock()
             assert torch.isfinite(res.scores).all()
         else:  # estimate: forwards of a few images scaled by N; the mutual part from the pair below
             m = min(n, 16)
             images = synthetic_images(m, args.image_size, seed=1)
-            t0 = time.perf_counter()
+            t0 = clock()
             tokens, emb = scorer.embed(images)
-            t1 = time.perf_counter()
+            t1 = clock()
             reps = -(-n // m)  # the same features repeated to N images (cost does not depend on content)
             tokens = [t.repeat(reps, 1, 1)[:n] for t in tokens]
             emb = emb.repeat(reps, 1)[:n]
@@ -84,11 +86,11 @@ def _child(args: argparse.Namespace) -> dict:
         z = lnamd(tokens[-1], scorer.grid_, 1)
         mine, bound = [], []
         for _ in range(args.repeats):
-            a = time.perf_counter()
+            a = clock()
             mutual_patch_scores(z, max_bytes=args.max_bytes)
-            b = time.perf_counter()
+            b = clock()
             _dense_matmul(z, args.max_bytes)
-            c = time.perf_counter()
+            c = clock()
             mine.append(b - a)
             bound.append(c - b)
     p, d = z.shape[1], z.shape[2]
@@ -114,18 +116,19 @@ def _paper_child(args: argparse.Namespace) -> dict:
     from vlad.registry import create_scorer
     from vlad.scorers.musc import PAPER_BACKBONE, PAPER_IMAGE_SIZE, lnamd, mutual_patch_scores
 
-    scorer = create_scorer("musc", backbone=PAPER_BACKBONE, weights="random", batch_size=1).fit()
+    device = use_device(args)
+    scorer = create_scorer("musc", backbone=PAPER_BACKBONE, weights="random", batch_size=1, device=device).fit()
     img = synthetic_images(1, PAPER_IMAGE_SIZE, seed=1)
     with torch.inference_mode():
-        t0 = time.perf_counter()
+        t0 = clock()
         tokens, _ = scorer.embed(img)
-        fwd = time.perf_counter() - t0
+        fwd = clock() - t0
         m = 8
-        z = lnamd(torch.nn.functional.layer_norm(torch.randn(m, *tokens[0].shape[1:]), tokens[0].shape[1:]),
-                  scorer.grid_, 3)
-        t0 = time.perf_counter()
+        noise = torch.randn(m, *tokens[0].shape[1:]).to(tokens[0].device)
+        z = lnamd(torch.nn.functional.layer_norm(noise, tokens[0].shape[1:]), scorer.grid_, 3)
+        t0 = clock()
         mutual_patch_scores(z, max_bytes=args.max_bytes)
-        pair = time.perf_counter() - t0
+        pair = clock() - t0
     combos = len(tokens) * len(scorer.degrees)
     n = 50
     mutual = pair * (n / m) * ((n - 1) / (m - 1)) * combos
@@ -145,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="largest N run in full; above it the total is estimated (forwards of 16 images x N/16, "
                              "mutual part = 12 x the timed layer/degree pass); the ratio is always measured")
     parser.add_argument("--paper", action="store_true", help="add the estimate for the paper's backbone at N=50")
+    add_device_option(parser)
     parser.add_argument("--child-n", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--paper-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -157,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from vlad.bench._util import machine_line
 
+    use_device(args)  # checked here, before any child starts
     print(machine_line())
     print(f"MuSc, {args.backbone} random weights, {args.image_size} px, whole batch scored mutually "
           f"(4 layers x 3 degrees); ratio = one layer/degree of mutual scoring vs the dense matmul of the "
@@ -165,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{'pair s':>7} {'matmul s':>9} {'ratio':>6} {'GFLOP/s':>8} {'peak MB':>8}")
     base = [sys.executable, "-m", "vlad.bench", "musc", "--image-size", str(args.image_size), "--backbone",
             args.backbone, "--repeats", str(args.repeats), "--max-bytes", str(args.max_bytes),
-            "--full-max", str(args.full_max)]
+            "--full-max", str(args.full_max), *device_args()]
     for n in [int(x) for x in args.sizes.split(",") if x.strip()]:
         proc = subprocess.run([*base, "--child-n", str(n)], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -181,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("~ = total, forward and mutual estimated (see --full-max); ratio, pair and matmul always measured")
     if args.paper:
         proc = subprocess.run([sys.executable, "-m", "vlad.bench", "musc", "--paper-child", "--max-bytes",
-                               str(args.max_bytes)], capture_output=True, text=True)
+                               str(args.max_bytes), *device_args()], capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"paper backbone estimate failed:\n{proc.stderr[-2000:]}")
             return 1

@@ -18,9 +18,9 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 
+from vlad.bench._util import add_device_option, clock, device_args, use_device
 from vlad.bench._util import synthetic_images as _images
 
 BACKBONE = "wide_resnet50_2.tv_in1k"
@@ -33,24 +33,25 @@ def _child(args: argparse.Namespace) -> dict:
     from vlad.registry import create_scorer
 
     import_rss = peak_rss_mb()
+    device = use_device(args)
     torch.manual_seed(0)
     size = 224
     scorer = create_scorer("patchcore", backbone=args.backbone, weights="random", batch_size=args.batch,
-                           coreset_ratio=args.ratio)
+                           coreset_ratio=args.ratio, device=device)
     refs = _images(args.child_refs, size, seed=1)
-    t0 = time.perf_counter()
+    t0 = clock()
     scorer.fit(refs)
-    fit_s = time.perf_counter() - t0
+    fit_s = clock() - t0
     del refs
     model = scorer.backbone_.model
-    x1 = torch.randn(1, 3, size, size)
+    x1 = torch.randn(1, 3, size, size).to(device)
     test1 = _images(1, size, seed=2)
     test_b = _images(args.batch, size, seed=3)
 
     def timed(fn):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        return time.perf_counter() - t
+        return clock() - t
 
     def forward():
         with torch.inference_mode():
@@ -85,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ratio", type=float, default=0.1, help="coreset ratio")
     parser.add_argument("--repeats", type=int, default=9, help="timed repeats per figure (median)")
     parser.add_argument("--backbone", default=BACKBONE)
+    add_device_option(parser)
     parser.add_argument("--child-refs", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(list(argv) if argv is not None else None)
 
@@ -94,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from vlad.bench._util import machine_line
 
+    use_device(args)  # checked here, before any child starts
     print(machine_line())
     print(f"PatchCore, {args.backbone} random weights, layers 2+3, 224 px, coreset {args.ratio}, "
           f"median of {args.repeats}")
@@ -102,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     for n in [int(v) for v in args.refs.split(",") if v.strip()]:
         cmd = [sys.executable, "-m", "vlad.bench", "patchcore", "--child-refs", str(n), "--batch", str(args.batch),
-               "--ratio", str(args.ratio), "--repeats", str(args.repeats), "--backbone", args.backbone]
+               "--ratio", str(args.ratio), "--repeats", str(args.repeats), "--backbone", args.backbone,
+               *device_args()]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{n:>5} failed:\n{proc.stderr[-2000:]}")

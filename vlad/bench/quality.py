@@ -31,13 +31,14 @@ import json
 import logging
 import math
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from vlad.bench._util import add_device_option, use_device
 
 logger = logging.getLogger("vlad.bench.quality")
 
@@ -61,7 +62,12 @@ def _rule_key(rule: Any) -> str:
 
 
 def _cell_key(scorer: str, dataset: str, k: int | str, seed: int, params: dict[str, Any]) -> str:
-    blob = json.dumps({"scorer": scorer, "set": dataset, "k": k, "seed": seed, "params": params}, sort_keys=True)
+    from vlad.bench._util import bench_device
+
+    cell = {"scorer": scorer, "set": dataset, "k": k, "seed": seed, "params": params}
+    if bench_device().type != "cpu":  # fitted on another device, another model (README, "Devices"): its own
+        cell["device"] = str(bench_device())  # entry; CPU cells keep the keys they had before --device
+    blob = json.dumps(cell, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -88,8 +94,10 @@ def run_cell(scorer: str, category: Any, k: int | str, seed: int, params: dict[s
              dataset: str) -> dict[str, Any]:
     """Fit one scorer on one reference draw, keep its raw test maps, score every candidate rule."""
     import vlad
+    from vlad.bench._util import bench_device, clock
     from vlad.data import draw_references
 
+    device = str(bench_device())
     key = _cell_key(scorer, dataset, k, seed, params)
     meta_path, raw_path = cache / f"{key}.json", cache / f"{key}.npz"
     if meta_path.exists() and raw_path.exists():
@@ -102,11 +110,11 @@ def run_cell(scorer: str, category: Any, k: int | str, seed: int, params: dict[s
             meta_path.write_text(json.dumps(record))
         return record
     refs = draw_references(category, k, seed)
-    model = vlad.create_scorer(scorer, weights="random", random_state=seed, **params)
-    t0 = time.perf_counter()
+    model = vlad.create_scorer(scorer, weights="random", random_state=seed, device=device, **params)
+    t0 = clock()
     model.fit([str(p) for p in refs])
-    fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    fit_s = clock() - t0
+    t0 = clock()
     raws, boxes = [], []
     paths = [str(p) for p in category.test_paths]
     for i in range(0, len(paths), 16):
@@ -114,7 +122,7 @@ def run_cell(scorer: str, category: Any, k: int | str, seed: int, params: dict[s
         raws.append(r)
         boxes.extend(b)
     raw = torch.cat(raws)
-    pred_s = (time.perf_counter() - t0) / max(1, len(paths))
+    pred_s = (clock() - t0) / max(1, len(paths))
     labels = np.asarray(category.labels)
     record = {
         "scorer": scorer, "set": dataset, "shots": k, "seed": seed, "params": params,
@@ -293,7 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cached-only", action="store_true",
                         help="fit nothing: report the cells already in the cache (say how many seeds each has)")
     parser.add_argument("--out", default=None, help="write the table and selections as JSON here")
+    add_device_option(parser)
     args = parser.parse_args(argv)
+    use_device(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("vlad").setLevel(logging.WARNING)
     logger.setLevel(logging.INFO)

@@ -10,12 +10,11 @@ from this one run (the machine is shared; absolute figures drift).
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
-from vlad.bench._util import machine_line, median_seconds, peak_rss_mb
+from vlad.bench._util import add_device_option, clock, machine_line, median_seconds, peak_rss_mb, use_device
 
 
 def _images(n: int, size: int = 256, seed: int = 0) -> list[np.ndarray]:
@@ -31,10 +30,11 @@ def _images(n: int, size: int = 256, seed: int = 0) -> list[np.ndarray]:
 
 def _make(backbone: str, batch: int, seed: int = 0, **kw):
     import vlad
+    from vlad.bench._util import bench_device
 
     torch.manual_seed(seed)  # same random weights each time, so the text cache may legitimately hit
     return vlad.create_scorer("winclip", object_name="metal plate", backbone=backbone, weights="random",
-                              batch_size=batch, **kw)
+                              batch_size=batch, device=str(bench_device()), **kw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,19 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per figure (median)")
     parser.add_argument("--backbone", default="ViT-B-16-plus-240")
     parser.add_argument("--shots", type=int, default=4)
+    add_device_option(parser)
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    device = use_device(args)
 
     print(machine_line())
     print(f"backbone {args.backbone}, weights=random, repeats={args.repeats} (median)")
-    t0 = time.perf_counter()
+    t0 = clock()
     scorer = _make(args.backbone, max(batches)).fit()
     setup_first = scorer.text_stats_
-    print(f"construction + fit (first): {time.perf_counter() - t0:.2f} s; text setup {setup_first['seconds']:.2f} s "
+    print(f"construction + fit (first): {clock() - t0:.2f} s; text setup {setup_first['seconds']:.2f} s "
           f"({setup_first['encoded']} sentences encoded)")
 
     model = scorer.backbone_.model
-    x1 = torch.randn(1, 3, *scorer.image_size_)
+    x1 = torch.randn(1, 3, *scorer.image_size_).to(device)
 
     def unit_now() -> float:  # re-measured next to every figure: the machine is shared and drifts
         with torch.inference_mode():
@@ -76,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         b0, b1 = batches[0], batches[-1]
         print(f"batch {b1} vs batch {b0} per image (unit-normalised): {zs_ratio[b1] / zs_ratio[b0]:.2f}x")
 
-    t0 = time.perf_counter()
+    t0 = clock()
     again = _make(args.backbone, 1).fit()
-    print(f"construction + fit (repeat, same weights): {time.perf_counter() - t0:.2f} s; text setup "
+    print(f"construction + fit (repeat, same weights): {clock() - t0:.2f} s; text setup "
           f"{again.text_stats_['seconds']:.3f} s ({again.text_stats_['encoded']} encoded, "
           f"{again.text_stats_['reused']} from the cache)")
     del again

@@ -309,7 +309,9 @@ def positive_int(text: str) -> int:
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """``--load``, ``--batch-size`` and the options of ``--engine ray`` (:mod:`vlad.distributed`)."""
     p.add_argument("--load", metavar="DETECTOR_DIR",
-                   help="score with a detector saved with det.save(DIR) instead of building and fitting one")
+                   help="score with a detector saved with det.save(DIR) instead of building and fitting one; "
+                        "it runs on --device, or with auto on the device it was saved on when this machine has "
+                        "it, else on the CPU")
     p.add_argument("--batch-size", type=positive_int, metavar="N",
                    help="images per model call (default: the detector's batch size)")
     g = p.add_argument_group("scoring a whole archive with Ray (pip install 'vlad-inspect[ray]')")
@@ -320,5 +322,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="Ray workers, each holding one detector and an equal share of the CPUs (default 1)")
     g.add_argument("--address", metavar="HOST:PORT",
                    help="a running Ray cluster (ray start --head); default: a local Ray started for the job")
+    g.add_argument("--gpus-per-worker", metavar="F",
+                   help="GPUs each Ray worker reserves and runs the detector on (e.g. 1, or 0.5 for two workers "
+                        "per GPU; above 1 a whole number); default: CPU workers")
     g.add_argument("--overlays", action="store_true", help="with --engine ray: also write overlay PNGs")
     g.add_argument("--maps", action="store_true", help="with --engine ray: also write each map as a 16-bit PNG")

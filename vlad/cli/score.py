@@ -34,7 +34,7 @@ instead and stops at the first unreadable one with one ``vlad: error:`` line (ex
 
 ``--load DIR`` scores with a detector saved with ``det.save(DIR)`` instead of building and fitting one.
 ``--engine ray`` scores a whole archive on a pool of Ray workers into Parquet (:mod:`vlad.cli.score_ray`,
-:mod:`vlad.distributed`; ``--num-workers``, ``--address``, ``--overlays``, ``--maps``).
+:mod:`vlad.distributed`; ``--num-workers``, ``--address``, ``--gpus-per-worker``, ``--overlays``, ``--maps``).
 
 Checked before any work: the options (``--set`` names and types, device, output folder, prompt file),
 then every reference and unlabeled pool image (and, with ``--fail-fast``, every input) is read once before
@@ -228,8 +228,9 @@ def fit_detector(args: argparse.Namespace, inputs: list[str] | None, read_inputs
     return det, paths
 
 
-def check_load_options(args: argparse.Namespace) -> None:
-    """``--load`` scores with a saved detector: the options that build or fit one do not apply."""
+def check_load_options(args: argparse.Namespace, device_here: bool = True) -> None:
+    """``--load`` scores with a saved detector: the options that build or fit one do not apply.
+    ``device_here=False``: ``--device`` is for GPU workers elsewhere, not checked on this machine."""
     given = [flag for flag, value in (("--scorer", args.scorer), ("--detector", args.detector),
                                       ("--refs", args.refs), ("--object", args.object_name),
                                       ("--prompts", args.prompts), ("--set", args.set),
@@ -242,8 +243,9 @@ def check_load_options(args: argparse.Namespace) -> None:
         raise VladError(f"--load scores with a saved detector, so {', '.join(given)} cannot be used with it (the "
                         "saved detector keeps its scorers, references, weights and thresholds); drop them, or "
                         "drop --load to build and fit a detector")
-    check_device(args.device)
-    check_precision_option(args)
+    if device_here:  # GPU workers elsewhere check --device and --precision on their own machine
+        check_device(args.device)
+        check_precision_option(args)
     apply_image_size_options(args, {})  # --max-pixels (a saved detector keeps its own tiling)
     if args.out:
         check_output_folder(args.out)
@@ -264,10 +266,12 @@ def load_saved(folder: str, device: str = "auto", precision: str | None = None):
 def check_local_engine(args: argparse.Namespace) -> None:
     """Options of ``--engine ray`` given without it."""
     for flag, value in (("--num-workers", args.num_workers), ("--address", args.address),
-                        ("--maps", args.maps), ("--overlays", args.overlays)):
+                        ("--gpus-per-worker", args.gpus_per_worker), ("--maps", args.maps),
+                        ("--overlays", args.overlays)):
         if value:
             raise VladError(f"{flag} is an option of --engine ray; add --engine ray (pip install "
-                            "'vlad-inspect[ray]') or drop it (the local engine writes overlays to --out)")
+                            "'vlad-inspect[ray]') or drop it (the local engine scores in this process, on "
+                            "--device, and writes overlays to --out)")
 
 
 def _active(det) -> list[str]:

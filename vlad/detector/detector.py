@@ -846,8 +846,9 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, precision: str | None = None) -> Detector:
-        """Load a detector saved with :meth:`save`; checked, never executes code from the files.
-        ``device`` and ``precision`` (None: as saved) replace the saved ones in every scorer."""
+        """Load a detector saved with :meth:`save`; checked, never executes code from the files. ``device``:
+        where it runs (None: where it was saved when this machine has that device, else the CPU, with a
+        logged warning); ``precision`` (None: as saved) replaces the saved one in every scorer."""
         from vlad.detector.persistence import load_detector
 
         return load_detector(path, device=device, precision=precision)

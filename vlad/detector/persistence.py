@@ -22,7 +22,7 @@ from vlad.detector.spec import parse_spec
 from vlad.errors import IntegrityError, VladError
 from vlad.images import LoadedImage
 from vlad.registry import create_scorer, get_scorer_class, parameter_names
-from vlad.scorers.base import CONFIG_FILE, check_params, load_scorer
+from vlad.scorers.base import CONFIG_FILE, check_params, load_scorer, loading_device, warn_cpu_fallback
 from vlad.serialization import (
     check_digests,
     check_keys,
@@ -95,7 +95,9 @@ def _check_detector_digests(folder: Path, digests: Any, names: list[str], active
 def load_detector(path: str | Path, device: str | None = None, precision: str | None = None) -> Detector:
     """Load a detector saved with :meth:`Detector.save`. Never executes code from the files.
 
-    ``device`` and ``precision`` (None: as saved) replace the saved values in every scorer that has them.
+    ``device``: where its scorers run; None: where each was saved when this machine has that device,
+    else on the CPU, with one logged warning for the whole detector (a detector fitted on a GPU machine
+    loads on a laptop). ``precision`` (None: as saved) replaces the saved value in every scorer that has it.
 
     Raises:
         VladError: missing files, not JSON, unknown scorer names, unexpected keys or types.
@@ -122,20 +124,27 @@ def load_detector(path: str | Path, device: str | None = None, precision: str | 
         active[name] = entry["active"]
     _check_detector_digests(folder, doc["sha256"], names, active)
     scorers = {}
+    fallbacks: list[str] = []
     for name in names:
         entry = entries[name]
         if active[name]:
             if entry.get("folder") != name:
                 raise VladError(f"{where}: scorer {name!r} must be saved in the sub-folder {name!r}, "
                                 f"got {entry.get('folder')!r}")
-            scorers[name] = load_scorer(folder / name, device=device, expected=name, precision=precision)
+            scorers[name] = load_scorer(folder / name, device=device, expected=name, precision=precision,
+                                        fallbacks=fallbacks)
         else:
             params = check_params(name, get_scorer_class(name), entry.get("params", {}), where)
-            if device is not None and "device" in params:
-                params["device"] = device
+            if "device" in params:
+                saved = params["device"]
+                params["device"], fell_back = loading_device(saved, device)
+                if fell_back:
+                    fallbacks.append(str(saved))
             if precision is not None and "precision" in parameter_names(get_scorer_class(name)):
                 params["precision"] = precision
             scorers[name] = create_scorer(name, **params)
+    if fallbacks:
+        warn_cpu_fallback(folder, " and ".join(sorted(set(fallbacks))))
     options = doc["options"]
     check_keys(options, set(DETECTOR_DEFAULTS), f"{where}: options")
     det = Detector(scorers, **options)
@@ -174,6 +183,9 @@ def _read_references(folder: Path, names: Any) -> list[LoadedImage]:
 def load_any(path: str | Path, device: str | None = None, precision: str | None = None):
     """Load a detector folder (``detector.json``) or a scorer folder (``config.json``): ``vlad.load``.
     ``device`` and ``precision`` (None: as saved) replace the saved ones.
+
+    ``device``: where to run it; None: where it was saved when this machine has that device, else the
+    CPU (with one logged warning).
 
     Raises:
         VladError: the folder holds neither, or both (ambiguous), or its files are not what vlad writes.

@@ -4,7 +4,8 @@
 ...                                  num_workers=2)                      # doctest: +SKIP
 >>> table = vlad.distributed.read_scores("runs/archive")                # pyarrow Table, one row per image
 
-Also ``vlad score IMAGES --load DETECTOR --engine ray --out OUT [--num-workers N] [--address HOST:PORT]``.
+Also ``vlad score IMAGES --load DETECTOR --engine ray --out OUT [--num-workers N] [--address HOST:PORT]
+[--gpus-per-worker F]``.
 
 **What runs where.** The driver (this process) lists the inputs (:mod:`~vlad.distributed.inputs`:
 folders, globs, list files), starts a local Ray for the job (or joins the cluster at ``address``), and
@@ -12,7 +13,10 @@ streams the paths through a pool of ``num_workers`` actors (:mod:`~vlad.distribu
 which loads the saved detector once from ``detector_dir`` and reads the images with vlad's own decoder
 (16-bit, palette, EXIF rotation), so every score equals what ``vlad score`` gives for the same detector.
 On a cluster, ``detector_dir``, the images and ``out_dir`` must be paths every machine sees (a shared
-file system); the Parquet rows are written by the driver, the optional PNGs by the workers.
+file system); the Parquet rows are written by the driver, the optional PNGs by the workers. With
+``gpus_per_worker`` every worker reserves that many GPUs (a fraction such as 0.5 puts two workers on one
+GPU) and runs the detector on it; the cluster must have room for all the workers when the job starts
+(checked first: a cluster without GPUs, or with too few, is an error before any image is scored).
 
 **Nothing lost, nothing twice.** An image that cannot be read or scored becomes a row with an ``error``
 and the job goes on. A worker process that dies is restarted by Ray and its batch retried. Rows are
@@ -108,9 +112,10 @@ def _detector_identity(detector_dir: str | os.PathLike) -> tuple[str, str, list[
 
 def score(inputs: str | os.PathLike | Iterable[str | os.PathLike] | Any, detector_dir: str | os.PathLike,
           out_dir: str | os.PathLike, *, num_workers: int = 1, batch_size: int | None = None,
-          address: str | None = None, device: str | None = None, overlays: bool = False, maps: bool = False,
-          recursive: bool = False, rows_per_part: int = 1000, num_cpus: int | None = None,
-          object_store_mb: int | None = None, progress: bool = True, precision: str | None = None) -> ScoreSummary:
+          address: str | None = None, device: str | None = None, gpus_per_worker: float | None = None,
+          overlays: bool = False, maps: bool = False, recursive: bool = False, rows_per_part: int = 1000,
+          num_cpus: int | None = None, object_store_mb: int | None = None, progress: bool = True,
+          precision: str | None = None) -> ScoreSummary:
     """Score every input image with a saved detector on Ray, writing Parquet to ``out_dir``.
 
     Args:
@@ -123,7 +128,10 @@ def score(inputs: str | os.PathLike | Iterable[str | os.PathLike] | Any, detecto
         address: a running Ray cluster (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``); None starts a
             local Ray for this job and stops it at the end. A Ray already initialised in this process
             is used as it is.
-        device: device of the workers' models (None: the saved one; ``cuda`` needs GPUs on the workers).
+        device: device of the workers' models (None: the saved one when the worker has it, else the CPU;
+            with ``gpus_per_worker``: ``cuda``, the only one allowed then).
+        gpus_per_worker: GPUs each worker reserves (Ray's ``num_gpus``; a fraction shares a GPU, above 1 a
+            whole number); None: CPU workers.
         overlays: also write each fused map over its image (``overlays/*.png``, path in ``overlay``).
         maps: also write each fused map as a 16-bit PNG (``maps/*.png``, path in ``map``).
         recursive: folders include their sub-folders.
@@ -137,8 +145,10 @@ def score(inputs: str | os.PathLike | Iterable[str | os.PathLike] | Any, detecto
         A :class:`ScoreSummary`; the rows are read back with :func:`read_scores`.
 
     Raises:
-        DistributedError: Ray missing, cluster unreachable, or ``out_dir`` holds another job's scores.
-        InvalidParameterError: ``num_workers``/``batch_size``/``rows_per_part`` not whole numbers >= 1.
+        DistributedError: Ray missing, cluster unreachable, ``out_dir`` holds another job's scores, or
+            the cluster has too few GPUs for ``num_workers`` workers of ``gpus_per_worker``.
+        InvalidParameterError: ``num_workers``/``batch_size``/``rows_per_part`` not whole numbers >= 1,
+            ``gpus_per_worker`` not a number > 0, or a CUDA ``device`` without ``gpus_per_worker``.
         VladError: no inputs, or ``detector_dir`` is not a saved detector.
     """
     from vlad.distributed import engine
@@ -147,6 +157,8 @@ def score(inputs: str | os.PathLike | Iterable[str | os.PathLike] | Any, detecto
     _positive("num_workers", num_workers)
     _positive("batch_size", batch_size)
     _positive("rows_per_part", rows_per_part)
+    gpus = engine.check_gpus_per_worker(gpus_per_worker)
+    device = engine.worker_device(device, gpus)
     ray = engine.import_ray()
     if address is not None and not ray.is_initialized():
         engine.check_reachable(address)
@@ -170,9 +182,11 @@ def score(inputs: str | os.PathLike | Iterable[str | os.PathLike] | Any, detecto
     t0, since = time.perf_counter(), time.time()
     try:
         if work:
+            if gpus is not None:
+                engine.check_gpus(gpus, num_workers, f"the Ray cluster{f' at {address}' if address else ''}")
             rows, n_todo = engine.run(todo, done, folder, str(out.root), num_workers=num_workers,
                                       batch_size=batch_size, device=device, overlays=overlays, maps=maps,
-                                      precision=precision)
+                                      gpus_per_worker=gpus, precision=precision)
             try:
                 _stream(rows, buffer, n_todo, num_workers, progress)
             except ray.exceptions.RayError as exc:

@@ -2,7 +2,9 @@
 
 The job is Ray Data's batch-inference pattern: a dataset of paths, ``map_batches`` over a pool of
 actors (:class:`ScoreWorker`), each loading the saved detector once from its folder (only the folder's
-path crosses the wire, never the model) and returning one row per image. The driver consumes the rows
+path crosses the wire, never the model) and returning one row per image. With ``gpus_per_worker`` each
+actor reserves that many GPUs (Ray's ``num_gpus``; a fraction shares one GPU between actors) and loads
+the detector on ``cuda``, the GPU Ray gives it. The driver consumes the rows
 as they stream in and writes them as Parquet parts (:mod:`vlad.distributed.output`). Ray Data restarts
 an actor whose process dies and retries its batch (``max_restarts=-1``, ``max_task_retries=-1``, its
 defaults for actor pools), and hands every output block to the driver once.
@@ -12,11 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import socket
 import time
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from vlad.errors import DistributedError, InvalidParameterError
@@ -96,6 +100,87 @@ def connect(address: str | None, num_cpus: int | None = None, object_store_mb: i
     return True
 
 
+def check_gpus_per_worker(value: Any, option: str = "gpus_per_worker") -> float | None:
+    """``value`` (None, or GPUs per worker) as a float, checked: a number > 0, and a whole number above 1
+    (Ray places a fractional request within one GPU).
+
+    Raises:
+        InvalidParameterError: not a number, not finite, <= 0, or a fraction above 1 (names ``option``).
+    """
+    if value is None:
+        return None
+    try:
+        gpus = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        gpus = math.nan
+    if not math.isfinite(gpus) or gpus <= 0:
+        raise InvalidParameterError(f"{option} is the number of GPUs each worker reserves: a number > 0 (e.g. 1, "
+                                    f"or 0.5 for two workers sharing a GPU), got {value!r}")
+    if gpus > 1 and not gpus.is_integer():
+        raise InvalidParameterError(f"{option} {value!r}: Ray shares a GPU only in fractions up to 1; above one "
+                                    "GPU per worker give a whole number (e.g. 1 or 2)")
+    return gpus
+
+
+def worker_device(device: str | None, gpus_per_worker: float | None,
+                  options: tuple[str, str] = ("device", "gpus_per_worker")) -> str | None:
+    """The device the workers load the detector on: ``device`` (None: as saved) for CPU workers, ``cuda``
+    for GPU workers (Ray shows each actor only the GPUs it reserved, numbered from 0).
+
+    Raises:
+        InvalidParameterError: a CUDA device without GPUs reserved (Ray hides every GPU from an actor that
+            reserved none), or GPU workers asked to run on another device (names ``options``).
+    """
+    name = None if device is None else str(device).strip().lower()
+    is_cuda = name is not None and name.split(":")[0] == "cuda"
+    if gpus_per_worker is None:
+        if is_cuda:
+            raise InvalidParameterError(f"{options[0]} {device!r} for Ray workers needs GPUs reserved for them (Ray "
+                                        f"hides every GPU from a worker that reserved none): add {options[1]} (1, or "
+                                        "0.5 for two workers per GPU)")
+        return device
+    if name in (None, "auto", "cuda", "cuda:0"):
+        return "cuda"
+    raise InvalidParameterError(f"{options[1]} gives each worker its own GPU, seen as cuda; {options[0]} {device!r} "
+                                f"contradicts it: drop {options[0]} (or pass cuda), or drop {options[1]} for CPU workers")
+
+
+def gpu_capacity(node_gpus: Iterable[float], gpus_per_worker: float) -> int:
+    """How many workers of ``gpus_per_worker`` GPUs fit on nodes with these GPU counts (a fraction must fit
+    within one GPU: 0.4 puts 2 workers on each GPU)."""
+    per_gpu = int(1.0 / gpus_per_worker + 1e-9) if gpus_per_worker <= 1 else 0
+    total = 0
+    for n in node_gpus:
+        whole = int(float(n) + 1e-9)
+        total += whole * per_gpu if per_gpu else int(whole // gpus_per_worker)
+    return total
+
+
+def check_gpus(gpus_per_worker: float, num_workers: int, where: str,
+               options: tuple[str, str] = ("gpus_per_worker", "num_workers")) -> None:
+    """Fail before any work if the Ray cluster this process is connected to cannot hold ``num_workers``
+    workers of ``gpus_per_worker`` GPUs (Ray would wait for them forever).
+
+    Raises:
+        DistributedError: the cluster has no GPUs, or too few for the workers asked for.
+    """
+    import ray
+
+    nodes = [float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    total = sum(nodes)
+    if total <= 0:
+        raise DistributedError(f"{options[0]} {gpus_per_worker:g} asks for GPU workers, but {where} has no GPUs; "
+                               f"drop {options[0]} to score on CPU workers, or start Ray on machines with GPUs "
+                               "(ray start ... --num-gpus N)")
+    room = gpu_capacity(nodes, gpus_per_worker)
+    if room == 0:
+        raise DistributedError(f"{options[0]} {gpus_per_worker:g}: no machine of {where} has that many GPUs (the "
+                               f"largest has {max(nodes):g}); lower {options[0]}")
+    if room < num_workers:
+        raise DistributedError(f"{num_workers} workers of {gpus_per_worker:g} GPU do not fit the {total:g} GPU(s) of "
+                               f"{where} (room for {room}); lower {options[1]} to {room} or {options[0]}")
+
+
 def job_failed(exc: BaseException, out_dir: str) -> DistributedError:
     """A Ray error that stopped the job, as one message saying what is kept and how to go on."""
     cause = getattr(exc, "cause", None) or exc
@@ -115,7 +200,8 @@ class ScoreWorker:
         detector_dir: a folder written by :meth:`vlad.detector.Detector.save` (read by every worker:
             on a cluster, a path all machines see).
         out_dir: the job's output folder (for the PNGs and the worker's statistics file).
-        device: passed to :func:`vlad.detector.load_detector` (None: as saved).
+        device: passed to :func:`vlad.detector.load_detector` (None: as saved; ``cuda`` on a GPU worker:
+            the GPU Ray gave it).
         overlays, maps: write the PNGs (see :mod:`vlad.distributed.rows`).
         threads: torch threads of this worker (its share of the CPUs).
         precision: passed to :func:`vlad.detector.load_detector` (None: as saved).
@@ -178,8 +264,11 @@ def cpus_per_worker(num_workers: int) -> float:
 
 
 def run(paths_or_dataset, todo_filter, detector_dir: str, out_dir: str, *, num_workers: int, batch_size: int,
-        device: str | None, overlays: bool, maps: bool, precision: str | None = None):
+        device: str | None, overlays: bool, maps: bool, precision: str | None = None,
+        gpus_per_worker: float | None = None):
     """Build the streaming job; returns ``(dataset of rows, number of inputs to score)``.
+
+    ``gpus_per_worker``: GPUs each actor reserves (Ray's ``num_gpus``; None: CPU actors).
 
     ``paths_or_dataset`` is a list of paths (already filtered) or a Ray Dataset with a ``path`` column,
     filtered here with ``todo_filter`` (the paths already written).
@@ -203,11 +292,12 @@ def run(paths_or_dataset, todo_filter, detector_dir: str, out_dir: str, *, num_w
         blocks = max(1, min(-(-total // batch_size), 10_000))
         ds = ray.data.from_items([{"path": p} for p in paths_or_dataset], override_num_blocks=blocks)
     cpus = cpus_per_worker(num_workers)
+    gpus = {} if gpus_per_worker is None else {"num_gpus": float(gpus_per_worker)}
     rows = ds.map_batches(
         ScoreWorker,
         fn_constructor_kwargs={"detector_dir": detector_dir, "out_dir": out_dir, "device": device,
                                "overlays": overlays, "maps": maps, "threads": max(1, int(cpus)),
                                "precision": precision},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_workers),
-        num_cpus=cpus)
+        num_cpus=cpus, **gpus)
     return rows, total

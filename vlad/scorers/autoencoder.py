@@ -22,15 +22,15 @@ Stopping: a KeyboardInterrupt (Ctrl-C) during training stops it cleanly: the mod
 a warning is logged, ``interrupted_`` is True and ``fit`` returns normally. A second Ctrl-C aborts.
 
 This module also holds the small training helpers shared by vlad's trainable scorers (DRAEM, STPM,
-EfficientAD): :func:`train_loop`, :func:`ssim_map`, :func:`seeded`, :func:`images_to_tensor`.
+EfficientAD): :func:`train_loop`, :func:`ssim_map`, :func:`images_to_tensor`. Their random numbers follow
+:mod:`vlad.rng` (drawn on the CPU, the same on every device).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ from vlad.errors import InvalidParameterError
 from vlad.images import LoadedImage
 from vlad.ops import to_batch
 from vlad.progress import track
+from vlad.rng import init_module
 from vlad.scorers.base import BaseScorer
 from vlad.scorers.scratch import (
     CANVAS_MODES,
@@ -63,15 +64,6 @@ DEFAULT_SIDE = 128
 
 
 # -- helpers shared by the trainable scorers ------------------------------------------------------------
-@contextlib.contextmanager
-def seeded(seed: int | None, device: torch.device | str = "cpu") -> Iterator[None]:
-    """Run the block with torch's global RNG seeded to ``seed``, restoring the caller's RNG state after."""
-    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(0 if seed is None else int(seed))
-        yield
-
-
 def resolve_size(image_size: int | Sequence[int] | None, default: int | Sequence[int], multiple: int = 1) -> tuple[int, int]:
     """``image_size`` (int, (H, W) or None for ``default``) as ``(H, W)``, checked to be a multiple of ``multiple``."""
     size = default if image_size is None else image_size
@@ -313,8 +305,8 @@ class AutoEncoder(BaseScorer):
             raise InvalidParameterError(f"canvas must be one of {CANVAS_MODES}, got {self.canvas!r}")
         width = max(4, self.base_channels // 4) if mode == "tiny" else self.base_channels
         latent = max(4, self.latent_channels // 4) if mode == "tiny" else self.latent_channels
-        with seeded(self.random_state):
-            self.model_ = ConvAutoEncoder(width, latent).to(self.device_)
+        seed = 0 if self.random_state is None else int(self.random_state)
+        self.model_ = init_module(lambda: ConvAutoEncoder(width, latent), self.device_, seed)
         self.model_.eval()
 
     def _map_rule(self) -> MapRule:
@@ -382,10 +374,9 @@ class AutoEncoder(BaseScorer):
             return float(np.mean([loss_of(held[i : i + bs].to(self.device_)).item()
                                   for i in range(0, len(held), bs)]))
 
-        with seeded(self.random_state, self.device_):
-            log = fit_loop(step, n_steps, "AutoEncoder training", model=self.model_,
-                           validate=validate if len(held) else None, eval_every=max(5, n_steps // 25),
-                           patience=int(self.patience), time_limit=self.time_limit, log=logger)
+        log = fit_loop(step, n_steps, "AutoEncoder training", model=self.model_,
+                       validate=validate if len(held) else None, eval_every=max(5, n_steps // 25),
+                       patience=int(self.patience), time_limit=self.time_limit, log=logger)
         self.model_.eval()
         self.loss_history_, self.interrupted_, self.train_log_ = log.losses, log.stopped == "interrupted", log.as_meta()
         stats_from = held if len(held) >= MIN_HELD_OUT_FOR_STATS else data

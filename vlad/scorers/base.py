@@ -77,6 +77,7 @@ from vlad import errors
 from vlad.backbones import resolve_device
 from vlad.errors import (
     EmptyReferenceSetError,
+    InvalidDeviceError,
     InvalidParameterError,
     UnknownScorerError,
     VladError,
@@ -340,8 +341,9 @@ class BaseScorer(ParamsMixin):
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, precision: str | None = None) -> BaseScorer:
-        """Load a scorer saved with :meth:`save` (checked; see :func:`load_scorer`); ``device`` and
-        ``precision`` (None: as saved) replace the saved ones."""
+        """Load a scorer saved with :meth:`save` (checked; see :func:`load_scorer`), on ``device`` (None:
+        the saved device when this machine has it, else the CPU, with a logged warning); ``precision``
+        (None: as saved) replaces the saved one."""
         return load_scorer(path, device=device, precision=precision)
 
     # -- helpers for subclasses ---------------------------------------------------------------
@@ -575,15 +577,48 @@ def check_params(name: str, cls: type, params: Any, where: str) -> dict[str, Any
             for k, v in params.items()}
 
 
+def loading_device(saved: Any, device: str | None) -> tuple[Any, bool]:
+    """The device a saved scorer is loaded on, and whether that is the CPU instead of an unavailable
+    saved device: ``device`` when given (checked later, an unavailable one is an error); else the saved
+    device when it is available here, else ``"cpu"`` (e.g. a scorer saved on a GPU machine loaded on a
+    laptop).
+
+    Raises:
+        InvalidDeviceError: the saved device is not a device name torch knows (not a machine difference:
+            a damaged file).
+    """
+    if device is not None:
+        return device, False
+    try:
+        resolve_device(saved)
+    except InvalidDeviceError:
+        try:
+            torch.device(saved.strip() if isinstance(saved, str) else saved)
+        except (RuntimeError, TypeError, ValueError):
+            raise InvalidDeviceError(f"saved device {saved!r} is not a device name torch knows; the saved file "
+                                     "was edited: save it again, or pass device='cpu'") from None
+        return "cpu", True
+    return saved, False
+
+
+def warn_cpu_fallback(what: str | Path, saved: Any) -> None:
+    """The one-line warning of a load that fell back to the CPU (see :func:`loading_device`)."""
+    logger.warning("%s was saved to run on %s, which this machine does not have; loading it on the CPU "
+                   "(pass device=... to choose)", what, saved)
+
+
 def load_scorer(path: str | Path, device: str | None = None, expected: str | None = None,
-                precision: str | None = None) -> BaseScorer:
+                precision: str | None = None, *, fallbacks: list[str] | None = None) -> BaseScorer:
     """The one checked loader of a scorer folder written by :meth:`BaseScorer.save`.
 
     Checks, before any tensor is read: ``config.json`` is plain JSON with the known keys, names a
     registered scorer (``expected`` if given) with parameters it accepts, and the sha256 of
     ``state.safetensors`` matches the one recorded at saving. Never executes code from the files.
 
-    ``device`` and ``precision`` (None: as saved) replace the saved values, for a scorer that has them.
+    ``device``: where to load it (its ``device`` parameter becomes that); None: the device it was saved
+    with when this machine has it, else the CPU, with one logged warning (or, when ``fallbacks`` is a
+    list, the saved device appended to it instead, for a caller that warns once for many scorers).
+    ``precision`` (None: as saved) replaces the saved value, for a scorer that has one.
 
     Raises:
         VladError: missing files, not JSON, unknown scorer or keys, a saved state that does not fit.
@@ -614,8 +649,14 @@ def load_scorer(path: str | Path, device: str | None = None, expected: str | Non
     check_digests(folder, config.get("sha256"), str(cfg_path))
     if set(config["sha256"]) != {STATE_FILE}:
         raise VladError(f"{cfg_path}: 'sha256' must list exactly {STATE_FILE}")
-    if device is not None and "device" in params:
-        params["device"] = device
+    if "device" in params:
+        saved = params["device"]
+        params["device"], fell_back = loading_device(saved, device)
+        if fell_back:
+            if fallbacks is None:
+                warn_cpu_fallback(folder, saved)
+            else:
+                fallbacks.append(str(saved))
     if precision is not None and "precision" in parameter_names(get_scorer_class(name)):
         params["precision"] = precision
     from vlad.registry import create_scorer

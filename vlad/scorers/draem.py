@@ -39,13 +39,13 @@ import torch.nn.functional as F
 
 from vlad.errors import InvalidParameterError
 from vlad.images import LoadedImage
+from vlad.rng import init_module
 from vlad.scorers.autoencoder import (
     DEFAULT_SIDE,
     ConvAutoEncoder,
     aspect_size,
     check_weights_mode,
     resolve_size,
-    seeded,
     ssim_map,
 )
 from vlad.scorers.base import BaseScorer
@@ -217,9 +217,9 @@ class DRAEM(BaseScorer):
         self.map_rule_ = MapRule(self.normalize, float(self.sigma), float(self.topk_fraction), (0,),
                                  shift=int(self.shift_tolerance)).check()
         div = 4 if mode == "tiny" else 1
-        with seeded(self.random_state):
-            self.model_ = DRAEMNet(max(4, self.recon_channels // div), max(4, self.latent_channels // div),
-                                   max(4, self.disc_channels // div)).to(self.device_)
+        self.model_ = init_module(lambda: DRAEMNet(max(4, self.recon_channels // div), max(4, self.latent_channels // div),
+                                                   max(4, self.disc_channels // div)),
+                                  self.device_, 0 if self.random_state is None else int(self.random_state))
         self.model_.eval()
 
     def _synthesize(self, data: np.ndarray, idx: np.ndarray, rng: np.random.Generator):
@@ -290,10 +290,9 @@ class DRAEM(BaseScorer):
         def validate() -> float:
             return float(np.mean([self._loss(*(t.to(self.device_) for t in b)).item() for b in val_batches]))
 
-        with seeded(seed, self.device_):
-            log = fit_loop(step, n_steps, "DRAEM training", model=self.model_,
-                           validate=validate if len(held) else None, eval_every=max(5, n_steps // 25),
-                           patience=int(self.patience), time_limit=self.time_limit, log=logger)
+        log = fit_loop(step, n_steps, "DRAEM training", model=self.model_,
+                       validate=validate if len(held) else None, eval_every=max(5, n_steps // 25),
+                       patience=int(self.patience), time_limit=self.time_limit, log=logger)
         self.model_.eval()
         self.loss_history_, self.interrupted_, self.train_log_ = log.losses, log.stopped == "interrupted", log.as_meta()
         stats_from = canvas[torch.from_numpy(held_idx)] if len(held_idx) >= MIN_HELD_OUT_FOR_STATS else canvas

@@ -42,7 +42,8 @@ from vlad.errors import InvalidParameterError
 from vlad.features import stage_outputs
 from vlad.images import LoadedImage
 from vlad.ops import preprocess_batch, to_batch
-from vlad.scorers.autoencoder import resolve_size, seeded, train_loop
+from vlad.rng import seeded
+from vlad.scorers.autoencoder import resolve_size, train_loop
 from vlad.scorers.base import BaseScorer
 
 logger = logging.getLogger(__name__)
@@ -165,12 +166,13 @@ class EfficientAD(BaseScorer):
         with torch.no_grad():
             probe = self.teacher_.model(torch.zeros(1, 3, 64, 64, device=self.device_))
         in_channels = sum(f.shape[1] for f in probe)
-        with seeded(self.random_state, self.device_):
-            self.student_ = PDNSmall(channels, width=32 if tiny else 128).to(self.device_).eval()
+        with seeded(0 if self.random_state is None else int(self.random_state)):  # on the CPU (vlad.rng)
+            student = PDNSmall(channels, width=32 if tiny else 128)
             if in_channels == channels:
                 proj = torch.eye(channels)
             else:
                 proj = torch.randn(in_channels, channels) / math.sqrt(channels)
+        self.student_ = student.to(self.device_).eval()
         self.projection_ = proj.to(self.device_)
         self.mean_ = torch.zeros(1, channels, 1, 1, device=self.device_)
         self.std_ = torch.ones(1, channels, 1, 1, device=self.device_)
@@ -223,8 +225,7 @@ class EfficientAD(BaseScorer):
             opt.step()
             return loss.item()
 
-        with seeded(seed, self.device_):
-            self.loss_history_, self.interrupted_ = train_loop(step, int(self.train_steps), "EfficientAD training", logger)
+        self.loss_history_, self.interrupted_ = train_loop(step, int(self.train_steps), "EfficientAD training", logger)
         self.student_.eval()
         with torch.no_grad():
             maps = torch.cat([

@@ -37,18 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlad.errors import VladError
-from vlad.features import (
-    check_layers,
-    embed_all,
-    forked_rng,
-    generator,
-    load_cnn_stages,
-    stage_channels,
-    stage_outputs,
-)
+from vlad.features import check_layers, embed_all, load_cnn_stages, stage_channels, stage_outputs
 from vlad.images import LoadedImage
 from vlad.ops import gaussian_blur, preprocess_batch, resize_maps, topk_mean
 from vlad.progress import track
+from vlad.rng import cpu_generator, init_module
 from vlad.scorers.base import BaseScorer
 
 logger = logging.getLogger(__name__)
@@ -189,12 +182,11 @@ class FastFlow(BaseScorer):
         self.backbone_ = load_cnn_stages(self.backbone, self.weights, self.device_, self.layers_,
                                          seed=self.weights_seed)
         self.size_ = int(self.image_size or self.backbone_.spec.preprocess.size)
-        gen = generator(self.random_state)
-        with forked_rng(self.random_state):
-            self.flows_ = nn.ModuleList(
-                StageFlow(c, int(self.flow_steps), float(self.hidden_ratio), float(self.clamp), gen)
-                for c in stage_channels(self.backbone_)
-            ).to(self.device_)
+        gen = cpu_generator(self.random_state)
+        self.flows_ = init_module(lambda: nn.ModuleList(
+            StageFlow(c, int(self.flow_steps), float(self.hidden_ratio), float(self.clamp), gen)
+            for c in stage_channels(self.backbone_)
+        ), self.device_, self.random_state)
         self.flows_.eval()
 
     @staticmethod
@@ -225,7 +217,7 @@ class FastFlow(BaseScorer):
         n = len(references)
         epochs = int(self.epochs) if self.epochs is not None else max(1, round(int(self.image_steps) / n))
         self.epochs_ = epochs
-        g = generator(self.random_state)
+        g = cpu_generator(self.random_state)
         opt = torch.optim.Adam(self.flows_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         self.loss_history_: list[float] = []
         self.interrupted_ = False

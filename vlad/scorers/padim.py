@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from vlad.errors import VladError
-from vlad.features import check_layers, embed_all, generator, load_cnn_stages, stage_channels, stage_outputs
+from vlad.features import check_layers, embed_all, load_cnn_stages, stage_channels, stage_outputs
 from vlad.images import LoadedImage
+from vlad.rng import cpu_generator
 from vlad.ops import preprocess_batch, resize_blur
 from vlad.scorers.base import BaseScorer
 from vlad.weights import get_spec
@@ -106,7 +107,7 @@ class PaDiM(BaseScorer):
                     f"PaDiM: n_features must be in 1..{total} (channels of layers {self.layers_} of "
                     f"{self.backbone_.spec.name}), got {self.n_features!r}; use None for the paper's default"
                 )
-        g = generator(self.random_state)
+        g = cpu_generator(self.random_state)
         self.channel_index_ = torch.randperm(total, generator=g)[:d].sort().values.to(self.device_)
 
     def _features(self, stages: list[torch.Tensor]) -> torch.Tensor:

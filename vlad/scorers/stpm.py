@@ -28,14 +28,17 @@ from vlad.errors import InvalidParameterError
 from vlad.features import stage_outputs
 from vlad.images import LoadedImage
 from vlad.ops import gaussian_blur, preprocess_batch
-from vlad.scorers.autoencoder import resolve_size, seeded, train_loop
+from vlad.rng import init_module
+from vlad.scorers.autoencoder import resolve_size, train_loop
 from vlad.scorers.base import BaseScorer
 
 logger = logging.getLogger(__name__)
 
 
 def reinit_(model: nn.Module) -> nn.Module:
-    """Re-draw every parameter of ``model`` from torch's global RNG (call inside :func:`seeded`)."""
+    """Re-draw every parameter of ``model`` from torch's global RNG: call it on the CPU inside
+    :func:`vlad.rng.seeded` (here, through :func:`vlad.rng.init_module`), never on a GPU module, whose
+    in-place draws would come from the GPU's generator and differ from the CPU's."""
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -115,9 +118,10 @@ class STPM(BaseScorer):
         self.teacher_ = load_backbone(self.backbone, self.weights, self.device_, seed=self.weights_seed,
                                       out_indices=layers)
         student_weights = "tiny" if self.weights == "tiny" else "random"
-        with seeded(self.random_state, self.device_):
-            student = load_backbone(self.backbone, student_weights, self.device_, out_indices=layers).model
-            reinit_(student)  # never a copy of the teacher (the tiny twin is built from a fixed seed)
+        # built and re-drawn on the CPU, then moved: the same student on every device (never a copy of
+        # the teacher: the tiny twin is built from a fixed seed)
+        student = init_module(lambda: reinit_(load_backbone(self.backbone, student_weights, "cpu", out_indices=layers).model),
+                              self.device_, 0 if self.random_state is None else int(self.random_state))
         self.student_ = student.requires_grad_(True).eval()
         self.size_ = resolve_size(self.image_size, self.teacher_.spec.preprocess.size)
 
@@ -143,8 +147,7 @@ class STPM(BaseScorer):
             opt.step()
             return loss.item()
 
-        with seeded(seed, self.device_):
-            self.loss_history_, self.interrupted_ = train_loop(step, int(self.train_steps), "STPM training", logger)
+        self.loss_history_, self.interrupted_ = train_loop(step, int(self.train_steps), "STPM training", logger)
         self.student_.eval()
 
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:

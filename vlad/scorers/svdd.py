@@ -27,11 +27,12 @@ import torch
 from torch import nn
 
 from vlad.errors import VladError
-from vlad.features import aligned_features, check_layers, embed_all, forked_rng, generator, load_cnn_stages
+from vlad.features import aligned_features, check_layers, embed_all, load_cnn_stages
 from vlad.features import stage_channels, stage_outputs
 from vlad.images import LoadedImage
 from vlad.ops import preprocess_batch, resize_blur
 from vlad.progress import track
+from vlad.rng import cpu_generator, init_module
 from vlad.scorers.base import BaseScorer
 
 logger = logging.getLogger(__name__)
@@ -121,8 +122,8 @@ class PatchSVDD(BaseScorer):
                                          seed=self.weights_seed)
         self.size_ = int(self.image_size or self.backbone_.spec.preprocess.size)
         in_dim = sum(stage_channels(self.backbone_))
-        with forked_rng(self.random_state):
-            self.head_ = make_head(in_dim, int(self.hidden_dim), int(self.out_dim)).to(self.device_)
+        self.head_ = init_module(lambda: make_head(in_dim, int(self.hidden_dim), int(self.out_dim)), self.device_,
+                                 self.random_state)
         self.head_.eval()
 
     def _features(self, stages: list[torch.Tensor]) -> torch.Tensor:
@@ -131,7 +132,7 @@ class PatchSVDD(BaseScorer):
 
     def _fit(self, references: list[LoadedImage] | None) -> None:
         assert references is not None
-        g = generator(self.random_state)
+        g = cpu_generator(self.random_state)
         per_image = math.ceil(int(self.max_patches) / len(references))
 
         def sample(stages: list[torch.Tensor]) -> torch.Tensor:
