@@ -55,6 +55,12 @@ RANDOM_OPS = frozenset({
 #: training steps, so that the comparison checks their initial model, streams and statistics.
 ILL_CONDITIONED = {"draem": {"train_steps": 0}, "stpm": {"train_steps": 0}}
 
+#: CPU vs CUDA bound where float32 arithmetic alone moves a scorer further than 1e-4 (same weights, TF32
+#: off), measured on an H200 on 2026-12-04: DRAEM untrained 9.8e-4 (its untrained network amplifies the
+#: rounding of the convolutions); MuSc 4.1e-4 (the distance sqrt(2 - 2 cos) of near-identical unit rows
+#: amplifies the rounding of the similarity products). Every other scorer: within 1e-4.
+ARITHMETIC_BOUND = {"draem": 2e-3, "musc": 1e-3}
+
 #: Scorers whose ``_build`` needs real tensors (not the data-less ``meta`` device).
 NOT_BUILDABLE_ON_META = {"winclip": "computes its text prototypes with the model in _build"}
 
@@ -306,8 +312,9 @@ def test_same_model_on_cpu_and_cuda(name, exact_fp32):
         assert scorer.device_.type == device
         results[device] = scorer.predict(_images())
     cpu, cuda = results["cpu"], results["cuda"]
-    assert _relative_difference(cpu.image_scores, cuda.image_scores) <= 1e-4, (cpu.image_scores, cuda.image_scores)
-    assert _relative_difference(np.stack(cpu.anomaly_maps), np.stack(cuda.anomaly_maps)) <= 1e-4
+    bound = ARITHMETIC_BOUND.get(name, 1e-4)
+    assert _relative_difference(cpu.image_scores, cuda.image_scores) <= bound, (cpu.image_scores, cuda.image_scores)
+    assert _relative_difference(np.stack(cpu.anomaly_maps), np.stack(cuda.anomaly_maps)) <= bound
 
 
 @pytest.mark.gpu

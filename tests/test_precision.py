@@ -28,6 +28,7 @@ from unittest import mock
 import numpy as np
 import pytest
 from conftest import fails_with_one_line, textured, with_defect
+from test_contract import SETTINGS as CONTRACT_SETTINGS
 from PIL import Image
 
 import vlad
@@ -41,20 +42,8 @@ PRETRAINED = sorted(
     and inspect.signature(get_scorer_class(name).__init__).parameters["weights"].default == "pretrained"
 )
 
-#: small budgets (as in test_contract), all with weights="tiny"
-SETTINGS: dict[str, dict] = {
-    "anomalydino": dict(rotations=1, image_size=112),
-    "efficientad": dict(image_size=96, train_steps=10, batch_size=4, lr=1e-3),
-    "fastflow": dict(epochs=6, batch_size=8, flow_steps=2),
-    "maeday": dict(n_masks=8, batch_size=4),
-    "musc": dict(backbone="vit_small_patch14_dinov2.lvd142m", image_size=112),
-    "padim": dict(),
-    "patchcore": dict(),
-    "patchsvdd": dict(epochs=6, hidden_dim=64, out_dim=16, image_size=96),
-    "spade": dict(),
-    "stpm": dict(train_steps=20, batch_size=4, image_size=128),
-    "winclip": dict(object_name="gear", batch_size=4),
-}
+#: the contract test's small budgets (all with weights="tiny"), for the pretrained-backbone scorers
+SETTINGS: dict[str, dict] = {name: CONTRACT_SETTINGS[name] for name in PRETRAINED if name in CONTRACT_SETTINGS}
 
 N_NORMAL = 4
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -174,3 +174,23 @@ def test_chunks_are_whole_batches_and_musc_without_a_pool_is_not_chunked():
     assert det._chunk_size() % 24 == 0 and det._chunk_size() >= 32
     musc = vlad.create_detector("musc", weights="tiny").fit()
     assert musc._chunk_size() is None
+
+
+def test_an_image_goes_to_a_device_once_per_detector_call(monkeypatch):
+    """Several scorers read each image; on a GPU it is copied there once (``meta`` stands in for it)."""
+    from vlad import ops
+
+    copies = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: copies.append(a) or real_to(self, *a, **k))
+    arr, other = textured(1, 32), textured(2, 32)
+    meta = torch.device("meta")
+    ops._as_float(arr, meta), ops._as_float(arr, meta)
+    assert len(copies) == 2  # outside the block: a copy each time
+    copies.clear()
+    with ops.shared_device_copies():
+        for _ in range(3):
+            assert ops._as_float(arr, meta).device.type == "meta"
+            ops._as_float(other, meta)
+        assert len(copies) == 2  # one per image
+    assert ops._device_copies.get() is None  # freed with the block

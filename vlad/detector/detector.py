@@ -85,7 +85,7 @@ from vlad.images import LoadedImage, as_image_list, load_images, load_readable
 from vlad.precision import check_precision_value
 from vlad.registry import parameter_names
 from vlad.scorers.base import check_finite, reference_index
-from vlad.ops import resize_maps
+from vlad.ops import resize_maps, shared_device_copies
 from vlad.progress import track
 from vlad.tiling import upsample_maps
 from vlad.types import AnomalyResult, ImagesLike, WorkingResult
@@ -725,7 +725,8 @@ class Detector:
         return out.with_thresholds(self.image_threshold, self.pixel_threshold), raw
 
     def _raw_predict(self, loaded: list[LoadedImage]) -> dict[str, WorkingResult]:
-        raw = {n: s._predict_working(loaded) for n, s in self.scorers.items() if self.active_[n]}
+        with shared_device_copies():  # each image goes to a GPU once, for all the scorers
+            raw = {n: s._predict_working(loaded) for n, s in self.scorers.items() if self.active_[n]}
         for name, r in raw.items():
             r.check_finite(name)
         return raw
