@@ -95,6 +95,16 @@ def test_missing_file_and_bad_object_name(tmp_path):
         default_prompts().expand("gear {x}")
 
 
+@pytest.mark.parametrize("bad", [3, 2.5, ["gear"], b"gear", ""])
+def test_a_non_string_object_name_is_refused_where_it_enters(bad):
+    with pytest.raises(PromptError, match="object_name must be a non-empty string"):
+        load_prompts(None, object_name=bad)
+    import vlad
+
+    with pytest.raises(PromptError, match="object_name"):  # not an AttributeError deep in the prompt code
+        vlad.create_scorer("winclip", object_name=bad, weights="tiny").fit()
+
+
 class _Encoder:
     """A fake text encoder that records what it was asked to encode."""
 

@@ -250,8 +250,11 @@ def load_prompts(prompts: PromptsLike = None, object_name: str | None = None) ->
     * a mapping (same keys as the YAML), or a :class:`PromptSet` (used as is, no layering).
 
     Raises:
-        PromptError: a file is missing or malformed (the message names file, key and entry).
+        PromptError: a file is missing or malformed (the message names file, key and entry); an
+            ``object_name`` that is not a non-empty string.
     """
+    if object_name is not None:
+        _clean_object_name(object_name)  # checked where it enters: a number would fail deep inside
     if isinstance(prompts, PromptSet):
         return prompts
     base = default_prompts()
