@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vlad
+from vlad.registry import get_scorer_class
 from vlad.scorers.base import BaseScorer
 
 
@@ -102,3 +103,30 @@ def test_parameter_protocol_without_scikit_learn():
     assert h.inner.size == 8 and h.scale == 2.0
     twin = clone(h)
     assert twin.inner is not h.inner and twin.inner.size == 8 and twin.scale == 2.0
+
+
+_SIZED = [n for n in vlad.list_scorers()
+          if "image_size" in get_scorer_class(n)._get_param_names() and not n.startswith("toy")]
+
+
+@pytest.mark.parametrize("name", _SIZED)
+@pytest.mark.parametrize("bad", [60000, 8, 224.0, "224", True, (224, 60000), (224,)])
+def test_an_absurd_image_size_is_refused_at_fit(name, bad):
+    from vlad.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match=r"image_size must be None, a whole number of pixels"):
+        vlad.create_scorer(name, weights="tiny", image_size=bad).fit()
+
+
+def test_an_edited_saved_image_size_is_refused_on_load(tmp_path, good_images):
+    """A saved config edited to image_size=60000 used to load, then ask torch for tens of gigabytes."""
+    import json
+
+    from vlad.errors import InvalidParameterError
+
+    folder = vlad.create_scorer("patchcore", weights="tiny", image_size=64).fit(good_images[:2]).save(tmp_path / "pc")
+    config = json.loads((folder / "config.json").read_text())
+    config["params"]["image_size"] = 60000
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidParameterError, match=r"config.json: image_size of 'patchcore' must be.*60000"):
+        vlad.load(folder)

@@ -207,6 +207,7 @@ class BaseScorer(ParamsMixin):
             EmptyReferenceSetError: the scorer needs references and got none.
             InvalidImageError: a reference is not a readable image.
         """
+        check_image_size(getattr(self, "image_size", None))
         references = self._load_references(reference_images)
         tiling = self._tiling()
         self.device_ = resolve_device(getattr(self, "device", "cpu"))
@@ -558,6 +559,30 @@ class FewShotMixin:
         return [name for name, zi in zip(self.reference_names_, z) if zi > z_threshold]
 
 
+#: the longest side a scorer's ``image_size`` may ask for: inputs are resized to it, and a ViT or CNN at
+#: 4096 px already holds gigabytes of activations (60000 would ask torch for tens of gigabytes)
+MAX_IMAGE_SIDE = 4096
+MIN_IMAGE_SIDE = 16
+
+
+def check_image_size(value: Any, what: str = "image_size") -> None:
+    """Refuse an ``image_size`` that is not None, a whole number of pixels or ``(H, W)``, each side in
+    [:data:`MIN_IMAGE_SIDE`, :data:`MAX_IMAGE_SIDE`] (checked at ``fit`` and when a saved scorer loads; a
+    scorer may ask more of it, e.g. a multiple of its patch size).
+
+    Raises:
+        InvalidParameterError: names ``what``, the value and the accepted range.
+    """
+    if value is None:
+        return
+    sides = list(value) if isinstance(value, (tuple, list)) and len(value) == 2 else [value]
+    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not MIN_IMAGE_SIDE <= s <= MAX_IMAGE_SIDE
+           for s in sides):
+        raise InvalidParameterError(
+            f"{what} must be None, a whole number of pixels or (H, W), each side in [{MIN_IMAGE_SIDE}, "
+            f"{MAX_IMAGE_SIDE}], got {value!r}; for larger images use tiling (tile_size=...)")
+
+
 def check_params(name: str, cls: type, params: Any, where: str) -> dict[str, Any]:
     """Saved parameters of scorer ``name``: a plain JSON object of parameters ``cls`` accepts.
 
@@ -571,6 +596,7 @@ def check_params(name: str, cls: type, params: Any, where: str) -> dict[str, Any
     if extra:
         raise VladError(f"{where}: scorer {name!r} has no parameter(s) {sorted(extra)}; it accepts "
                         f"{parameter_names(cls)}")
+    check_image_size(params.get("image_size"), f"{where}: image_size of {name!r}")
     # JSON has no tuples: give back a tuple where the parameter's default is one (layers, scales, ...)
     defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
     return {k: tuple(v) if isinstance(v, list) and isinstance(defaults.get(k), tuple) else v
