@@ -63,3 +63,17 @@ def test_not_fitted_error_is_still_scikit_learns():
     assert vlad.NotFittedError is NotFittedError
     assert issubclass(NotFittedError, SklearnNotFittedError) and issubclass(NotFittedError, vlad.VladError)
     assert NotFittedError.__module__ == "vlad.errors"
+
+
+def test_version_is_the_installed_distributions(capsys):
+    """``vlad.__version__`` and ``vlad --version`` both say pyproject.toml's version (from the metadata)."""
+    import tomllib
+    from pathlib import Path
+
+    import vlad
+    from vlad.cli import main
+
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    assert vlad.__version__ == declared
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"vlad {declared}"

@@ -25,7 +25,16 @@ from vlad.errors import (
 )
 from vlad.registry import create_scorer, list_scorers, register_scorer
 
-__version__ = "0.1.0"
+
+def installed_version() -> str:
+    """The version of the installed ``vlad-inspect`` distribution (pyproject.toml's), or ``"unknown"``
+    when vlad runs from a source tree that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vlad-inspect")
+    except PackageNotFoundError:
+        return "unknown"
 
 __all__ = [
     "AnomalyResult",
@@ -53,6 +62,8 @@ _LAZY = {"AnomalyResult": "vlad.types", "ImageFailure": "vlad.types", "NotFitted
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # from the distribution's metadata, read on first use
+        return installed_version()
     if name in _LAZY:
         import importlib
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from vlad.cli import demo, export, score, weights
 from vlad.cli import eval as eval_cmd
 from vlad.cli.common import EXIT_FINISHED_WITH_FAILURES, CliParser  # noqa: F401 - every exit code here
+from vlad import installed_version
 from vlad.errors import VladError
 
 EXIT_USER_ERROR = 2
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full ``vlad`` argument parser (cheap: no model library is imported)."""
     parser = CliParser(prog="vlad", description="Zero- and few-shot visual anomaly detection.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more, and show tracebacks")
+    parser.add_argument("--version", action="version", version=f"vlad {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     score.add_parser(sub)
     eval_cmd.add_parser(sub)
