@@ -120,9 +120,14 @@ def preprocess_batch(
     return to_batch(images, size or pre.size, pre.mean, pre.std, device, pre.interpolation)
 
 
+def _blur_radius(sigma: float) -> int:
+    """The radius of :func:`gaussian_kernel1d`: ``4 * sigma`` rounded up (scipy's default truncate)."""
+    return max(1, int(math.ceil(4.0 * sigma)))
+
+
 def gaussian_kernel1d(sigma: float, device=None) -> torch.Tensor:
     """Normalised 1-D Gaussian with radius ``4 * sigma`` (as scipy's default truncate)."""
-    radius = max(1, int(math.ceil(4.0 * sigma)))
+    radius = _blur_radius(sigma)
     x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return k / k.sum()
@@ -173,7 +178,7 @@ def resize_blur(maps: torch.Tensor, size: tuple[int, int], sigma: float) -> torc
     sigma = float(sigma)
     if sigma <= 0 and tuple(maps.shape[-2:]) == size:
         return maps
-    radius = max(1, int(math.ceil(4.0 * sigma))) if sigma > 0 else 0
+    radius = _blur_radius(sigma) if sigma > 0 else 0
     padding = _blur_padding(size, radius)
     dev = str(maps.device)
     a_h = _resize_blur_matrix(maps.shape[-2], size[0], sigma, padding, dev)

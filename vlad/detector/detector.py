@@ -48,7 +48,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,6 @@ from vlad.registry import parameter_names
 from vlad.scorers.base import check_finite, reference_index
 from vlad.ops import resize_maps, shared_device_copies
 from vlad.progress import track
-from vlad.tiling import upsample_maps
 from vlad.types import AnomalyResult, ImagesLike, WorkingResult
 
 logger = logging.getLogger(__name__)
@@ -680,7 +679,7 @@ class Detector:
             return None
         step = 1
         for name, scorer in self.scorers.items():
-            if self.active_.get(name, True):
+            if self.active_[name]:
                 step = math.lcm(step, max(1, int(getattr(scorer, "batch_size", 8) or 8)))
         return step * max(1, -(-32 // step)) if step <= 256 else None
 
@@ -716,12 +715,10 @@ class Detector:
         fused = fuse_working(comps, self._weights(), self.options["fusion"])
         sizes = [img.size for img in loaded]
         del loaded  # images read from files are freed before the full-size maps are made
-        fused.maps = [resize_maps(m[None], size)[0] if not isinstance(m, np.ndarray) else m
-                      for m, size in zip(fused.maps, sizes, strict=True)]  # once, at the very end
-        out = fused.to_result()
+        # to each image's size once, at the very end, where the maps are (a host-side scorer's arrays too)
+        fused.maps = [resize_maps(torch.as_tensor(m)[None], size)[0] for m, size in zip(fused.maps, sizes, strict=True)]
+        out = replace(fused.to_result(), failures=failures)
         check_finite(out, "the fused detector")
-        maps = upsample_maps(out.map_list(), sizes)  # numpy maps (a scorer that computes on the host)
-        out = AnomalyResult(out.image_scores, maps, components=out.components, names=out.names, failures=failures)
         return out.with_thresholds(self.image_threshold, self.pixel_threshold), raw
 
     def _raw_predict(self, loaded: list[LoadedImage]) -> dict[str, WorkingResult]:
