@@ -162,7 +162,7 @@ def check_weights_mode(weights: Any, name: str) -> str:
         raise InvalidParameterError(
             f"{name} is trained from scratch and has no pretrained weights: expected weights='random' "
             f"(full width; 'pretrained' is accepted as a synonym) or 'tiny' (narrow, for tests), got "
-            f"{weights!r}. To reuse a trained {name}, save() it and load it with vlad.load_scorer(path)."
+            f"{weights!r}. To reuse a trained {name}, save() it and load it with vlad.load(path)."
         )
     return weights
 
