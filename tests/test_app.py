@@ -89,3 +89,20 @@ def test_prompt_yaml_round_trip(tmp_path):
     assert n2.splitlines()[-1] == "shiny {}" and a2 == anomalous and t2 == templates
     _, msg = app.save_prompt_file("missing placeholder", anomalous, templates, folder=str(tmp_path))
     assert msg.startswith("⚠️")
+
+
+def test_maps_are_sent_whole_at_their_aspect_ratio():
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    wide = np.zeros((100, 1000, 3), np.uint8)  # larger than the app sends: scaled down, never cropped
+    html = app.maps_html([(wide, "w.png: 0.9 <ANOMALOUS>")], images=[wide])
+    sources = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(sources) == 2 and 'class="vlad-image"' in html and 'class="vlad-map"' in html
+    shown = Image.open(io.BytesIO(base64.b64decode(sources[1])))
+    assert shown.size == (640, 64)  # the longest side capped, the shape kept
+    assert "&lt;ANOMALOUS&gt;" in html  # captions are escaped
+    assert app.maps_html([]) == "<p>no maps yet</p>"

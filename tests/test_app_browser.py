@@ -73,6 +73,18 @@ def test_app_in_headless_chromium(tmp_path):
             sync_api.expect(status).to_contain_text("1 reference(s) added", timeout=TIMEOUT_MS)
             sync_api.expect(page.locator("#summary")).to_contain_text("references: 1", timeout=TIMEOUT_MS)
 
+            # one reference: the labels rest on its views, and the sentence says so where the labels are
+            sync_api.expect(page.locator("#summary")).to_contain_text("jittered views", timeout=TIMEOUT_MS)
+            sync_api.expect(page.locator("#summary")).to_contain_text("not a guarantee", timeout=TIMEOUT_MS)
+            # the square map is shown whole: the element's shape is the image's (no crop to a wide tile)
+            shown = page.locator("#fused-maps img.vlad-map").first
+            box = shown.bounding_box()
+            natural = shown.evaluate("el => [el.naturalWidth, el.naturalHeight]")
+            assert box is not None and box["width"] > 50
+            assert abs(box["width"] / box["height"] - 1.0) < 0.05, (box, natural)
+            assert natural[0] == natural[1]
+            assert page.locator("#fused-maps img.vlad-image").count() == 1  # the image beside its map
+
             table = page.locator("#scores").inner_text()
             assert "bad.png" in table and "anomalydino" in table
             score = float(table.split("bad.png", 1)[1].split()[0])

@@ -245,11 +245,15 @@ def test_anomalydino_leave_one_out_then_remove_keeps_state(tmp_path):
 @pytest.mark.slow
 def test_winclip_plus_calibrated_part_by_part():
     """WinCLIP+ is a zero-shot probability plus a few-shot distance: each part gets its own calibration
-    (at k = 1: the probability as is, the distance by the self prior; from k = 2: from the references)."""
+    (at k = 0 the probability as is; at k = 1 both from the reference's views, or with the views off the
+    probability as is and the distance by the self prior; from k = 2: from the references)."""
     det = vlad.create_detector("winclip", weights="tiny", object_name="plate").fit()
     assert {n: z.kind for n, z in det.normalisers.items()} == {"winclip": "probability"}
     det.add_references(_refs(1))
     assert {n: z.kind for n, z in det.normalisers.items()} == {
+        "winclip/zero_shot": "reference", "winclip/few_shot": "reference"}
+    no_views = vlad.create_detector("winclip", weights="tiny", object_name="plate", reference_views=0).fit(_refs(1))
+    assert {n: z.kind for n, z in no_views.normalisers.items()} == {
         "winclip/zero_shot": "probability", "winclip/few_shot": "self"}
     res = det.predict([textured(5)])
     comp = res.components["winclip"]
@@ -259,3 +263,43 @@ def test_winclip_plus_calibrated_part_by_part():
     det.add_references(_refs(2, start=10))
     assert {z.kind for z in det.normalisers.values()} == {"reference"}
     json.dumps(det._calibrated().to_dict())  # saved as plain JSON
+
+
+# -- one reference: its views stand in for other good parts --------------------------------------
+def test_one_reference_calibrates_on_its_views_and_says_it_is_an_assumption(defect_image):
+    det = vlad.create_detector(SPEC, false_alarm_rate=0.2).fit(_refs(1))
+    info = det.threshold_info()
+    assert (info.rule, info.path, info.n_references, info.n_calibration) == ("views-assumption",
+                                                                          "reference-views", 1, 8)
+    assert info.guaranteed_rate == pytest.approx(1 / 9) and info.references_needed == 3
+    words = info.describe()
+    assert "ASSUMING" in words and "8 jittered views" in words and "not a guarantee" in words
+    assert "add 3 more good images" in words
+    cal = det._calibrated()
+    assert det.image_threshold == pytest.approx(max(cal.reference_scores))  # 8 views, alpha 0.2: the largest
+    # a prior would judge each map against itself and flag every good part; the views do not
+    res = det.predict([textured(200 + i) for i in range(6)] + [defect_image])
+    assert res.labels[-1] and not res.labels[:-1].all()
+    # the views are reproducible, and 0 views keeps the prior
+    again = vlad.create_detector(SPEC, false_alarm_rate=0.2).fit(_refs(1))
+    assert again.image_threshold == det.image_threshold
+    prior = vlad.create_detector(SPEC, reference_views=0).fit(_refs(1))
+    assert prior.threshold_info().rule == "prior"
+    with pytest.raises(InvalidParameterError, match="reference_views"):
+        vlad.create_detector(SPEC, reference_views=1)
+    # a second reference brings the conformal rule back
+    det.add_references(_refs(1, start=40))
+    assert det.threshold_info().rule in ("conformal", "best-available")
+
+
+def test_views_are_jittered_copies_of_the_reference():
+    from vlad.detector.views import reference_views
+    from vlad.images import LoadedImage
+
+    ref = LoadedImage(textured(5, size=64), "ref.png")
+    views = reference_views(ref, 4, seed=0)
+    assert [v.name for v in views] == [f"ref.png#view{i}" for i in range(4)]
+    assert all(v.data.shape == ref.data.shape and v.data.dtype == np.uint8 for v in views)
+    diffs = [float(np.abs(v.pixels - ref.pixels).mean()) for v in views]
+    assert all(0.0 < d < 0.15 for d in diffs)  # moved a little, not replaced
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(views, reference_views(ref, 4, seed=0)))

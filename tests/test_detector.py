@@ -168,13 +168,16 @@ def test_few_shot_only_needs_references():
     assert det.active_ == {"toyfew_d": True}
 
 
-def test_one_reference_joins_few_shot_with_self_prior(defect_image):
+def test_one_reference_joins_few_shot_calibrated_on_its_views(defect_image):
     det = vlad.create_detector(SPEC).fit()
     det.add_references([textured(1)])
     assert det.active_["toyfew_d"] and det.list_references() == ["<array>"]
     assert det.fusion_weights["toyfew_d"] == pytest.approx(1 / 3)  # k / (k + k0), k0 = 2
-    assert {n.kind for n in det.normalisers.values()} == {"self"}  # leave-one-out impossible with 1 ref
-    assert det.image_threshold == 0.5
+    # leave-one-out is impossible with 1 reference: its jittered views calibrate instead
+    assert {n.kind for n in det.normalisers.values()} == {"reference"}
+    assert det.threshold_info().rule == "views-assumption"
+    prior = vlad.create_detector(SPEC, reference_views=0).fit([textured(1)])
+    assert {n.kind for n in prior.normalisers.values()} == {"self"} and prior.image_threshold == 0.5
     res = det.predict([textured(60), defect_image])
     assert set(res.components) == {"toyzero_d", "toyfew_d"}
     assert res.image_scores[1] > res.image_scores[0]

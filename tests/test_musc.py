@@ -385,3 +385,19 @@ def test_the_detector_scores_a_whole_call_together_and_musc_never_tiles():
     assert det.scorers["musc"].tile_size is None and det.scorers["patchcore"].tile_size == 32
     with pytest.raises(InvalidParameterError, match="cannot score tiles"):
         vlad.create_scorer("musc", weights="tiny", tile_size=32).fit()
+
+
+def test_a_batch_without_references_calibrates_itself_under_the_pool_assumption():
+    # alpha 0.2 (with 12 images at 5%, the rule's threshold is the batch's largest score: nothing flagged)
+    det = vlad.create_detector("musc+anomalydino", false_alarm_rate=0.2, **DET_OPTIONS).fit()
+    batch = normals(12)[:11] + [synthetic_defect(0)[0]]
+    res = det.predict(batch)
+    info = det.threshold_info()
+    assert (info.rule, info.path, info.n_pool) == ("pool-assumption", "this-batch", 12)
+    assert "the 12 images scored together in the last call" in info.describe()
+    assert "not a guarantee" in info.describe()
+    assert res.labels is not None and res.labels[-1] and res.labels.sum() == 1  # the odd one out is flagged
+    assert float(res.image_scores[-1]) > det.image_threshold >= float(np.sort(res.image_scores)[0])
+    # a small batch cannot: back to the prior, and the sentence says so
+    det.predict(batch[:4])
+    assert det.threshold_info().rule == "prior"

@@ -18,6 +18,7 @@ from vlad.app.session import (
     inspect,
     live_scorers,
     load_prompt_file,
+    maps_html,
     prompts_to_text,
     remove_reference,
     render,
@@ -30,6 +31,6 @@ from vlad.app.ui import build_app, launch
 __all__ = [
     "DEFAULT_SCORERS", "DemoSession", "add_references", "apply_prompts",
     "apply_thresholds", "build_app", "build_detector", "default_prompt_text", "inspect", "launch", "live_scorers",
-    "load_prompt_file", "prompts_to_text", "remove_reference", "render", "save_prompt_file",
+    "load_prompt_file", "maps_html", "prompts_to_text", "remove_reference", "render", "save_prompt_file",
     "table_headers", "text_to_prompts",
 ]

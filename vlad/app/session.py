@@ -203,6 +203,50 @@ def render(session: DemoSession) -> tuple[list, list, list[list], str]:
     return fused, parts, rows, summary
 
 
+#: the longest side, in pixels, of a picture the app sends to the browser (each is shown whole, scaled down)
+SHOWN_SIDE = 640
+#: small pictures are drawn at least this wide (scaled up, still whole)
+MIN_SHOWN = 360
+
+
+def _png_data_url(rgb: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = Image.fromarray(np.asarray(rgb, dtype=np.uint8))
+    if max(img.size) > SHOWN_SIDE:
+        img.thumbnail((SHOWN_SIDE, SHOWN_SIDE), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def maps_html(items: list[tuple[np.ndarray, str]], images: list[np.ndarray] | None = None) -> str:
+    """HTML that shows each ``(picture, caption)`` whole, at its own aspect ratio (no crop), with the
+    matching image of ``images`` beside it when given. Pictures are sent as PNG data URLs."""
+    from html import escape
+
+    if not items:
+        return "<p>no maps yet</p>"
+    img_css = "flex:1 1 0;min-width:0;max-width:{w}px;width:100%;height:auto;display:block"
+    out = ['<div class="vlad-maps">']
+    for i, (pic, caption) in enumerate(items):
+        pic = np.asarray(pic)
+        cells = []
+        if images is not None:
+            src = np.asarray(images[i])
+            cells.append(f'<img class="vlad-image" alt="image" src="{_png_data_url(src)}" '
+                         f'style="{img_css.format(w=max(src.shape[1], MIN_SHOWN))}">')
+        cells.append(f'<img class="vlad-map" alt="{escape(caption)}" src="{_png_data_url(pic)}" '
+                     f'style="{img_css.format(w=max(pic.shape[1], MIN_SHOWN))}">')
+        out.append('<figure style="margin:0 0 14px 0"><div style="display:flex;gap:8px;align-items:flex-start">'
+                   f'{"".join(cells)}</div><figcaption>{escape(caption)}</figcaption></figure>')
+    out.append("</div>")
+    return "".join(out)
+
+
 def _threshold_words(session: DemoSession) -> str:
     """What the thresholds in force promise, in a sentence (moved sliders promise nothing)."""
     if session.image_threshold is not None or session.pixel_threshold is not None:

@@ -21,6 +21,7 @@ from vlad.app.session import (
     inspect,
     live_scorers,
     load_prompt_file,
+    maps_html,
     remove_reference,
     render,
     save_prompt_file,
@@ -79,8 +80,12 @@ def build_app(scorers: list[str] | None = None, object_name: str = "object", wei
                 summary = gr.Markdown("", elem_id="summary")
                 table = gr.Dataframe(headers=["image", "score", "label"], label="Scores", elem_id="scores",
                                      interactive=False)
-                fused = gr.Gallery(label="Fused anomaly map", columns=3, height=360, object_fit="contain")
-                parts = gr.Gallery(label="Each scorer's map", columns=4, height=300, object_fit="contain")
+                # plain HTML, not a Gallery: each map is shown whole at its image's aspect ratio, the image
+                # beside it (a Gallery's grid crops every picture to its own tile shape)
+                gr.Markdown("**Fused anomaly map** (image · map)")
+                fused = gr.HTML(elem_id="fused-maps")
+                with gr.Accordion("Each scorer's map", open=False):
+                    parts = gr.HTML(elem_id="part-maps")
                 with gr.Accordion("Prompts (WinCLIP)", open=True):
                     normal_in = gr.Textbox(normal0, lines=6, label="Normal states ({} = object)", elem_id="normal")
                     anomalous_in = gr.Textbox(anomalous0, lines=4, label="Anomalous states ({} = object)",
@@ -95,9 +100,11 @@ def build_app(scorers: list[str] | None = None, object_name: str = "object", wei
 
         def show(session):
             if session is None:
-                return [], [], gr.update(value=[]), ""
+                return maps_html([]), maps_html([]), gr.update(value=[]), ""
             f, p, rows, text = render(session)
-            return f, p, gr.update(value=rows, headers=table_headers(session)), text
+            images = [img.data if img.data.dtype.name == "uint8" else (img.pixels * 255).round().astype("uint8")
+                      for img in session.images] if f else None
+            return maps_html(f, images), maps_html(p), gr.update(value=rows, headers=table_headers(session)), text
 
         outputs = [fused, parts, table, summary]
 

@@ -9,7 +9,9 @@ the **measured false-alarm rate** (share flagged anomalous) and its defect image
 ``best-available``, when the references are too few for alpha): the mean measured rate is at most the
 bound plus twice the noise expected if the bound held exactly (each draw's rate is Beta-distributed
 around the bound, since the threshold itself comes from a random draw of n references, plus the
-binomial noise of the test images). The Clopper-Pearson interval is of
+binomial noise of the test images). At k = 1 the rule in force is ``views-assumption`` (the reference's
+jittered views stand in for other good parts): no bound is claimed, the row shows what rate it gives.
+The Clopper-Pearson interval is of
 the pooled test images alone.
 
 Distribution-free, so random weights are fine: the guarantee does not depend on how good the scorer
@@ -22,7 +24,8 @@ speed.
 
 Default plan (about an hour on a quiet 2-core machine):
 - patchcore on ksdd and mpdd, k in {1, 2, 4, 8, 16, 32} x 5 draws;
-- autoencoder on ksdd and mpdd, k in {8, 32} x 3 draws, a short budget (``--ae-steps`` 30 steps at
+- anomalydino on ksdd and mpdd, k in {1, 2, 4, 8} x 3 draws;
+- autoencoder on ksdd and mpdd, k in {1, 8, 32} x 3 draws, a short budget (``--ae-steps`` 30 steps at
   ``--ae-size`` 128 px: the guarantee is distribution-free, so it need not detect well to be tested);
 - the default detector on mpdd, k in {0, 1, 4, 16} x 2 draws, MAEDAY at 8 masks, at most 60 test
   images (40 good + 20 defective).
@@ -249,7 +252,8 @@ def _summarise(rows: dict) -> list[dict]:
 def _print_rows(rows: list[dict]) -> None:
     for r in rows:
         bound = "-" if r["bound"] is None else f"{r['bound']:.3f}"
-        ok = {True: "ok", False: "ABOVE", None: "(prior: no bound)"}[r["ok"]]
+        kind = "views: an assumption" if "views" in r["rule"] else "prior"
+        ok = {True: "ok", False: "ABOVE", None: f"({kind}: no bound)"}[r["ok"]]
         band = "" if r["noise_2sd"] is None else f" (+{r['noise_2sd']:.3f})"
         print(f"| {r['setting']} | {r['k']} | {r['alpha']:.2f} | {r['rule']} ({r['path']}) | {bound}{band} | "
               f"{r['far']:.3f} [{r['far_ci'][0]:.3f}, {r['far_ci'][1]:.3f}] | {ok} | {r['miss']:.3f} | "
@@ -259,8 +263,8 @@ def _print_rows(rows: list[dict]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlad.bench calibration", description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="../shared/data", help="folder holding ksdd/ and mpdd/")
-    parser.add_argument("--parts", default="patchcore,autoencoder,default",
-                        help="which parts to run (comma-separated: patchcore, autoencoder, default)")
+    parser.add_argument("--parts", default="patchcore,anomalydino,autoencoder,default",
+                        help="which parts to run (comma-separated: patchcore, anomalydino, autoencoder, default)")
     parser.add_argument("--draws", type=int, default=5, help="patchcore draws (autoencoder: 3, default: 2)")
     parser.add_argument("--ks", default="1,2,4,8,16,32", help="patchcore reference counts")
     parser.add_argument("--ae-steps", type=int, default=30, help="autoencoder training steps (its default: 400)")
@@ -294,12 +298,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                               {"weights": args.weights}, None, None)
             _print_rows(new)
             rows += new
+    if "anomalydino" in parts:
+        for s in args.sets.split(","):
+            new = run_setting(f"anomalydino/{s}", cats[s], "anomalydino", [1, 2, 4, 8], 3,
+                              {"weights": args.weights}, None, None)
+            _print_rows(new)
+            rows += new
     if "autoencoder" in parts:
         for s in args.sets.split(","):
             cat = cats[s]
             ae = {"train_steps": args.ae_steps, "image_size": args.ae_size}
             new = run_setting(f"autoencoder({args.ae_steps} steps, {args.ae_size} px)/{s}", cat, "autoencoder",
-                              [8, 32], 3, {"scorer_options": {"autoencoder": ae}, "random_state": 0}, None, None)
+                              [1, 8, 32], 3, {"scorer_options": {"autoencoder": ae}, "random_state": 0}, None, None)
             _print_rows(new)
             rows += new
     if "default" in parts:

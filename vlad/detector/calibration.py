@@ -48,6 +48,20 @@ statistic up by at most m places, so it is at least the conformal threshold of t
 whichever they are (:func:`pool_threshold`). Under the assumption the false-alarm bound holds; the
 assumption itself is not checked, and :class:`ThresholdInfo` says so in words.
 
+**One reference** (and no pool): the detector makes ``reference_views`` (default 8) jittered views of
+it (:mod:`vlad.detector.views`: moved, turned, scaled and lit a little differently), scores each as a
+new image against everything learnt from the reference, and treats the views' scores as references'
+(rule ``"views-assumption"``, path ``"reference-views"``). The assumption: a view differs from the
+reference as another good part would. Parts on a line also differ in texture and tolerances, so this
+is an approximation, not a guarantee; :class:`ThresholdInfo` says so, and how many more references
+give one. ``python -m vlad.bench calibration`` measures the rate it gives (its k = 1 rows).
+``reference_views=0`` uses the priors instead.
+
+**A batch calibrates itself** (no known-good image, no pool, an unlabeled-tier scorer such as MuSc,
+and at least 10 images in one ``predict`` call): the call's images, each scored as a new image (the
+unlabeled tier against the rest of the batch), calibrate that call under the pool assumption above
+(path ``"this-batch"``); :meth:`Detector.threshold_info` describes it until the detector changes.
+
 **Priors** (0 references, or too few to calibrate on): each scorer's output is put on the calibrated
 scale by an explicit prior (:func:`vlad.detector.fusion.prior_normaliser`: probabilities as they are;
 other scores judged against the image's own map), and the thresholds are ``prior_image_threshold`` and
@@ -67,8 +81,8 @@ import numpy as np
 from vlad.detector.fusion import Normaliser
 from vlad.errors import InvalidParameterError, VladError
 
-RULES = ("conformal", "best-available", "prior", "override", "pool-assumption")
-PATHS = ("exchangeable", "leave-one-out", "held-out", "none", "unlabeled-pool")
+RULES = ("conformal", "best-available", "prior", "override", "pool-assumption", "views-assumption")
+PATHS = ("exchangeable", "leave-one-out", "held-out", "none", "unlabeled-pool", "reference-views", "this-batch")
 
 
 def references_for_rate(alpha: float) -> int:
@@ -159,7 +173,8 @@ class ThresholdInfo:
 
     Attributes:
         rule: ``"conformal"`` (alpha guaranteed), ``"pool-assumption"`` (from the unlabeled pool, under
-            the stated assumption, see :attr:`assumption`), ``"best-available"`` (too few references for alpha:
+            the stated assumption, see :attr:`assumption`), ``"views-assumption"`` (one reference: from
+            its jittered views, under the stated assumption), ``"best-available"`` (too few references for alpha:
             the largest calibration score, guaranteeing ``guaranteed_rate``), ``"prior"`` (no normal
             data: an explicit prior, no guarantee) or ``"override"`` (a threshold the user set).
         path: how the calibration references were scored (see the module docstring).
@@ -189,8 +204,14 @@ class ThresholdInfo:
     @property
     def assumption(self) -> str | None:
         """The assumption the thresholds rest on (None when they rest on known-good references only)."""
+        if self.rule == "views-assumption":
+            return (f"its {self.n_calibration} jittered views (moved, turned and lit a little differently) differ "
+                    "from it as other good parts do")
         if self.rule != "pool-assumption":
             return None
+        if self.path == "this-batch":
+            return (f"at most {self.pool_defect_rate:.0%} of these {self.n_pool} images are defective, and its "
+                    "good images are like the line's other good images")
         return (f"at most {self.pool_defect_rate:.0%} of the {self.n_pool} unlabeled pool images are defective, "
                 "and its good images are like new good images")
 
@@ -202,9 +223,16 @@ class ThresholdInfo:
             return f"{refs}: thresholds set by hand, so no false-alarm rate is guaranteed"
         if self.rule == "pool-assumption":
             g = f"{self.guaranteed_rate:.0%}" if self.guaranteed_rate >= 0.01 else f"{self.guaranteed_rate:.2%}"
-            return (f"{self.n_pool} unlabeled images, ASSUMING {self.assumption.split(', and')[0]}: then at most "
+            source = (f"the {self.n_pool} images scored together in the last call" if self.path == "this-batch"
+                      else f"{self.n_pool} unlabeled images")
+            return (f"{source}, ASSUMING {self.assumption.split(', and')[0]}: then at most "
                     f"{g} of good parts will be flagged (asked for {a}); an assumption, not a guarantee: add "
                     f"{self.references_needed} known-good references for a guarantee")
+        if self.rule == "views-assumption":
+            g = f"{self.guaranteed_rate:.0%}" if self.guaranteed_rate >= 0.01 else f"{self.guaranteed_rate:.2%}"
+            return (f"{refs}, ASSUMING {self.assumption}: then at most {g} of good parts will be flagged (asked "
+                    f"for {a}); an approximation, not a guarantee: add {self.references_needed} more good images "
+                    "for a guarantee")
         if self.rule == "prior":
             more = f"add {self.references_needed} more good images to guarantee {a}"
             return (f"{refs}: too few good images to measure what normal looks like; the thresholds are a "

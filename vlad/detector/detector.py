@@ -78,6 +78,10 @@ from vlad.detector.fusion import (
     prior_normaliser,
     tier_weights,
 )
+from vlad.detector.views import DEFAULT_VIEWS, reference_views
+
+#: fewest images one predict call must hold to calibrate itself (unlabeled tier, no references, no pool)
+BATCH_CALIBRATION_MIN = 10
 from vlad.detector.spec import SHARED_OPTIONS, build_scorers, did_you_mean, parse_spec
 from vlad import errors
 from vlad.errors import EmptyReferenceSetError, InvalidParameterError, VladError
@@ -105,6 +109,7 @@ DETECTOR_DEFAULTS: dict[str, Any] = {
     "pool_defect_rate": 0.05,
     "calibration_refs": None,
     "calibration_split": 0.25,
+    "reference_views": DEFAULT_VIEWS,
     "prior_image_threshold": 0.5,
     "prior_pixel_threshold": 0.5,
     "image_threshold": None,
@@ -211,6 +216,9 @@ class Detector:
         self._image_override = self.options["image_threshold"]
         self._pixel_override = self.options["pixel_threshold"]
         self._calibration: Calibration | None = None
+        #: (the calibration in force, the one the last predict call made from its own batch), see
+        #: :meth:`_batch_calibration`; threshold_info() reports the latter while the former holds
+        self._batch_cal: tuple[Calibration, Calibration] | None = None
 
     def _check_options(self) -> None:
         o = self.options
@@ -230,6 +238,10 @@ class Detector:
         for key in ("image_threshold", "pixel_threshold"):
             if o[key] is not None:
                 _number(o, key, float("-inf"), float("inf"), lo_open=True, hi_open=True)
+        v = o["reference_views"]
+        if isinstance(v, bool) or not isinstance(v, int) or not (v == 0 or MIN_CALIBRATION <= v <= 64):
+            raise InvalidParameterError(f"reference_views must be 0 (priors at one reference) or an integer in "
+                                        f"[{MIN_CALIBRATION}, 64], got {v!r}")
         c = o["calibration_refs"]
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < MIN_CALIBRATION):
             raise InvalidParameterError(f"calibration_refs must be None (all references) or an integer >= "
@@ -565,19 +577,19 @@ class Detector:
         """The image threshold in use: the override, else derived from the references (or the prior)."""
         if self._image_override is not None:
             return self._image_override
-        return self._calibrated().image_threshold
+        return self._in_force().image_threshold
 
     @property
     def pixel_threshold(self) -> float:
         """The pixel threshold in use: the override, else derived from the references (or the prior)."""
         if self._pixel_override is not None:
             return self._pixel_override
-        return self._calibrated().pixel_threshold
+        return self._in_force().pixel_threshold
 
     def threshold_info(self) -> ThresholdInfo:
         """What the thresholds in force promise (rule, guaranteed rate, references needed) and a plain
         sentence for it (``.describe()``)."""
-        cal = self._calibrated()
+        cal = self._in_force()
         alpha = float(self.options["false_alarm_rate"])
         n = len(self.references_)
         need = references_for_rate(alpha)
@@ -586,7 +598,7 @@ class Detector:
             while len(held_out_indices(total, split)) < need:
                 total += 1
             more = total - n
-        elif cal.rule == "pool-assumption":
+        elif cal.rule in ("pool-assumption", "views-assumption"):
             more = need - sum(id(r) not in self._bootstrapped for r in self.references_)
         else:
             more = need - (len(cal.reference_scores) if cal.rule != "prior" else n)
@@ -711,6 +723,11 @@ class Detector:
             return empty.with_thresholds(self.image_threshold, self.pixel_threshold), {}
         cal = self._calibrated()
         raw = self._raw_predict(loaded)
+        if cal.rule == "prior" and self.batch_scoring and len(loaded) >= BATCH_CALIBRATION_MIN:
+            base, cal = cal, self._batch_calibration(raw)
+            self._batch_cal = (base, cal)
+        else:
+            self._batch_cal = None
         comps = {name: self._apply_working(cal, name, r) for name, r in raw.items()}
         fused = fuse_working(comps, self._weights(), self.options["fusion"])
         sizes = [img.size for img in loaded]
@@ -719,7 +736,9 @@ class Detector:
         fused.maps = [resize_maps(torch.as_tensor(m)[None], size)[0] for m, size in zip(fused.maps, sizes, strict=True)]
         out = replace(fused.to_result(), failures=failures)
         check_finite(out, "the fused detector")
-        return out.with_thresholds(self.image_threshold, self.pixel_threshold), raw
+        image_t = cal.image_threshold if self._image_override is None else self._image_override
+        pixel_t = cal.pixel_threshold if self._pixel_override is None else self._pixel_override
+        return out.with_thresholds(image_t, pixel_t), raw
 
     def _raw_predict(self, loaded: list[LoadedImage]) -> dict[str, WorkingResult]:
         with shared_device_copies():  # each image goes to a GPU once, for all the scorers
@@ -753,6 +772,14 @@ class Detector:
         """:meth:`_apply` on a :class:`~vlad.types.WorkingResult`, kept where it is."""
         return calibrate_working(self._units(name, raw), cal.normalisers, raw.names)
 
+    def _in_force(self) -> Calibration:
+        """The calibration the last result was labelled with: the one a batch made of itself in the last
+        call (:meth:`_batch_calibration`) while nothing changed since, else the detector's."""
+        cal = self._calibrated()
+        if self._batch_cal is not None and self._batch_cal[0] is cal:
+            return self._batch_cal[1]
+        return cal
+
     def _calibrated(self) -> Calibration:
         self._check_fitted()
         if self._calibration is None:
@@ -771,6 +798,9 @@ class Detector:
         if len(idx) < MIN_CALIBRATION:
             if len(self._pool_calibration_images()) >= MIN_CALIBRATION:
                 return self._pool_calibration(active, held)
+            real = [r for r in self.references_ if id(r) not in self._bootstrapped]
+            if len(real) == 1 and o["reference_views"] >= MIN_CALIBRATION:
+                return self._views_calibration(active, held, real[0])
             return self._prior_calibration(active, held)
         results = {name: self._reference_results(name, idx) for name in active}
         normalisers = self._fit_normalisers(results)
@@ -780,6 +810,37 @@ class Detector:
         cal.reference_map_maxima = [float(m.max()) for m in fused.map_list()]
         cal.path = ("held-out" if trained else
                     "leave-one-out" if any(type(self.scorers[s]).incremental for s in active) else "exchangeable")
+        self._set_thresholds_from_references(cal)
+        return cal
+
+    def _views_calibration(self, active: list[str], held: list[int], reference: LoadedImage) -> Calibration:
+        """One reference: its jittered views (:mod:`vlad.detector.views`), each scored as a new image,
+        stand in for other good parts under the rule ``"views-assumption"``."""
+        o = self.options
+        views = reference_views(reference, int(o["reference_views"]), seed=0)
+        with torch.inference_mode():
+            results = {name: self.scorers[name].predict_working(views) for name in active}
+        normalisers = self._fit_normalisers(results)
+        cal = Calibration(normalisers, 0.0, 0.0, rule="views-assumption", path="reference-views", held_out=held,
+                          n_references=len(self.references_))
+        fused = fuse_results({nm: self._apply(cal, nm, r) for nm, r in results.items()}, self._weights(), o["fusion"])
+        cal.reference_scores = fused.image_scores.astype(np.float64).tolist()
+        cal.reference_map_maxima = [float(m.max()) for m in fused.map_list()]
+        self._set_thresholds_from_references(cal)
+        return cal
+
+    def _batch_calibration(self, raw: Mapping[str, WorkingResult]) -> Calibration:
+        """No known-good image and no pool, but a batch scored together by the unlabeled tier: the batch
+        calibrates itself under the pool assumption (each image was scored as a new one: the unlabeled
+        scorers against the rest of the batch, the zero-shot ones as they are). For this call only."""
+        o = self.options
+        results = {name: r.to_result() for name, r in raw.items()}
+        normalisers = self._fit_normalisers(results)
+        cal = Calibration(normalisers, 0.0, 0.0, rule="pool-assumption", path="this-batch",
+                          n_references=len(self.references_), n_pool=len(next(iter(results.values())).image_scores))
+        fused = fuse_results({nm: self._apply(cal, nm, r) for nm, r in results.items()}, self._weights(), o["fusion"])
+        cal.reference_scores = fused.image_scores.astype(np.float64).tolist()
+        cal.reference_map_maxima = [float(m.max()) for m in fused.map_list()]
         self._set_thresholds_from_references(cal)
         return cal
 
@@ -793,6 +854,10 @@ class Detector:
             rate = float(self.options["pool_defect_rate"])
             cal.image_threshold, cal.rule, cal.guaranteed_rate = pool_threshold(cal.reference_scores, alpha, rate)
             cal.pixel_threshold, _, _ = pool_threshold(cal.reference_map_maxima, alpha, rate)
+            return
+        if cal.rule == "views-assumption":  # the conformal order statistic of the views; no guarantee
+            cal.image_threshold, _, cal.guaranteed_rate = conformal_threshold(cal.reference_scores, alpha)
+            cal.pixel_threshold, _, _ = conformal_threshold(cal.reference_map_maxima, alpha)
             return
         cal.image_threshold, cal.rule, cal.guaranteed_rate = conformal_threshold(cal.reference_scores, alpha)
         cal.pixel_threshold, _, _ = conformal_threshold(cal.reference_map_maxima, alpha)
