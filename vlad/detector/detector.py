@@ -36,7 +36,9 @@ pool under a stated assumption (``pool_defect_rate``: at most 5% of the pool is 
 :mod:`vlad.detector.calibration`. In short, the thresholds come from the ``false_alarm_rate`` the user
 states (default 5%) by the split-conformal rule on references scored as new images would be;
 :meth:`Detector.threshold_info` says which guarantee is in force, in numbers and words.
-``set_thresholds`` overrides either threshold or the rate.
+With one reference, its ``reference_views`` (default 8) jittered views stand in for other good parts,
+and a call of 10 or more images with an unlabeled scorer and no references calibrates itself: both
+under an assumption the sentence states. ``set_thresholds`` overrides either threshold or the rate.
 
 **Save/load.** :meth:`Detector.save` / :func:`vlad.detector.persistence.load_detector`: JSON and
 safetensors only, every file's sha256 checked on load.
