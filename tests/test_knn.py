@@ -190,11 +190,14 @@ def test_bad_prune_values_are_refused(bad):
 
 
 @pytest.mark.parametrize("name", ["patchcore", "anomalydino"])
-def test_scorers_refuse_a_bad_pruned_search_at_fit(name):
+def test_scorers_refuse_a_bad_pruned_search(name):
     import numpy as np
 
     import vlad
 
-    scorer = vlad.create_scorer(name, weights="tiny", pruned_search="yes")
+    with pytest.raises(VladError, match="pruned_search"):  # where it enters
+        vlad.create_scorer(name, weights="tiny", pruned_search="yes")
+    scorer = vlad.create_scorer(name, weights="tiny")
+    scorer.pruned_search = "yes"  # assigned as an attribute: refused at fit
     with pytest.raises(VladError, match="pruned_search"):
         scorer.fit([np.full((64, 64, 3), 128, np.uint8)])

@@ -174,9 +174,14 @@ def test_the_backbone_outputs_are_cast_to_float32_before_the_search(monkeypatch,
 # -- validation -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", PRETRAINED)
 @pytest.mark.parametrize("bad", ["fp8", "BF16", "bfloat16", None, 16])
-def test_bad_precision_is_refused_at_fit_naming_the_parameter(name, bad):
-    scorer = make(name, precision=bad)  # construction stores it unchecked (scikit-learn's rule)
-    assert scorer.get_params()["precision"] == bad
+def test_bad_precision_is_refused_where_it_enters_naming_the_parameter(name, bad):
+    with pytest.raises(vlad.InvalidParameterError) as err:  # construction checks (without modifying)
+        make(name, precision=bad)
+    for msg in (str(err.value),):
+        assert "precision" in msg and repr(bad) in msg
+        assert all(repr(p) in msg for p in ("fp32", "bf16", "fp16")), msg
+    scorer = make(name)
+    scorer.precision = bad  # assigned as an attribute, past the checks at construction and set_params
     with pytest.raises(vlad.InvalidParameterError) as err:
         scorer.fit(references()[:2])
     msg = str(err.value)

@@ -101,8 +101,8 @@ def test_a_non_string_object_name_is_refused_where_it_enters(bad):
         load_prompts(None, object_name=bad)
     import vlad
 
-    with pytest.raises(PromptError, match="object_name"):  # not an AttributeError deep in the prompt code
-        vlad.create_scorer("winclip", object_name=bad, weights="tiny").fit()
+    with pytest.raises(vlad.VladError, match="object_name"):  # not an AttributeError deep in the prompt code:
+        vlad.create_scorer("winclip", object_name=bad, weights="tiny").fit()  # the scorer refuses it on entry
 
 
 class _Encoder:

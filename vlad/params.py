@@ -55,11 +55,15 @@ class ParamsMixin:
     def set_params(self, **params: Any):
         """Set parameters (``name=value``, or ``name__sub=value`` on a parameter with parameters); returns self.
 
+        Every value is checked (:meth:`_check_set_params`) before any is set, so a refused call changes nothing.
+
         Raises:
-            InvalidParameterError: a name this class does not have (the closest one is suggested).
+            InvalidParameterError: a name this class does not have (the closest one is suggested), or a value
+                its check refuses.
         """
         valid = self._get_param_names()
         nested: dict[str, dict[str, Any]] = {}
+        direct: dict[str, Any] = {}
         for key, value in params.items():
             name, sep, sub = key.partition("__")
             if name not in valid:
@@ -67,10 +71,17 @@ class ParamsMixin:
             if sep:
                 nested.setdefault(name, {})[sub] = value
             else:
-                setattr(self, name, value)
+                direct[name] = value
+        self._check_set_params(direct)
+        for name, value in direct.items():
+            setattr(self, name, value)
         for name, sub_params in nested.items():
             getattr(self, name).set_params(**sub_params)
         return self
+
+    def _check_set_params(self, params: dict[str, Any]) -> None:
+        """Refuse values :meth:`set_params` is about to set (raise :class:`~vlad.errors.InvalidParameterError`);
+        here, nothing is refused (a class with a declared check overrides this)."""
 
     def __repr__(self) -> str:
         defaults = {p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()}

@@ -88,6 +88,7 @@ from vlad.detector.spec import SHARED_OPTIONS, build_scorers, did_you_mean, pars
 from vlad import errors
 from vlad.errors import EmptyReferenceSetError, InvalidParameterError, VladError
 from vlad.images import LoadedImage, as_image_list, load_images, load_readable
+from vlad.paramspec import Choice, Int, MappingOf, Number, Spec, check_values
 from vlad.precision import check_precision_value
 from vlad.registry import parameter_names
 from vlad.scorers.base import check_finite, reference_index
@@ -117,6 +118,39 @@ DETECTOR_DEFAULTS: dict[str, Any] = {
     "image_threshold": None,
     "pixel_threshold": None,
 }
+
+#: what each detector option accepts (:mod:`vlad.paramspec`), checked at construction (:class:`Detector`,
+#: :func:`create_detector`) and when a saved detector loads (:func:`check_options`, naming the file)
+OPTION_SPECS: dict[str, Spec] = {
+    "fusion": Choice(*FUSION_RULES),
+    "k0": Number(0, 1e6, lo_open=True).explain("references at which the few-shot tier weighs half"),
+    "fusion_weights": MappingOf(Number(0, 1e6), none=True, what="a dict").explain(
+        "scorer name -> relative weight within its tier, default 1 each"),
+    "normalisation": Choice(*NORMALISATION_METHODS),
+    "z0": Number(0, 1e6, lo_open=True),
+    "temperature": Number(0, 1e6, lo_open=True),
+    "pixel_quantile": Number(0, 1),
+    "false_alarm_rate": Number(0, 1, lo_open=True, hi_open=True).explain("e.g. 0.05 for 5% of good parts flagged"),
+    "u0": Number(0, 1e6, lo_open=True).explain("unlabeled images at which the unlabeled tier weighs half"),
+    "pool_defect_rate": Number(0, 1, hi_open=True),
+    "calibration_refs": Int(MIN_CALIBRATION, 10_000_000, none=True).explain("None = all references"),
+    "calibration_split": Number(0, 1, lo_open=True, hi_open=True),
+    "reference_views": Int(0, 64).explain("0 = priors at one reference, else at least 2 views"),
+    "prior_image_threshold": Number(0, 1),
+    "prior_pixel_threshold": Number(0, 1),
+    "image_threshold": Number(none=True).explain("None = from the references or the prior"),
+    "pixel_threshold": Number(none=True).explain("None = from the references or the prior"),
+}
+
+
+def check_options(options: Mapping[str, Any], where: str | None = None) -> None:
+    """Check detector option values against :data:`OPTION_SPECS`; ``where``: the saved file they came from.
+
+    Raises:
+        InvalidParameterError: names the option, the accepted values and the value (and ``where``).
+    """
+    check_values("detector", OPTION_SPECS, options, where)
+
 
 #: what :meth:`Detector.predict` does with an input it cannot read
 ON_ERROR = ("raise", "skip")
@@ -182,15 +216,6 @@ def create_detector(spec: str | Sequence[str] | None = None, **options: Any) -> 
     return Detector(scorers, **det_opts)
 
 
-def _number(o: Mapping[str, Any], key: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> None:
-    v = o[key]
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise InvalidParameterError(f"detector option {key} must be a number in {lb}{lo}, {hi}{rb}, got {v!r}")
-
-
 class Detector:
     """Several scorers, calibrated and fused into one image score and one map per image.
 
@@ -224,30 +249,10 @@ class Detector:
 
     def _check_options(self) -> None:
         o = self.options
-        if o["fusion"] not in FUSION_RULES:
-            raise InvalidParameterError(f"fusion must be one of {FUSION_RULES}, got {o['fusion']!r}")
-        if o["normalisation"] not in NORMALISATION_METHODS:
-            raise InvalidParameterError(f"normalisation must be one of {NORMALISATION_METHODS}, got {o['normalisation']!r}")
-        for key in ("k0", "temperature", "z0"):
-            _number(o, key, 0, float("inf"), lo_open=True, hi_open=True)
-        _number(o, "pixel_quantile", 0, 1)
-        _number(o, "u0", 0, float("inf"), lo_open=True, hi_open=True)
-        _number(o, "pool_defect_rate", 0, 1, hi_open=True)
-        _number(o, "calibration_split", 0, 1, lo_open=True, hi_open=True)
-        check_rate(o["false_alarm_rate"])
-        for key in ("prior_image_threshold", "prior_pixel_threshold"):
-            _number(o, key, 0, 1)
-        for key in ("image_threshold", "pixel_threshold"):
-            if o[key] is not None:
-                _number(o, key, float("-inf"), float("inf"), lo_open=True, hi_open=True)
-        v = o["reference_views"]
-        if isinstance(v, bool) or not isinstance(v, int) or not (v == 0 or MIN_CALIBRATION <= v <= 64):
-            raise InvalidParameterError(f"reference_views must be 0 (priors at one reference) or an integer in "
-                                        f"[{MIN_CALIBRATION}, 64], got {v!r}")
-        c = o["calibration_refs"]
-        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < MIN_CALIBRATION):
-            raise InvalidParameterError(f"calibration_refs must be None (all references) or an integer >= "
-                                        f"{MIN_CALIBRATION}, got {c!r}")
+        check_options(o)
+        if o["reference_views"] == 1:
+            raise InvalidParameterError("detector: reference_views must be 0 (priors at one reference) or an "
+                                        f"integer in [{MIN_CALIBRATION}, 64], got 1")
         for name, scorer in self.scorers.items():  # a scorer option, checked here to fail before any fit
             if "precision" in parameter_names(type(scorer)):
                 check_precision_value(scorer.precision, f"precision (of scorer {name!r})")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vlad.detector.calibration import Calibration
-from vlad.detector.detector import DETECTOR_DEFAULTS, Detector
+from vlad.detector.detector import DETECTOR_DEFAULTS, Detector, check_options
 from vlad.detector.spec import parse_spec
 from vlad.errors import IntegrityError, VladError
 from vlad.images import LoadedImage
@@ -101,6 +101,7 @@ def load_detector(path: str | Path, device: str | None = None, precision: str | 
 
     Raises:
         VladError: missing files, not JSON, unknown scorer names, unexpected keys or types.
+        InvalidParameterError: a saved option or scorer parameter its spec refuses (names the file).
         IntegrityError: a file changed after saving.
     """
     folder = Path(path)
@@ -111,6 +112,9 @@ def load_detector(path: str | Path, device: str | None = None, precision: str | 
     if doc["format"] != FORMAT or doc["format_version"] != FORMAT_VERSION:
         raise VladError(f"{where}: expected format {FORMAT!r} version {FORMAT_VERSION}, got {doc['format']!r} "
                         f"version {doc['format_version']!r}; fit the detector again and save it with this vlad")
+    options = doc["options"]
+    check_keys(options, set(DETECTOR_DEFAULTS), f"{where}: options")
+    check_options(options, where)  # every value against its spec, naming the file, before any state is read
     entries = doc["scorers"]
     if not isinstance(entries, dict) or not entries:
         raise VladError(f"{where}: 'scorers' must be a non-empty object of name -> entry")
@@ -145,8 +149,6 @@ def load_detector(path: str | Path, device: str | None = None, precision: str | 
             scorers[name] = create_scorer(name, **params)
     if fallbacks:
         warn_cpu_fallback(folder, " and ".join(sorted(set(fallbacks))))
-    options = doc["options"]
-    check_keys(options, set(DETECTOR_DEFAULTS), f"{where}: options")
     det = Detector(scorers, **options)
     det.active_ = active
     det.fitted_ = any(active.values())

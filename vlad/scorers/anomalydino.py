@@ -39,6 +39,7 @@ from vlad.errors import EmptyReferenceSetError, VladError
 from vlad.images import LoadedImage
 from vlad.memory import KnnIndex, greedy_coreset, resolve_prune
 from vlad.ops import resize_blur, to_batch
+from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer, FewShotMixin
 
 logger = logging.getLogger(__name__)
@@ -226,6 +227,18 @@ class AnomalyDINO(FewShotMixin, BaseScorer):
 
     requires_references = True
     _aligned_lists = ("ref_info_",)
+
+    #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
+    _param_specs = {
+        "image_size": ps.SQUARE_IMAGE_SIZE,
+        "random_state": ps.SEED,
+        "rotations": ps.Int(1, 360).explain("8 = the paper's, 1 = none"),
+        "masking": ps.Choice(False, True, "auto"),
+        "mask_threshold": ps.Number(-1e6, 1e6),
+        "top_fraction": ps.Number(0, 1, lo_open=True).explain("the paper uses 0.01"),
+        "coreset_per_reference": ps.Int(1, 100_000_000, none=True),
+        "pruned_search": ps.Choice(False, True, "auto"),
+    }
 
     def __init__(
         self,

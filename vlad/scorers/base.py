@@ -1,8 +1,16 @@
 """The written scorer contract: scikit-learn estimator rules plus vlad's image handling.
 
 **Parameters.** ``__init__`` lists the parameters and stores them as they are: no downloads, no
-validation, no other attributes (so ``get_params``, ``set_params`` and ``sklearn.base.clone`` work; the
-protocol comes from :class:`vlad.params.ParamsMixin`, which does not import scikit-learn).
+conversion, no other attributes (so ``get_params``, ``set_params`` and ``sklearn.base.clone`` work; the
+protocol comes from :class:`vlad.params.ParamsMixin`, which does not import scikit-learn). Every
+parameter is declared in the class attribute ``_param_specs`` (name -> :class:`vlad.paramspec.Spec`: its
+type and a sane range; the parameters many scorers share, :data:`vlad.paramspec.COMMON_SPECS`, are
+declared here) and checked where it enters: at construction (``__init_subclass__`` wraps ``__init__``, so a
+scorer does not call the check itself; a value is refused, never modified), by ``set_params`` (before
+anything is set), when a saved config loads (:func:`check_params`, naming the file) and again at ``fit``
+(for values assigned as attributes). A refused value is an :class:`~vlad.errors.InvalidParameterError`
+naming the scorer, the parameter, the accepted values and the value. What needs the backbone (e.g. a
+multiple of its patch size) is checked when it is built.
 
 **Fitting.** ``fit(reference_images=None) -> self`` builds the backbone (lazily, from a weight name or
 an injected module) and learns from the normal references, if any. Fitted state lives in attributes
@@ -84,6 +92,7 @@ from vlad.errors import (
 )
 from vlad.images import LoadedImage, load_images
 from vlad.params import ParamsMixin
+from vlad.paramspec import COMMON_SPECS, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, Spec, check_values  # noqa: F401 (sides: re-exported)
 from vlad.precision import autocast, check_precision
 from vlad.progress import track
 from vlad.registry import parameter_names
@@ -113,23 +122,34 @@ OUTPUT_SCALES = ("probability", "score")
 TILING_PARAMS = {"tile_size": None, "tile_overlap": None}
 
 
-def _with_tiling_params(init):
-    """``init`` with the keyword-only parameters of :data:`TILING_PARAMS` added (stored as attributes,
-    visible to ``get_params``/``clone`` through the signature)."""
+def _checked_init(init):
+    """``init`` with the keyword-only parameters of :data:`TILING_PARAMS` added where it lacks them (stored
+    as attributes, visible to ``get_params``/``clone`` through the signature), and the parameters checked
+    against the class's ``_param_specs`` once the outermost ``__init__`` has stored them (a subclass's
+    ``super().__init__`` call does not check a half-built object)."""
     sig = inspect.signature(init)
-    if all(name in sig.parameters for name in TILING_PARAMS):
-        return init
+    add_tiling = not all(name in sig.parameters for name in TILING_PARAMS)
 
-    @functools.wraps(init)
-    def __init__(self, *args, tile_size=None, tile_overlap=None, **kwargs):
-        init(self, *args, **kwargs)
-        self.tile_size = tile_size
-        self.tile_overlap = tile_overlap
+    if add_tiling:
+        @functools.wraps(init)
+        def __init__(self, *args, tile_size=None, tile_overlap=None, **kwargs):
+            init(self, *args, **kwargs)
+            self.tile_size = tile_size
+            self.tile_overlap = tile_overlap
+            if type(self).__init__ is __init__:
+                self._check_stored_params()
 
-    params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in TILING_PARAMS.items()]
-    params += [p for p in sig.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD]
-    __init__.__signature__ = sig.replace(parameters=params)
+        params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+        params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in TILING_PARAMS.items()]
+        params += [p for p in sig.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD]
+        __init__.__signature__ = sig.replace(parameters=params)
+    else:
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            if type(self).__init__ is __init__:
+                self._check_stored_params()
+
     return __init__
 
 
@@ -160,10 +180,19 @@ class BaseScorer(ParamsMixin):
     #: ``tile_size``/``tile_overlap`` then skip it, and setting them on it is an error
     tiles: ClassVar[bool] = True
 
+    #: parameter name -> :class:`vlad.paramspec.Spec` (see the module docstring, "Parameters"); a subclass
+    #: declares its own, merged over those of its bases by ``__init_subclass__``
+    _param_specs: ClassVar[Mapping[str, Spec]] = COMMON_SPECS
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
-            cls.__init__ = _with_tiling_params(cls.__dict__["__init__"])
+            cls.__init__ = _checked_init(cls.__dict__["__init__"])
+        specs: dict[str, Spec] = {}
+        for base in reversed(cls.__bases__):
+            specs.update(getattr(base, "_param_specs", {}))
+        specs.update(cls.__dict__.get("_param_specs", {}))
+        cls._param_specs = specs
         if "tier" not in cls.__dict__:
             cls.tier = "few" if cls.requires_references else "zero"
         for attr, allowed in (("tier", TIERS), ("output_scale", OUTPUT_SCALES)):
@@ -207,7 +236,7 @@ class BaseScorer(ParamsMixin):
             EmptyReferenceSetError: the scorer needs references and got none.
             InvalidImageError: a reference is not a readable image.
         """
-        check_image_size(getattr(self, "image_size", None))
+        self._check_stored_params()  # again: a value may have been assigned as an attribute since
         references = self._load_references(reference_images)
         tiling = self._tiling()
         self.device_ = resolve_device(getattr(self, "device", "cpu"))
@@ -346,6 +375,35 @@ class BaseScorer(ParamsMixin):
         the saved device when this machine has it, else the CPU, with a logged warning); ``precision``
         (None: as saved) replaces the saved one."""
         return load_scorer(path, device=device, precision=precision)
+
+    # -- parameter checks (module docstring, "Parameters") --------------------------------------
+    @classmethod
+    def _check_param_values(cls, params: Mapping[str, Any], where: str | None = None,
+                            current: Mapping[str, Any] | None = None) -> None:
+        """Check ``params`` against ``_param_specs``, then the rules that join parameters (tiling), on
+        ``params`` over ``current`` (the values not being changed); ``where``: the saved file they came from.
+
+        Raises:
+            InvalidParameterError: names the scorer, the parameter, the accepted values and the value.
+        """
+        owner = cls.scorer_name or cls.__name__
+        check_values(owner, cls._param_specs, params, where)
+        merged = {**(current or {}), **params}
+        if "tile_size" in merged and ("tile_size" in params or "tile_overlap" in params):
+            try:
+                check_tiling(merged.get("tile_size"), merged.get("tile_overlap"))
+            except InvalidParameterError as exc:
+                prefix = f"{where}: {owner!r}" if where else owner
+                raise InvalidParameterError(f"{prefix}: {exc}") from None
+
+    def _check_stored_params(self) -> None:
+        """Check the values this scorer holds (after ``__init__``, and at ``fit``)."""
+        self._check_param_values({n: getattr(self, n) for n in self._get_param_names() if hasattr(self, n)})
+
+    def _check_set_params(self, params: dict[str, Any]) -> None:
+        """:meth:`set_params`' check, before anything is set."""
+        current = {n: getattr(self, n) for n in self._get_param_names() if hasattr(self, n)}
+        self._check_param_values(params, current=current)
 
     # -- helpers for subclasses ---------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -559,35 +617,12 @@ class FewShotMixin:
         return [name for name, zi in zip(self.reference_names_, z) if zi > z_threshold]
 
 
-#: the longest side a scorer's ``image_size`` may ask for: inputs are resized to it, and a ViT or CNN at
-#: 4096 px already holds gigabytes of activations (60000 would ask torch for tens of gigabytes)
-MAX_IMAGE_SIDE = 4096
-MIN_IMAGE_SIDE = 16
-
-
-def check_image_size(value: Any, what: str = "image_size") -> None:
-    """Refuse an ``image_size`` that is not None, a whole number of pixels or ``(H, W)``, each side in
-    [:data:`MIN_IMAGE_SIDE`, :data:`MAX_IMAGE_SIDE`] (checked at ``fit`` and when a saved scorer loads; a
-    scorer may ask more of it, e.g. a multiple of its patch size).
-
-    Raises:
-        InvalidParameterError: names ``what``, the value and the accepted range.
-    """
-    if value is None:
-        return
-    sides = list(value) if isinstance(value, (tuple, list)) and len(value) == 2 else [value]
-    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not MIN_IMAGE_SIDE <= s <= MAX_IMAGE_SIDE
-           for s in sides):
-        raise InvalidParameterError(
-            f"{what} must be None, a whole number of pixels or (H, W), each side in [{MIN_IMAGE_SIDE}, "
-            f"{MAX_IMAGE_SIDE}], got {value!r}; for larger images use tiling (tile_size=...)")
-
-
 def check_params(name: str, cls: type, params: Any, where: str) -> dict[str, Any]:
     """Saved parameters of scorer ``name``: a plain JSON object of parameters ``cls`` accepts.
 
     Raises:
         VladError: not an object, non-plain values, or unknown parameter names.
+        InvalidParameterError: a value its spec refuses (names ``where``, the scorer, the parameter and the value).
     """
     if not isinstance(params, dict):
         raise VladError(f"{where}: 'params' of {name!r} must be a JSON object, got {type(params).__name__}")
@@ -596,11 +631,20 @@ def check_params(name: str, cls: type, params: Any, where: str) -> dict[str, Any
     if extra:
         raise VladError(f"{where}: scorer {name!r} has no parameter(s) {sorted(extra)}; it accepts "
                         f"{parameter_names(cls)}")
-    check_image_size(params.get("image_size"), f"{where}: image_size of {name!r}")
     # JSON has no tuples: give back a tuple where the parameter's default is one (layers, scales, ...)
     defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()}
-    return {k: tuple(v) if isinstance(v, list) and isinstance(defaults.get(k), tuple) else v
-            for k, v in params.items()}
+    params = {k: tuple(v) if isinstance(v, list) and isinstance(defaults.get(k), tuple) else v
+              for k, v in params.items()}
+    check_values_of = getattr(cls, "_check_param_values", None)
+    if check_values_of is not None:  # every value checked against the class's specs, naming the file
+        check_values_of(params, where=where, current=_defaults_of(cls))
+    return params
+
+
+def _defaults_of(cls: type) -> dict[str, Any]:
+    """The defaults of ``cls.__init__``'s parameters (those that have one)."""
+    return {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()
+            if v.default is not inspect.Parameter.empty}
 
 
 def loading_device(saved: Any, device: str | None) -> tuple[Any, bool]:

@@ -48,10 +48,12 @@ from vlad.scorers.autoencoder import (
     resolve_size,
     ssim_map,
 )
+from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
 from vlad.scorers.scratch import (
     CANVAS_MODES,
     MIN_HELD_OUT_FOR_STATS,
+    NORMALIZE_MODES,
     MapRule,
     apply_rule,
     auto_steps,
@@ -159,6 +161,25 @@ class DRAEM(BaseScorer):
     """
 
     requires_references = True
+
+    #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
+    _param_specs = {
+        "backbone": ps.NO_BACKBONE,
+        "weights": ps.SCRATCH_WEIGHTS,
+        "canvas": ps.Choice(*CANVAS_MODES),
+        "train_steps": ps.Int(1, 10_000_000, none=True).explain("None = grows with the number of references"),
+        "time_limit": ps.Number(0, None, lo_open=True, none=True).explain("seconds; None = no cap"),
+        "validation_fraction": ps.Number(0, 1, hi_open=True),
+        "patience": ps.Int(0, 1_000_000).explain("0 = never stop early"),
+        "lr": ps.LEARNING_RATE,
+        "recon_channels": ps.WIDTH,
+        "latent_channels": ps.WIDTH,
+        "disc_channels": ps.WIDTH,
+        "anomaly_probability": ps.Number(0, 1).explain("the paper uses 0.5"),
+        "normalize": ps.Choice(*NORMALIZE_MODES),
+        "topk_fraction": ps.Number(0, 1).explain("0 = the map's maximum"),
+        "shift_tolerance": ps.Int(0, 1024),
+    }
 
     def __init__(
         self,

@@ -44,6 +44,7 @@ from vlad.images import LoadedImage
 from vlad.ops import preprocess_batch, to_batch
 from vlad.rng import seeded
 from vlad.scorers.autoencoder import resolve_size, train_loop
+from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,17 @@ class EfficientAD(BaseScorer):
     """
 
     requires_references = True
+
+    #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
+    _param_specs = {
+        "layers": ps.CNN_STAGES_ANY_ORDER,
+        "out_channels": ps.WIDTH,
+        "train_steps": ps.STEPS,
+        "lr": ps.LEARNING_RATE,
+        "weight_decay": ps.WEIGHT_DECAY,
+        "hard_quantile": ps.Number(0, 1).explain("the paper uses 0.999"),
+        "map_quantiles": ps.Seq(ps.Number(0, 1), 2, 2, increasing=True, example="(0.9, 0.995), the paper's"),
+    }
 
     def __init__(
         self,

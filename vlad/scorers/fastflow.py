@@ -42,6 +42,7 @@ from vlad.images import LoadedImage
 from vlad.ops import gaussian_blur, preprocess_batch, resize_maps, topk_mean
 from vlad.progress import track
 from vlad.rng import cpu_generator, init_module
+from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,20 @@ class FastFlow(BaseScorer):
     """
 
     requires_references = True
+
+    #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
+    _param_specs = {
+        "image_size": ps.SQUARE_IMAGE_SIZE,
+        "layers": ps.CNN_STAGES,
+        "flow_steps": ps.Int(1, 64).explain("the paper uses 8"),
+        "hidden_ratio": ps.Number(0, 16, lo_open=True),
+        "clamp": ps.Number(0, 100, lo_open=True),
+        "epochs": ps.Int(0, 1_000_000, none=True).explain("None = from image_steps"),
+        "image_steps": ps.STEPS,
+        "lr": ps.LEARNING_RATE,
+        "weight_decay": ps.WEIGHT_DECAY,
+        "score": ps.Choice("max", "topk"),
+    }
 
     def __init__(
         self,

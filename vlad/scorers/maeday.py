@@ -35,6 +35,7 @@ from vlad.backbones import load_backbone
 from vlad.errors import InvalidParameterError, VladError
 from vlad.images import LoadedImage
 from vlad.ops import gaussian_blur, preprocess_batch, resize_maps, to_batch, topk_mean
+from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,18 @@ class MAEDAY(BaseScorer):
     """
 
     requires_references = False
+
+    #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
+    _param_specs = {
+        "n_masks": ps.Int(1, 4096).explain("MAEDAY uses 32"),
+        "mask_ratio": ps.Number(0, 1, lo_open=True, hi_open=True).explain("MAEDAY uses 0.75"),
+        "mask_batch": ps.Int(1, 4096),
+        "score": ps.Choice(*SCORE_MODES),
+        "topk": ps.Number(0, 1, lo_open=True),
+        "image_size": ps.SQUARE_IMAGE_SIZE,
+        "large_images": ps.Choice(*LARGE_IMAGE_MODES),
+        "random_state": ps.SEED,
+    }
 
     def __init__(
         self,

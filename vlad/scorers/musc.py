@@ -83,6 +83,7 @@ from vlad.images import LoadedImage, load_images
 from vlad.memory.mutual import iter_image_nn_distances
 from vlad.ops import resize_maps, to_batch
 from vlad.precision import to_float32
+from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer, check_finite
 from vlad.tiling import working_shape
 from vlad.types import AnomalyResult, ImagesLike, WorkingResult
@@ -368,6 +369,20 @@ class MuSc(BaseScorer):
     tier = "unlabeled"
     requires_references = False
     tiles = False  # a tile's patches would be scored against the other tiles of the same image
+
+    #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
+    _param_specs = {
+        "image_size": ps.SQUARE_IMAGE_SIZE,
+        "layers": ps.Seq(ps.Int(0, 1023), 1, 1024, none=True, example="(5, 11, 17, 23)"),
+        "degrees": ps.Seq(ps.Int(1, 99, odd=True), 1, 16, example="(1, 3, 5), the paper's"),
+        "lowest_fraction": ps.Number(0, 1, lo_open=True).explain("the paper uses 0.3"),
+        "rscin_windows": ps.Seq(ps.Int(1, 1024), 0, 16, example="(1, 2, 3); () switches re-scoring off"),
+        "pool_size": ps.Int(2, 1_000_000),
+        "random_state": ps.SEED,
+        "tile_size": ps.Choice(None, 0).explain(
+            "musc scores whole images against each other, so it cannot score tiles; leave tile_size unset for "
+            "musc (other scorers of a detector may tile)"),
+    }
 
     def __init__(
         self,

@@ -30,6 +30,7 @@ from vlad.features import check_layers, embed_all, load_cnn_stages, stage_channe
 from vlad.images import LoadedImage
 from vlad.rng import cpu_generator
 from vlad.ops import preprocess_batch, resize_blur
+from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
 from vlad.weights import get_spec
 
@@ -62,6 +63,14 @@ class PaDiM(BaseScorer):
     """
 
     requires_references = True
+
+    #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
+    _param_specs = {
+        "image_size": ps.SQUARE_IMAGE_SIZE,
+        "layers": ps.CNN_STAGES,
+        "n_features": ps.Int(1, 1_000_000, none=True).explain("None = the paper's, capped at the channels"),
+        "epsilon": ps.Number(0, 1e6, lo_open=True),
+    }
 
     def __init__(
         self,

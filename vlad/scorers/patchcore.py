@@ -36,6 +36,7 @@ from vlad.memory import DEFAULT_MAX_BYTES, KnnIndex, greedy_coreset, knn_distanc
 from vlad.ops import preprocess_batch, resize_blur
 from vlad.precision import to_float32
 from vlad.progress import track
+from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer, FewShotMixin
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,17 @@ class PatchCore(FewShotMixin, BaseScorer):
     _INDEX_MIN_ROWS = 4096
     #: features above this magnitude keep the pre-coreset stack in float32 (float16 max is 65504)
     _FLOAT16_SAFE = 6.0e4
+
+    #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
+    _param_specs = {
+        "layers": ps.CNN_STAGES_ANY_ORDER,
+        "embed_dim": ps.WIDTH,
+        "coreset_ratio": ps.Number(0, 1, lo_open=True).explain("1.0 keeps every patch"),
+        "projection_dim": ps.Int(1, 16_384, none=True).explain("None = no projection"),
+        "num_neighbors": ps.Int(1, 100_000),
+        "image_size": ps.SQUARE_IMAGE_SIZE,
+        "pruned_search": ps.Choice(False, True, "auto"),
+    }
 
     def __init__(
         self,

@@ -24,6 +24,7 @@ from vlad.features import check_layers, embed_all, load_cnn_stages, stage_output
 from vlad.images import LoadedImage
 from vlad.memory import knn_distances
 from vlad.ops import gaussian_blur, preprocess_batch, resize_maps
+from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,14 @@ class SPADE(BaseScorer):
     """
 
     requires_references = True
+
+    #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
+    _param_specs = {
+        "image_size": ps.SQUARE_IMAGE_SIZE,
+        "layers": ps.CNN_STAGES,
+        "k": ps.Int(1, 1_000_000).explain("nearest reference images, capped at the number of references"),
+        "random_state": ps.SEED,
+    }
 
     def __init__(
         self,

@@ -30,6 +30,7 @@ from vlad.images import LoadedImage
 from vlad.ops import gaussian_blur, preprocess_batch
 from vlad.rng import init_module
 from vlad.scorers.autoencoder import resolve_size, train_loop
+from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,15 @@ class STPM(BaseScorer):
     """
 
     requires_references = True
+
+    #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
+    _param_specs = {
+        "layers": ps.CNN_STAGES_ANY_ORDER,
+        "train_steps": ps.STEPS,
+        "lr": ps.LEARNING_RATE,
+        "momentum": ps.Number(0, 1, hi_open=True),
+        "weight_decay": ps.WEIGHT_DECAY,
+    }
 
     def __init__(
         self,

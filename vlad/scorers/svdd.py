@@ -33,6 +33,7 @@ from vlad.images import LoadedImage
 from vlad.ops import preprocess_batch, resize_blur
 from vlad.progress import track
 from vlad.rng import cpu_generator, init_module
+from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,19 @@ class PatchSVDD(BaseScorer):
     """
 
     requires_references = True
+
+    #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
+    _param_specs = {
+        "image_size": ps.SQUARE_IMAGE_SIZE,
+        "layers": ps.CNN_STAGES,
+        "hidden_dim": ps.WIDTH,
+        "out_dim": ps.WIDTH,
+        "epochs": ps.Int(0, 1_000_000),
+        "lr": ps.LEARNING_RATE,
+        "weight_decay": ps.WEIGHT_DECAY,
+        "patch_batch": ps.Int(1, 2**24),
+        "max_patches": ps.Int(1, 2**31 - 1),
+    }
 
     def __init__(
         self,

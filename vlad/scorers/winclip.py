@@ -43,6 +43,7 @@ from vlad.memory import KnnIndex
 from vlad.ops import preprocess_batch
 from vlad.precision import to_float32
 from vlad.prompts import PromptSet, PromptsLike, clip_weights_id, load_prompts, text_cache
+from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer, FewShotMixin
 
 logger = logging.getLogger(__name__)
@@ -310,6 +311,16 @@ class WinCLIP(FewShotMixin, BaseScorer):
     #: with references (WinCLIP+), the score is (zero-shot probability + few-shot distance) / 2; the two
     #: parts are returned in ``components`` so each is calibrated as what it is
     part_scales = {"zero_shot": "probability", "few_shot": "score"}
+
+    #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
+    _param_specs = {
+        "object_name": ps.Str(what="a non-empty string (what is inspected, in words)"),
+        "prompts": ps.Prompts(),
+        "scales": ps.Seq(ps.Int(1, 64), 1, 16, example="(2, 3), the paper's"),
+        "temperature": ps.Number(0, 100, lo_open=True).explain("the paper uses 0.07"),
+        "image_size": ps.SQUARE_IMAGE_SIZE,
+        "random_state": ps.SEED,
+    }
 
     def __init__(
         self,
