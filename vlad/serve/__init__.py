@@ -48,7 +48,9 @@ import ipaddress
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,4 +242,15 @@ def serve(detector, host: str = "127.0.0.1", port: int = 8000, *, device: str | 
                    options.max_batch, options.max_wait_ms, options.queue, ", token required" if options.token else "")
     config = uvicorn.Config(app, host=host, port=port, access_log=access_log, log_level=log_level,
                             timeout_graceful_shutdown=int(math.ceil(options.timeout_s)) + 5, lifespan="on")
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+    # uvicorn drains on SIGTERM, then raises the signal again under the handler found before it ran: a
+    # handler that does nothing makes a drained SIGTERM a normal return (exit code 0, as process managers
+    # expect of a clean stop), instead of death by the signal. SIGINT keeps its KeyboardInterrupt.
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, before)
