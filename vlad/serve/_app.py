@@ -301,8 +301,8 @@ def create_app(detector, options=None, **kwargs):
                            "multipart/form-data files (curl -F image=@part.png)")
         body = await _read_body(request, options.max_body_bytes)
         try:
-            parts = (split_multipart(request.headers["content-type"], body, options.max_images)
-                     if kind == MULTIPART else [Part("body", body)])
+            parts = (await state.in_pool(split_multipart, request.headers["content-type"], body, options.max_images)
+                     if kind == MULTIPART else [Part("body", body)])  # a large multipart body: off the event loop
         except BodyError as exc:
             raise ApiError(exc.status, exc.kind, exc.message) from None
         del body
