@@ -8,7 +8,6 @@ import base64
 import hmac
 import io
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
