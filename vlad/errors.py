@@ -22,6 +22,11 @@ class InvalidImageError(VladError, ValueError):
     """An input could not be read as an image (corrupt, truncated, empty, too large, wrong shape or type)."""
 
 
+class ImageTooLargeError(InvalidImageError):
+    """An image file has more pixels than the limit in force (:func:`vlad.images.max_image_pixels`), found
+    from its header before it is decoded; an :class:`InvalidImageError` too (``vlad serve`` answers 413)."""
+
+
 class UnknownScorerError(VladError, KeyError):
     """A scorer name that is not registered."""
 

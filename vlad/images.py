@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlad.errors import InvalidImageError
+from vlad.errors import ImageTooLargeError, InvalidImageError
 from vlad.types import ImageFailure
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -157,8 +158,8 @@ def max_image_pixels() -> int | None:
     return limit if limit > 0 else None
 
 
-def _too_large(name: str, width: int, height: int, limit: int) -> InvalidImageError:
-    return InvalidImageError(
+def _too_large(name: str, width: int, height: int, limit: int) -> ImageTooLargeError:
+    return ImageTooLargeError(
         f"{name}: {width}x{height} = {width * height} pixels is over the limit of {limit} pixels, which "
         f"guards against decompression bombs. If the image is genuine, raise the limit: environment variable "
         f"{MAX_PIXELS_ENV}=<pixels> (0: no limit), `--max-pixels N` on the command line, or "
@@ -166,15 +167,29 @@ def _too_large(name: str, width: int, height: int, limit: int) -> InvalidImageEr
     )
 
 
+_pil_limit_lock = threading.Lock()
+_pil_limit_users = 0  # decodes under way with PIL's check off (several threads may decode at once)
+_pil_limit_saved = None
+
+
 @contextmanager
 def _pil_limit_off():
-    """vlad checks the pixel limit itself (with the size in its message): PIL's check is off meanwhile."""
-    before = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
+    """vlad checks the pixel limit itself (with the size in its message): PIL's check is off meanwhile.
+    Counted, so that threads decoding at once (``vlad serve``'s decoders) neither restore PIL's limit
+    under another thread's decode nor leave it off for good."""
+    global _pil_limit_users, _pil_limit_saved
+    with _pil_limit_lock:
+        if _pil_limit_users == 0:
+            _pil_limit_saved = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _pil_limit_users += 1
     try:
         yield
     finally:
-        Image.MAX_IMAGE_PIXELS = before
+        with _pil_limit_lock:
+            _pil_limit_users -= 1
+            if _pil_limit_users == 0:
+                Image.MAX_IMAGE_PIXELS = _pil_limit_saved
 
 
 def _cannot_open(name: str, exc: OSError) -> InvalidImageError:
@@ -202,8 +217,15 @@ def _read_file(path: Path) -> np.ndarray:
         fh = open(path, "rb")
     except OSError as exc:  # e.g. no read permission: the file is fine, this user cannot read it
         raise _cannot_open(name, exc) from None
+    with fh:
+        return _decode(fh, name, limit)
+
+
+def _decode(fh, name: str, limit: int | None) -> np.ndarray:
+    """Decode the image file open as ``fh`` (a binary file object), refusing more than ``limit`` pixels
+    from its header, before decoding."""
     try:
-        with fh, _pil_limit_off(), Image.open(fh) as img:
+        with _pil_limit_off(), Image.open(fh) as img:
             width, height = img.size
             if limit is not None and width * height > limit:  # from the header, before decoding
                 raise _too_large(name, width, height, limit)
@@ -215,6 +237,26 @@ def _read_file(path: Path) -> np.ndarray:
         raise InvalidImageError(f"{name}: not an image file PIL can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"{name}: corrupt or truncated image ({exc})") from exc
+
+
+def load_image_bytes(data: bytes | bytearray | memoryview, name: str = "<bytes>") -> LoadedImage:
+    """Read an image file held in memory (e.g. an HTTP request's body) exactly as :func:`load_image` reads
+    it from disk: the same decoder, the same pixel limit (checked from the header before decoding), the
+    same array.
+
+    Raises:
+        ImageTooLargeError: more pixels than :func:`max_image_pixels`.
+        InvalidImageError: empty, not an image, corrupt or truncated, or smaller than 8 x 8 pixels.
+    """
+    import io
+
+    if not len(data):
+        raise InvalidImageError(f"{name}: the file is empty")
+    pixels = _decode(io.BytesIO(data), name, max_image_pixels())
+    h, w = pixels.shape[:2]
+    if h < MIN_SIZE or w < MIN_SIZE:
+        raise InvalidImageError(f"{name}: image is {h}x{w}; at least {MIN_SIZE}x{MIN_SIZE} pixels are needed")
+    return LoadedImage(pixels, name)
 
 
 def _default_name(image) -> str:

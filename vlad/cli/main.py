@@ -18,7 +18,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from vlad.cli import demo, export, score, weights
+from vlad.cli import demo, export, score, serve, weights
 from vlad.cli import eval as eval_cmd
 from vlad.cli.common import EXIT_FINISHED_WITH_FAILURES, CliParser  # noqa: F401 - every exit code here
 from vlad import installed_version
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_parser(sub)
     sub.add_parser("list", help="list the registered scorers")
     demo.add_parser(sub)
+    serve.add_parser(sub)
     p = sub.add_parser("bench", help="benchmark a scorer at real size (prints figures)")
     p.add_argument("target", help="what to benchmark: patchcore, coreset, winclip, maeday, anomalydino, ...")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see --help there)")
@@ -62,6 +63,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "demo":
         return demo.run(args)
+    if args.command == "serve":
+        return serve.run(args)
     if args.command == "bench":
         from vlad.bench import main as bench_main
 
