@@ -71,12 +71,13 @@ def add_model_options(p: argparse.ArgumentParser, with_set: bool = True) -> None
                        help="extra scorer or detector parameter, repeatable (e.g. --set n_masks=16)")
 
 
-def add_precision_option(p: argparse.ArgumentParser) -> None:
-    """``--precision``, shared by the commands that score with pretrained backbones."""
+def add_precision_option(p: argparse.ArgumentParser, loaded: str = "With --load it replaces the saved one") -> None:
+    """``--precision``, shared by the commands that score with pretrained backbones (``loaded``: what it
+    does to a saved detector, in the words of that command)."""
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="precision of the pretrained backbones' forward passes: fp32 (full, the default of a new "
                         "model), bf16 or fp16 (autocast: faster on a GPU; distances, calibration and fusion stay "
-                        "float32). With --load it replaces the saved one")
+                        f"float32). {loaded}")
 
 
 def check_precision_option(args: argparse.Namespace) -> None:

@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=port_number, default=8000, help="TCP port, 1-65535 (default 8000)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: where it was saved if "
                                                     "this machine has it, else the CPU)")
-    add_precision_option(p)
+    add_precision_option(p, "Default: the saved detector's")
     p.add_argument("--max-batch", type=_positive_int, default=32,
                    help="images per model call at most; requests arriving together are merged up to it (default 32)")
     p.add_argument("--max-wait-ms", type=_seconds, default=5.0,
