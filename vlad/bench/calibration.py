@@ -29,6 +29,10 @@ Default plan (about an hour on a quiet 2-core machine):
   ``--ae-size`` 128 px: the guarantee is distribution-free, so it need not detect well to be tested);
 - the default detector on mpdd, k in {0, 1, 4, 16} x 2 draws, MAEDAY at 8 masks, at most 60 test
   images (40 good + 20 defective).
+
+``--parts first-image`` (not in the default plan; about 25 minutes): k = 1 only, the default detector,
+PatchCore and AnomalyDINO on each of ``--first-image-sets``, 2 draws, 40 good + 20 defective test images:
+what the one-reference rule gives across kinds of part.
 """
 
 from __future__ import annotations
@@ -264,13 +268,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlad.bench calibration", description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="../shared/data", help="folder holding ksdd/ and mpdd/")
     parser.add_argument("--parts", default="patchcore,anomalydino,autoencoder,default",
-                        help="which parts to run (comma-separated: patchcore, anomalydino, autoencoder, default)")
+                        help="which parts to run (comma-separated: patchcore, anomalydino, autoencoder, default, "
+                             "first-image)")
     parser.add_argument("--draws", type=int, default=5, help="patchcore draws (autoencoder: 3, default: 2)")
     parser.add_argument("--ks", default="1,2,4,8,16,32", help="patchcore reference counts")
     parser.add_argument("--ae-steps", type=int, default=30, help="autoencoder training steps (its default: 400)")
     parser.add_argument("--ae-size", type=int, default=128, help="autoencoder image size (its default: ~256)")
     parser.add_argument("--weights", default="random")
     parser.add_argument("--sets", default="ksdd,mpdd", help="which sets the patchcore and autoencoder parts use")
+    parser.add_argument("--first-image-sets", default="ksdd,mpdd,mvtec_bottle",
+                        help="sets of the first-image part (k = 1 only: default detector, patchcore, anomalydino)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     add_device_option(parser)
     args = parser.parse_args(argv)
@@ -282,8 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.manual_seed(0)
     data = Path(args.data)
-    cats = {s: discover_categories(data / s)[0] for s in args.sets.split(",") + ["mpdd"]}
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    first_sets = args.first_image_sets.split(",") if "first-image" in parts else []
+    cats = {s: discover_categories(data / s)[0] for s in args.sets.split(",") + ["mpdd"] + first_sets}
     print(machine_line())
     print("| setting | k | alpha | rule in force (path) | bound (+2 sd noise) | measured FAR [95% CI] | within | "
           "miss rate | draws x test images | s per draw |")
@@ -319,6 +327,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "scorer_options": {"maeday": {"n_masks": 8}}}, 40, 20, zero_once=True)
         _print_rows(new)
         rows += new
+    if "first-image" in parts:  # the one-reference rule across kinds of part, 2 draws, 40 good / 20 defective
+        for s in first_sets:
+            cat = cats[s]
+            for spec in ("default", "patchcore", "anomalydino"):
+                opts = {"weights": args.weights}
+                if spec == "default":
+                    opts.update(object_name=cat.object_name, scorer_options={"maeday": {"n_masks": 8}})
+                new = run_setting(f"{spec}/{s}", cat, None if spec == "default" else spec, [1], 2, opts, 40, 20)
+                _print_rows(new)
+                rows += new
     print(f"total {clock() - t0:.0f} s")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
