@@ -27,7 +27,7 @@ DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 
 #: At least this many blocks must run (there are more; this catches a parser that finds nothing).
-MIN_BLOCKS_RUN = 20
+MIN_BLOCKS_RUN = 25
 
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```python[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 NO_RUN = re.compile(r"<!--\s*no-run\b")
@@ -119,6 +119,7 @@ def tiny_models(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")  # the tiny networks run faster on one thread of a shared machine
 @pytest.mark.parametrize("page", [p for p in PAGES if any(runs for _, _, runs in blocks(p))], ids=_page_id)
 def test_examples_run(page, tiny_models, tmp_path, monkeypatch):
     (tmp_path / "demo").symlink_to(ROOT / "demo", target_is_directory=True)
