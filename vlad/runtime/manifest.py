@@ -2,7 +2,7 @@
 
 Written by :func:`vlad.export.export_detector`, read (checked) by :func:`read_manifest`::
 
-    {"format": "vlad-onnx", "format_version": 1, "vlad_version": "0.1.0", "spec": "patchcore+winclip",
+    {"format": "vlad-onnx", "format_version": 1, "vlad_version": "0.2.0", "spec": "patchcore+winclip",
      "fusion": {"rule": "mean", "weights": {"patchcore": 0.6, "winclip": 0.4}},
      "thresholds": {"image": 0.71, "pixel": 0.83, "description": "20 references: ..."},
      "scorers": {"patchcore": {
