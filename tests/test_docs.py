@@ -90,9 +90,10 @@ def test_every_page_is_in_the_nav():
 
 
 def test_every_scorer_has_a_page():
-    import vlad
+    from vlad.registry import _BUILTIN  # built-in scorers only: other tests register toy plugins
 
-    for name in vlad.list_scorers():
+    assert len(_BUILTIN) >= 13
+    for name in sorted(_BUILTIN):
         page = DOCS / "scorers" / f"{name}.md"
         assert page.is_file(), f"no page for scorer {name!r}"
         assert "::: vlad.scorers." in page.read_text(encoding="utf-8")
