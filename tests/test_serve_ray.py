@@ -261,6 +261,7 @@ def test_killed_replica_loses_no_request(cluster):
     for t in threads:
         t.join(90)
     assert outcomes, "no request was sent"
+    print(f"first answers around the kill: {dict(first_statuses)}")  # e.g. {200: 300, 503: 4} (pytest -s)
     failed = [o for o in outcomes if o[-1] != 200]
     assert not failed, f"requests lost: {failed[:5]} ({len(failed)} of {len(outcomes)}); first answers {first_statuses}"
     # every first answer was a score or a retryable 503, never a bare 500 or a dropped connection

@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         from vlad.serve._ray import require_ray_serve
 
         require_ray_serve()
-    check_device(args.device)
+    else:  # Ray replicas check their own device (this machine may have no GPU, the replicas' nodes do)
+        check_device(args.device)
     check_precision_option(args)
     token = read_token_file(args.token_file) if args.token_file else None
     options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue=args.queue,
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         check_port_free(args.host, args.port)
         serve_ray(str(folder), args.host, args.port, replicas=replicas, gpus_per_replica=gpus, cpus_per_replica=cpus,
                   device=device, precision=args.precision, options=options, max_pixels=args.max_pixels,
-                  address=args.address)
+                  address=args.address, access_log=args.access_log)
         return 0
     serve(args.detector_dir, args.host, args.port, device=None if args.device == "auto" else args.device,
           precision=args.precision, insecure=args.insecure, access_log=args.access_log, options=options)
