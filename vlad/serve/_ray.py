@@ -241,6 +241,9 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
     saved = {"PYTHONPATH": os.environ.get("PYTHONPATH")}
     here = str(Path(__file__).resolve().parents[2])  # the workers import the same vlad as this process
     os.environ["PYTHONPATH"] = os.pathsep.join([here, *([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else [])])
+    # ray.init takes SIGTERM (its handler exits at once); keep the handlers of the caller (serve_ray's drain)
+    handlers = ({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **quiet)
     except Exception as exc:  # noqa: BLE001
@@ -252,14 +255,27 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     return True
+
+
+class Stopped(Exception):
+    """``stop_event`` was set while the replicas were starting (SIGINT/SIGTERM)."""
 
 
 def start(path: str, host: str, port: int, *, replicas: int, gpus_per_replica: float, cpus_per_replica: float,
           device: str | None, precision: str | None, options, max_pixels: int | None = None,
-          address: str | None = None, num_cpus: int | None = None, access_log: bool = False) -> bool:
+          address: str | None = None, num_cpus: int | None = None, access_log: bool = False,
+          stop_event: threading.Event | None = None) -> bool:
     """Start (or join) Ray, start Serve's proxy on ``host:port`` and deploy the replicas; returns when
-    they are all running (True: this call started Ray). :func:`stop` undoes it."""
+    they are all running (True: this call started Ray). :func:`stop` undoes it.
+
+    Raises:
+        Stopped: ``stop_event`` was set before the replicas ran (everything started is stopped).
+        VladError: Ray cannot be started or joined, or the replicas failed to start.
+    """
     require_ray_serve()
     from ray import serve
 
@@ -273,14 +289,14 @@ def start(path: str, host: str, port: int, *, replicas: int, gpus_per_replica: f
                                cpus_per_replica=cpus_per_replica, device=device, precision=precision,
                                options=options, max_pixels=max_pixels, access_log=access_log)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        _wait_running()
+        _wait_running(stop_event)
     except BaseException:
         stop(started)
         raise
     return started
 
 
-def _wait_running(timeout_s: float = 3600.0) -> None:
+def _wait_running(stop_event: threading.Event | None = None, timeout_s: float = 3600.0) -> None:
     """Until the application is RUNNING; raises VladError when it fails to deploy (a replica's error)."""
     import time
 
@@ -288,6 +304,8 @@ def _wait_running(timeout_s: float = 3600.0) -> None:
 
     deadline = time.monotonic() + timeout_s
     while True:
+        if stop_event is not None and stop_event.is_set():
+            raise Stopped()
         status = serve.status().applications.get(APP_NAME)
         state = str(getattr(status, "status", "")).rsplit(".", 1)[-1]
         if state == "RUNNING":
@@ -318,17 +336,23 @@ def stop(started_ray: bool) -> None:
 def serve_ray(path: str, host: str, port: int, **kwargs: Any) -> None:
     """:func:`start`, then block until SIGINT/SIGTERM, then :func:`stop`."""
     done = threading.Event()
-    started = start(path, host, port, **kwargs)
-    logger.info("vlad serve (Ray Serve, %d replicas): http://%s:%d/v1/score", kwargs["replicas"], host, port)
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda signum, frame: done.set())
     try:
-        while not done.wait(1.0):
-            pass
+        try:
+            started = start(path, host, port, stop_event=done, **kwargs)
+        except Stopped:
+            logger.info("vlad serve: stopped before the replicas were running")
+            return
+        logger.info("vlad serve (Ray Serve, %d replicas): http://%s:%d/v1/score", kwargs["replicas"], host, port)
+        try:
+            while not done.wait(1.0):
+                pass
+        finally:
+            logger.info("vlad serve: stopping the Ray Serve replicas (they answer what they hold first)")
+            stop(started)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        logger.info("vlad serve: stopping the Ray Serve replicas")
-        stop(started)
