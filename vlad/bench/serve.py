@@ -207,10 +207,8 @@ async def _open_load(url: str, bodies: list[bytes], rate: float, duration: float
     return latencies, errors, time.perf_counter() - start, len(latencies), skipped, offered
 
 
-def _metric(url: str, name: str) -> float:
-    import httpx
-
-    text = httpx.get(url + "/metrics", timeout=30).text
+def _metric(text: str, name: str) -> float:
+    """The sum of the samples of ``name`` in Prometheus ``text``."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
@@ -385,8 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _report("open  ", lat, errs, wall_o, n_o)
                 wall, n = wall + wall_o, n + n_o
             end_rss = _tree_rss_mb(server.pid)
-            calls = _metric(url, "vlad_serve_batch_size_count")
-            scored = _metric(url, "vlad_serve_batch_size_sum")
+            text = httpx.get(url + "/metrics", timeout=30).text  # once: with Ray, each GET may reach another replica
+            calls = _metric(text, "vlad_serve_batch_size_count")
+            scored = _metric(text, "vlad_serve_batch_size_sum")
             _, peak = _rss_mb(server.pid)
         finally:
             server.terminate()
