@@ -399,8 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"batches:    {calls:.0f} model calls, {scored / max(calls, 1):.1f} images per call on average "
               f"(warm-up included){one}")
         warm = "n/a (fewer answered requests than --warmup)" if after_warmup.mb is None else f"{after_warmup.mb:.0f} MB"
-        growth = ("n/a" if after_warmup.mb is None else
-                  f"{end_rss - after_warmup.mb:+.0f} MB over the {after_warmup.answered - args.warmup} requests after it")
+        after = after_warmup.answered - args.warmup
+        growth = "n/a" if after_warmup.mb is None else f"{end_rss - after_warmup.mb:+.0f} MB over the {after} requests after it"
         tree = " (process tree: Ray's processes and the replicas)" if args.engine == "ray" else ""
         print(f"server RSS{tree}: ready {ready_rss:.0f} MB, after {args.warmup} requests {warm}, end {end_rss:.0f} "
               f"MB; growth after warm-up {growth}")

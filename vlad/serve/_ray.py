@@ -11,7 +11,8 @@ A replica that dies (killed, out of memory, its node lost) is restarted by Ray S
 handed to it go to another replica; one it was scoring is lost with it: the proxy answers it 500, which a
 proxy-side middleware (:func:`proxy_middlewares`, installed through Ray Serve's
 ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` in the Serve controller's environment) turns into
-``503 replica_lost`` with ``Retry-After: 1``, so clients retry it as they retry ``queue_full``. docs/serve.md, "Scale out with Ray Serve".
+``503 replica_lost`` with ``Retry-After: 1``, so clients retry it as they retry ``queue_full``.
+docs/serve.md, "Scale out with Ray Serve".
 """
 
 from __future__ import annotations
