@@ -1,14 +1,23 @@
-"""``vlad serve`` under load: ``python -m vlad.bench serve [--clients 16] [--duration 15 | --requests 5000]``.
+"""``vlad serve`` under load: ``python -m vlad.bench serve [--clients 16 | --rate R | --rate-share 0.7]
+[--duration 15 | --requests 5000] [--engine ray --replicas 2]``.
 
 Builds a detector (PatchCore, ``--refs`` references, random weights at the real size: cost does not
 depend on the weights; ``--weights tiny`` for a quick check), saves it, starts ``vlad serve`` on it as a
 subprocess on a free loopback port, waits for ``/readyz``, then runs ``--clients`` concurrent clients
 (one asyncio httpx client, keep-alive connections) posting PNG images to ``/v1/score`` for ``--duration``
-seconds or ``--requests`` requests in all. Prints:
+seconds or ``--requests`` requests in all (closed loop: each client sends its next request when the
+last is answered). ``--rate R`` is an open loop instead: requests arrive at R per second (Poisson, or
+evenly spaced with ``--arrivals even``), each on its own task whatever the server's pace, at most
+``--max-in-flight`` at once (an arrival beyond it is counted as skipped, not sent); latency runs from the
+scheduled arrival. ``--rate-share F`` runs the closed loop first, then the open loop at F times the
+throughput it served (the "p99 at most 2 x p50 at 70% of the throughput" check: ``--rate-share 0.7``).
+Prints:
 
 * throughput (requests/s and images/s), latency p50 / p99 / max, errors by status or exception,
 * the server's batches (mean images per model call, from its ``/metrics``),
-* the server process's peak RSS (``VmHWM`` of ``/proc/<pid>/status``),
+* the server's RSS (its process tree: with ``--engine ray`` the Ray processes and replicas too) when
+  ready, after the first ``--warmup`` answered requests and at the end, with the growth between the
+  last two (the "grows by at most 50 MB over 5,000 requests" check), and its peak (``VmHWM``),
 * beside it, in-process ``Detector.predict`` on the same images in batches of ``--max-batch`` (images/s),
   measured after the server has stopped, so that the two do not share the CPU.
 
@@ -64,6 +73,30 @@ def _rss_mb(pid: int) -> tuple[float, float]:
     return values.get("VmRSS", 0.0), values.get("VmHWM", 0.0)
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _tree_rss_mb(pid: int) -> float:
+    """Resident set size of process ``pid`` and its descendants in MB (shared pages counted per process)."""
+    return sum(_rss_mb(p)[0] for p in _tree(pid))
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -72,8 +105,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def _load(url: str, bodies: list[bytes], clients: int, duration: float, requests: int | None,
-                timeout: float) -> tuple[list[float], Counter, float, int]:
-    """Run the clients; returns (latencies of the answered requests in s, errors by kind, wall s, images)."""
+                timeout: float, on_answer=None) -> tuple[list[float], Counter, float, int]:
+    """Run the clients (closed loop); returns (latencies of the answered requests in s, errors by kind,
+    wall s, images). ``on_answer()`` is called after each answered request."""
     import httpx
 
     latencies: list[float] = []
@@ -104,6 +138,8 @@ async def _load(url: str, bodies: list[bytes], clients: int, duration: float, re
                     continue
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
+                    if on_answer is not None:
+                        on_answer()
                 else:
                     errors[f"HTTP {r.status_code}"] += 1
 
@@ -111,10 +147,68 @@ async def _load(url: str, bodies: list[bytes], clients: int, duration: float, re
     return latencies, errors, time.perf_counter() - start, len(latencies)
 
 
-def _metric(url: str, name: str) -> float:
+async def _open_load(url: str, bodies: list[bytes], rate: float, duration: float, requests: int | None,
+                     timeout: float, max_in_flight: int, arrivals: str = "poisson", seed: int = 0,
+                     on_answer=None) -> tuple[list[float], Counter, float, int, int, float]:
+    """Open loop: requests arrive at ``rate`` per second (Poisson or evenly spaced) for ``duration`` s or
+    ``requests`` arrivals, each sent on its own task, whatever the server's pace; an arrival while
+    ``max_in_flight`` requests are unanswered is skipped (counted, not sent). Latency runs from the
+    scheduled arrival, so a client that falls behind shows in it. Returns (latencies s, errors by kind,
+    wall s, answered, skipped, the arrival rate achieved per s)."""
+    import random
+
     import httpx
 
-    text = httpx.get(url + "/metrics", timeout=30).text
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    errors: Counter = Counter()
+    in_flight = 0
+    skipped = 0
+    limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+    # the pool must not queue a request for a connection: max_in_flight connections, waited for no longer
+    # than the request's own timeout
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        async def one(i: int, scheduled: float) -> None:
+            nonlocal in_flight
+            try:
+                r = await client.post("/v1/score", content=bodies[i % len(bodies)],
+                                      headers={"Content-Type": "image/png"})
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] += 1
+                return
+            finally:
+                in_flight -= 1
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - scheduled)
+                if on_answer is not None:
+                    on_answer()
+            else:
+                errors[f"HTTP {r.status_code}"] += 1
+
+        tasks: set[asyncio.Task] = set()
+        start = time.perf_counter()
+        due = start
+        i = 0
+        while (i < requests) if requests is not None else (due - start < duration):
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if in_flight >= max_in_flight:
+                skipped += 1
+            else:
+                in_flight += 1
+                task = asyncio.create_task(one(i, due))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            i += 1
+            due += rng.expovariate(rate) if arrivals == "poisson" else 1.0 / rate
+        offered = i / max(time.perf_counter() - start, 1e-9)
+        await asyncio.gather(*tasks)
+    return latencies, errors, time.perf_counter() - start, len(latencies), skipped, offered
+
+
+def _metric(text: str, name: str) -> float:
+    """The sum of the samples of ``name`` in Prometheus ``text``."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
@@ -154,6 +248,27 @@ def _in_process(path: Path, bodies: list[bytes], batch: int, device: str, second
             return done / (time.perf_counter() - t0)
 
 
+class _RssAfter:
+    """Samples the server's RSS once ``n`` requests have been answered (the after-warm-up figure)."""
+
+    def __init__(self, pid: int, n: int) -> None:
+        self.pid, self.n, self.answered, self.mb = pid, n, 0, None
+
+    def __call__(self) -> None:
+        self.answered += 1
+        if self.answered == self.n:
+            self.mb = _tree_rss_mb(self.pid)
+
+
+def _report(label: str, lat: list[float], errors: Counter, wall: float, n: int) -> None:
+    ms = [1000 * v for v in lat]
+    p50, p99 = _percentile(ms, 0.5), _percentile(ms, 0.99)
+    print(f"{label} served:  {n / wall:8.2f} req/s = img/s over {wall:.1f} s ({n} answered, "
+          f"{sum(errors.values())} errors{': ' + dict(errors).__repr__() if errors else ''})")
+    print(f"{label} latency: p50 {p50:.0f} ms, p99 {p99:.0f} ms (p99/p50 {p99 / p50 if p50 else float('nan'):.2f}), "
+          f"max {max(ms, default=float('nan')):.0f} ms", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlad.bench serve", description=__doc__.split("\n")[0])
     parser.add_argument("--refs", type=int, default=200, help="references of the PatchCore detector (default 200)")
@@ -162,32 +277,66 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="random: the real architecture (default); tiny: miniature models, a quick check")
     parser.add_argument("--backbone", default=BACKBONE)
     parser.add_argument("--ratio", type=float, default=0.1, help="coreset ratio (default 0.1)")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
-    parser.add_argument("--duration", type=float, default=15.0, help="seconds of load (default 15)")
-    parser.add_argument("--requests", type=int, default=None, help="requests in all, instead of --duration")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients of the closed loop (default 16)")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=float, default=None,
+                      help="open loop instead: requests arriving per second, whatever the server's pace")
+    load.add_argument("--rate-share", type=float, default=None, metavar="F",
+                      help="closed loop first, then the open loop at F x the throughput it served (e.g. 0.7)")
+    parser.add_argument("--arrivals", choices=("poisson", "even"), default="poisson",
+                        help="open loop arrivals: Poisson (default) or evenly spaced")
+    parser.add_argument("--max-in-flight", type=int, default=512,
+                        help="open loop: unanswered requests at most; arrivals beyond are skipped (default 512)")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds of load per phase (default 15)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per phase, instead of --duration")
+    parser.add_argument("--warmup", type=int, default=200,
+                        help="answered requests before the after-warm-up RSS sample (default 200)")
     parser.add_argument("--images", type=int, default=16, help="distinct images posted in turn (default 16)")
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch (default 32)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="the server's --max-wait-ms (default 5)")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, client and server (s)")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="the server's --engine (ray: Ray Serve replicas; needs the serve-ray extra)")
+    parser.add_argument("--replicas", type=int, default=2, help="the server's --replicas with --engine ray (default 2)")
+    parser.add_argument("--compare-seconds", type=float, default=None,
+                        help="seconds of in-process Detector.predict after the server stops (default: half the "
+                             "load's time, 5 to 30; 0: skip)")
     parser.add_argument("--detector", default=None, help="serve this saved detector instead of building one")
     add_device_option(parser)
     args = parser.parse_args(list(argv) if argv is not None else None)
-    if args.requests is not None and args.requests < 1 or args.clients < 1 or args.images < 1:
-        parser.error("--requests, --clients and --images must be >= 1")
+    if args.requests is not None and args.requests < 1 or args.clients < 1 or args.images < 1 or args.replicas < 1:
+        parser.error("--requests, --clients, --images and --replicas must be >= 1")
+    if args.rate is not None and not args.rate > 0 or args.rate_share is not None and not args.rate_share > 0:
+        parser.error("--rate and --rate-share must be > 0")
+    if args.max_in_flight < 1 or args.warmup < 1:
+        parser.error("--max-in-flight and --warmup must be >= 1")
     from vlad.serve import _require_serve_extra
 
     _require_serve_extra()
+    if args.engine == "ray":
+        from vlad.serve._ray import require_ray_serve
+
+        require_ray_serve()
     device = use_device(args)
     print(machine_line())
     bodies = [_png(im) for im in _images(args.images, args.size, seed=2)]
+    errors: Counter = Counter()
     with tempfile.TemporaryDirectory(prefix="vlad-bench-serve-") as tmp:
         path = Path(args.detector) if args.detector else _build(args, Path(tmp), device)
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         log = open(Path(tmp) / "server.log", "w+")
-        cmd = [sys.executable, "-m", "vlad", "serve", str(path), "--port", str(port), "--device", device,
+        in_flight = args.max_in_flight if args.rate is not None or args.rate_share is not None else 0
+        cmd = [sys.executable, "-m", "vlad", "serve", str(path), "--port", str(port),
                "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-               "--queue", str(max(256, 4 * args.clients)), "--timeout", str(args.timeout)]
+               "--queue", str(max(256, 4 * args.clients, in_flight)), "--timeout", str(args.timeout)]
+        if args.engine == "ray":
+            gpus = "1" if device.startswith("cuda") else "0"
+            cmd += ["--engine", "ray", "--replicas", str(args.replicas), "--gpus-per-replica", gpus]
+            if gpus == "0":
+                cmd += ["--device", device]
+        else:
+            cmd += ["--device", device]
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
         try:
             import httpx
@@ -204,33 +353,61 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.2)
-            idle_rss, _ = _rss_mb(server.pid)
+            ready_rss = _tree_rss_mb(server.pid)
             what = f"{args.requests} requests" if args.requests else f"{args.duration:g} s"
-            print(f"load: {args.clients} clients, {what}, one {args.size} px PNG per request "
-                  f"({statistics.mean(map(len, bodies)) / 1024:.0f} KiB); server --max-batch {args.max_batch} "
-                  f"--max-wait-ms {args.max_wait_ms:g}, pid {server.pid}, RSS {idle_rss:.0f} MB when ready", flush=True)
-            lat, errors, wall, n = asyncio.run(_load(url, bodies, args.clients, args.duration, args.requests,
-                                                     args.timeout))
-            calls = _metric(url, "vlad_serve_batch_size_count")
-            scored = _metric(url, "vlad_serve_batch_size_sum")
+            engine = f"--engine ray --replicas {args.replicas}" if args.engine == "ray" else "local engine"
+            print(f"server: {engine}, --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}, pid "
+                  f"{server.pid}; one {args.size} px PNG per request ({statistics.mean(map(len, bodies)) / 1024:.0f} "
+                  f"KiB), {what} per phase", flush=True)
+            after_warmup = _RssAfter(server.pid, args.warmup)
+            wall = n = 0.0
+            if args.rate is None:
+                print(f"closed loop: {args.clients} clients", flush=True)
+                lat, errs, wall, n = asyncio.run(_load(url, bodies, args.clients, args.duration, args.requests,
+                                                       args.timeout, on_answer=after_warmup))
+                errors.update(errs)
+                _report("closed", lat, errs, wall, n)
+            rate = args.rate if args.rate is not None else (args.rate_share * n / wall if args.rate_share else None)
+            if rate is not None:
+                share = f" = {args.rate_share:g} x the closed loop's {n / wall:.2f}" if args.rate_share else ""
+                print(f"open loop: {args.arrivals} arrivals at {rate:.2f} req/s{share}, at most "
+                      f"{args.max_in_flight} in flight", flush=True)
+                lat, errs, wall_o, n_o, skipped, offered = asyncio.run(_open_load(
+                    url, bodies, rate, args.duration, args.requests, args.timeout, args.max_in_flight,
+                    args.arrivals, on_answer=after_warmup))
+                errors.update(errs)
+                if skipped:
+                    errors["skipped (--max-in-flight)"] += skipped
+                print(f"open   arrivals: {offered:.2f} req/s offered (target {rate:.2f}), {skipped} skipped at the "
+                      f"in-flight cap")
+                _report("open  ", lat, errs, wall_o, n_o)
+                wall, n = wall + wall_o, n + n_o
+            end_rss = _tree_rss_mb(server.pid)
+            text = httpx.get(url + "/metrics", timeout=30).text  # once: with Ray, each GET may reach another replica
+            calls = _metric(text, "vlad_serve_batch_size_count")
+            scored = _metric(text, "vlad_serve_batch_size_sum")
             _, peak = _rss_mb(server.pid)
         finally:
             server.terminate()
             try:
-                code = server.wait(60)
+                code = server.wait(120)
             except subprocess.TimeoutExpired:
                 server.kill()
                 code = server.wait()
             log.close()
-        ms = [1000 * v for v in lat]
-        print(f"served:     {n / wall:8.2f} req/s = img/s over {wall:.1f} s ({n} answered, "
-              f"{sum(errors.values())} errors{': ' + dict(errors).__repr__() if errors else ''})")
-        print(f"latency:    p50 {_percentile(ms, 0.5):.0f} ms, p99 {_percentile(ms, 0.99):.0f} ms, "
-              f"max {max(ms, default=float('nan')):.0f} ms")
+        one = " (one replica's, the one that answered /metrics)" if args.engine == "ray" else ""
         print(f"batches:    {calls:.0f} model calls, {scored / max(calls, 1):.1f} images per call on average "
-              "(warm-up included)")
-        print(f"server RSS: peak {peak:.0f} MB (VmHWM); exit code after SIGTERM {code}")
-        rate = _in_process(path, bodies, args.max_batch, device, seconds=max(5.0, min(30.0, wall / 2)))
-        print(f"in-process: {rate:8.2f} img/s  Detector.predict, batches of {args.max_batch}, same images "
-              f"(served/in-process = {n / wall / rate:.2f})")
+              f"(warm-up included){one}")
+        warm = "n/a (fewer answered requests than --warmup)" if after_warmup.mb is None else f"{after_warmup.mb:.0f} MB"
+        after = after_warmup.answered - args.warmup
+        growth = "n/a" if after_warmup.mb is None else f"{end_rss - after_warmup.mb:+.0f} MB over the {after} requests after it"
+        tree = " (process tree: Ray's processes and the replicas)" if args.engine == "ray" else ""
+        print(f"server RSS{tree}: ready {ready_rss:.0f} MB, after {args.warmup} requests {warm}, end {end_rss:.0f} "
+              f"MB; growth after warm-up {growth}")
+        print(f"server:     peak RSS {peak:.0f} MB (VmHWM of the server process); exit code after SIGTERM {code}")
+        seconds = args.compare_seconds if args.compare_seconds is not None else max(5.0, min(30.0, wall / 2))
+        if seconds > 0:
+            rate_in = _in_process(path, bodies, args.max_batch, device, seconds=seconds)
+            print(f"in-process: {rate_in:8.2f} img/s  Detector.predict, batches of {args.max_batch}, same images "
+                  f"(served/in-process = {n / wall / rate_in:.2f})")
     return 0 if not errors and code == 0 else 1

@@ -28,6 +28,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _gpus(text: str) -> float:
+    value = _seconds(text)
+    if value > 1 and not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a fraction up to 1 (replicas sharing a GPU) or a whole number, "
+                                         f"got {text!r}")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``vlad serve`` and its options."""
     p = sub.add_parser("serve", help="score images over HTTP with a saved detector (POST /v1/score)",
@@ -62,6 +70,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="allow listening on a non-loopback address without --token-file")
     p.add_argument("--access-log", action="store_true", help="log a line per request")
+    r = p.add_argument_group("scale out (--engine ray: Ray Serve replicas behind one address; "
+                             "pip install \"vlad-inspect[serve-ray]\")")
+    r.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: --replicas Ray Serve replicas of the same app")
+    r.add_argument("--replicas", type=_positive_int, default=None,
+                   help="replicas, each loading the detector and batching its own requests (default 1)")
+    r.add_argument("--gpus-per-replica", type=_gpus, default=None, metavar="F",
+                   help="GPUs each replica reserves; a fraction (0.5) shares a GPU (default 0: the CPU)")
+    r.add_argument("--cpus-per-replica", type=_seconds, default=None, metavar="F",
+                   help="CPUs each replica reserves in Ray's accounting (default 1)")
+    r.add_argument("--address", default=None,
+                   help="a running Ray cluster's HOST:PORT (or auto); default: start a local Ray")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +89,20 @@ def run(args: argparse.Namespace) -> int:
     from vlad.serve import ServeOptions, _require_serve_extra, check_bind, read_token_file, serve
 
     _require_serve_extra()
-    check_device(args.device)
+    ray_only = [flag for flag, value in (("--replicas", args.replicas), ("--gpus-per-replica", args.gpus_per_replica),
+                                         ("--cpus-per-replica", args.cpus_per_replica), ("--address", args.address))
+                if value is not None]
+    if args.engine == "local" and ray_only:
+        from vlad.errors import VladError
+
+        raise VladError(f"{', '.join(ray_only)}: options of --engine ray; add --engine ray (pip install "
+                        "\"vlad-inspect[serve-ray]\") or drop them")
+    if args.engine == "ray":
+        from vlad.serve._ray import require_ray_serve
+
+        require_ray_serve()
+    else:  # Ray replicas check their own device (this machine may have no GPU, the replicas' nodes do)
+        check_device(args.device)
     check_precision_option(args)
     token = read_token_file(args.token_file) if args.token_file else None
     options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue=args.queue,
@@ -80,6 +113,26 @@ def run(args: argparse.Namespace) -> int:
         from vlad.images import set_max_image_pixels
 
         set_max_image_pixels(args.max_pixels)
+    if args.engine == "ray":
+        from pathlib import Path
+
+        from vlad.cli.common import check_port_free
+        from vlad.serve._ray import check_scale, replica_device, serve_ray
+
+        replicas, gpus, cpus = check_scale(args.replicas or 1, args.gpus_per_replica or 0.0,
+                                           1.0 if args.cpus_per_replica is None else args.cpus_per_replica)
+        device = None if args.device == "auto" else args.device
+        replica_device(device, gpus)
+        folder = Path(args.detector_dir).expanduser().resolve()
+        if not folder.is_dir():
+            from vlad.errors import VladError
+
+            raise VladError(f"{args.detector_dir}: no such folder (a saved detector's folder, Detector.save)")
+        check_port_free(args.host, args.port)
+        serve_ray(str(folder), args.host, args.port, replicas=replicas, gpus_per_replica=gpus, cpus_per_replica=cpus,
+                  device=device, precision=args.precision, options=options, max_pixels=args.max_pixels,
+                  address=args.address, access_log=args.access_log)
+        return 0
     serve(args.detector_dir, args.host, args.port, device=None if args.device == "auto" else args.device,
           precision=args.precision, insecure=args.insecure, access_log=args.access_log, options=options)
     return 0
