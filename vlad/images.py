@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlad.errors import ImageTooLargeError, InvalidImageError
-from vlad.types import ImageFailure
+from .errors import ImageTooLargeError, InvalidImageError
+from .types import ImageFailure
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MIN_SIZE = 8  # smaller images cannot give a meaningful map from any backbone
