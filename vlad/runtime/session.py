@@ -47,7 +47,8 @@ class ScorerSession:
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise ExportError("vlad.runtime needs onnxruntime: pip install 'vlad-inspect[runtime]'") from exc
+            raise ExportError("running an exported detector needs onnxruntime: pip install onnxruntime "
+                              "(it comes with vlad-runtime and with 'vlad-inspect[runtime]')") from exc
         self.name = name
         self.entry = entry
         self.inputs = entry["inputs"]
