@@ -197,15 +197,16 @@ def dist_run(runtime_python, tmp_path_factory, one_thread):
     return detectors, images, report, results, manifests
 
 
-def _calibrated_tolerance(raw: list[np.ndarray], normalisers: dict, kind: str) -> float:
-    """What the raw outputs' 1e-4 (of their scale) becomes on the calibrated scale: calibration is
-    ``sigmoid((x - loc) / (scale * temperature) - ...)``, whose steepest slope is ``1 / (4 scale temperature)``.
-    A single scorer fitted on 4 references can have a small scale (PatchCore's pixel scale ~0.06 here:
-    a gain of ~4), so its calibrated maps are compared within that bound, not a flat 1e-4 (test_export's
-    fused detector averages five scorers, which divides the difference again)."""
-    scale = max(1.0, max(float(np.abs(r).max()) for r in raw))
+def _calibrated_tolerance(raw_error: float, normalisers: dict, kind: str) -> float:
+    """1e-4, or what the calibration can make of the raw outputs' measured difference if that is more.
+    Calibration is ``sigmoid((x - loc) / (scale * temperature) - ...)``, whose steepest slope is
+    ``1 / (4 scale temperature)``. A single scorer fitted on 4 references can have a small scale: PatchCore's
+    pixel scale here is ~0.06 for raw maps up to ~3, a gain of ~4, so raw maps that differ by 1.1e-4 (3e-5
+    of their scale, well within the raw bound) give calibrated maps that differ by 2e-4. test_export's fused
+    five-scorer detector averages that away and keeps a flat 1e-4; WinCLIP's raw outputs here agree to
+    ~2e-7, so it keeps 1e-4 too. The raw outputs themselves are held to test_export's 1e-4 of their scale."""
     gain = max(1.0, max(1.0 / (4.0 * n[f"{kind}_scale"] * n["temperature"]) for n in normalisers.values()))
-    return 1e-4 * scale * gain
+    return max(1e-4, gain * raw_error)
 
 
 @pytest.mark.slow
@@ -219,14 +220,17 @@ def test_runtime_dist_equals_torch(dist_run, spec):
     raw = det.scorers[spec].predict(load_images(images))
     raws = [("", raw)] + [(f"_{p}", c) for p, c in raw.components.items()]
     assert {k for k in got if k.startswith("raw")} == {f"raw{p}_{a}" for p, _ in raws for a in ("scores", "maps")}
+    raw_error = {"image": 0.0, "pixel": 0.0}
     for part, r in raws:
         assert_close_to_torch(got[f"raw{part}_scores"], r.image_scores, f"{spec}{part} raw scores")
         assert_close_to_torch(got[f"raw{part}_maps"], r.anomaly_maps, f"{spec}{part} raw maps")
+        raw_error["image"] = max(raw_error["image"], float(np.abs(got[f"raw{part}_scores"] - r.image_scores).max()))
+        raw_error["pixel"] = max(raw_error["pixel"], float(np.abs(got[f"raw{part}_maps"] - r.anomaly_maps).max()))
     # Detector.predict: calibrated scores and maps, labels and masks
     want = det.predict(images)
     normalisers = manifests[spec]["scorers"][spec]["normalisers"]
-    tol_scores = _calibrated_tolerance([r.image_scores for _, r in raws], normalisers, "image")
-    tol_maps = _calibrated_tolerance([r.anomaly_maps for _, r in raws], normalisers, "pixel")
+    tol_scores = _calibrated_tolerance(raw_error["image"], normalisers, "image")
+    tol_maps = _calibrated_tolerance(raw_error["pixel"], normalisers, "pixel")
     assert_close_to_torch(got["scores"], want.image_scores, f"{spec} scores", tol=tol_scores)
     assert_close_to_torch(got["maps"], want.anomaly_maps, f"{spec} maps", tol=tol_maps)
     np.testing.assert_array_equal(got["labels"], want.labels)
