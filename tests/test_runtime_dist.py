@@ -2,8 +2,9 @@
 torch-free package ``vlad_runtime``.
 
 Unit tests (always run): the shipped files import nothing outside the shipped set and no library
-beyond the distribution's dependencies at import time, every module of ``vlad/runtime`` is shipped, and
-the distribution's dependencies equal vlad-inspect's ``runtime`` extra.
+beyond the distribution's dependencies at import time, every module of ``vlad/runtime`` is shipped, the
+distribution's dependencies equal vlad-inspect's ``runtime`` extra, its files all lie under
+``vlad_runtime/`` (no clash with vlad-inspect), and its version is read from vlad-inspect's pyproject.
 
 Distribution test (needs ``VLAD_RUNTIME_PYTHON``: the python of a venv without torch where the built
 wheel is installed; ``.ci/run`` makes one): a tiny PatchCore and a tiny WinCLIP detector are exported,
@@ -122,6 +123,25 @@ def test_dependencies_equal_the_runtime_extra():
     main = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert _config()["project"]["dependencies"] == main["optional-dependencies"]["runtime"]
     assert _config()["project"]["requires-python"] == main["requires-python"]
+
+
+def test_wheel_installs_next_to_vlad_inspect():
+    """Every file of the wheel lies under vlad_runtime/, so it never overwrites one of vlad-inspect's."""
+    wheel = _config()["tool"]["hatch"]["build"]["targets"]["wheel"]
+    assert wheel["packages"] == [PACKAGE]
+    outside = [t for t in wheel["force-include"].values() if not t.startswith(f"{PACKAGE}/")]
+    assert not outside, f"runtime/pyproject.toml ships files outside {PACKAGE}/: {outside}"
+
+
+def test_version_comes_from_vlad_inspects_pyproject():
+    """hatch reads vlad-runtime's version from ../pyproject.toml with this regex: it must find vlad-inspect's."""
+    import re
+
+    source = _config()["tool"]["hatch"]["version"]
+    assert "version" not in _config()["project"] and _config()["project"]["dynamic"] == ["version"]
+    assert (DIST / source["path"]).resolve() == ROOT / "pyproject.toml"
+    found = re.findall(source["pattern"], (ROOT / "pyproject.toml").read_text())
+    assert found == [tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]]
 
 
 # --- the built distribution, in a venv without torch --------------------------------------------------
