@@ -163,7 +163,7 @@ def _too_large(name: str, width: int, height: int, limit: int) -> ImageTooLargeE
         f"{name}: {width}x{height} = {width * height} pixels is over the limit of {limit} pixels, which "
         f"guards against decompression bombs. If the image is genuine, raise the limit: environment variable "
         f"{MAX_PIXELS_ENV}=<pixels> (0: no limit), `--max-pixels N` on the command line, or "
-        f"vlad.images.set_max_image_pixels(N) in Python; or downscale the image"
+        f"{__name__}.set_max_image_pixels(N) in Python; or downscale the image"  # vlad.images or vlad_runtime.images
     )
 
 
