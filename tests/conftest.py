@@ -76,6 +76,18 @@ def with_defect(img: np.ndarray, box=(30, 50, 60, 80)) -> np.ndarray:
     return out
 
 
+def assert_close_to_torch(a, b, what: str, tol: float = 1e-4) -> None:
+    """An exported graph's output ``a`` equals torch's ``b`` within ``tol`` of ``b``'s scale (absolute for
+    outputs up to 1, e.g. calibrated ones; relative beyond). Feature distances computed as
+    ``||q||^2 - 2 q.m + ||m||^2`` in float32 differ by ~1e-4 between two correct matrix-product orders
+    when the features are large. Used by the export parity tests (test_export, test_runtime_dist)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, f"{what}: shapes {a.shape} vs {b.shape}"
+    err = np.abs(a - b).max() if a.size else 0.0
+    scale = max(1.0, float(np.abs(b).max())) if b.size else 1.0
+    assert err <= tol * scale, f"{what}: max |onnx - torch| = {err:.3g} (allowed {tol * scale:.3g})"
+
+
 def fails_with_one_line(capsys, argv: list[str], *words: str) -> str:
     """Run the command line on ``argv`` and assert a user mistake: exit code 2, exactly one
     ``vlad: error:`` line naming each of ``words`` (case-insensitive), no traceback. Returns that line."""

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import vlad
+from conftest import assert_close_to_torch as _close
 from conftest import fails_with_one_line, textured, with_defect
 from vlad.cli import main
 from vlad.errors import ExportError, IntegrityError
@@ -32,17 +33,6 @@ TOL = 1e-4
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 pytestmark = pytest.mark.slow
-
-
-def _close(a, b, what: str) -> None:
-    """``a`` equals ``b`` within 1e-4 of ``b``'s scale (absolute 1e-4 for outputs up to 1, e.g. calibrated
-    ones; relative beyond). Feature distances computed as ``||q||^2 - 2 q.m + ||m||^2`` in float32
-    differ by ~1e-4 between two correct matrix-product orders when the features are large."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, f"{what}: shapes {a.shape} vs {b.shape}"
-    err = np.abs(a - b).max() if a.size else 0.0
-    scale = max(1.0, float(np.abs(b).max())) if b.size else 1.0
-    assert err <= TOL * scale, f"{what}: max |onnx - torch| = {err:.3g} (allowed {TOL * scale:.3g})"
 
 
 @pytest.fixture(scope="module")

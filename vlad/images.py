@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlad.errors import ImageTooLargeError, InvalidImageError
-from vlad.types import ImageFailure
+from .errors import ImageTooLargeError, InvalidImageError
+from .types import ImageFailure
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MIN_SIZE = 8  # smaller images cannot give a meaningful map from any backbone
@@ -163,7 +163,7 @@ def _too_large(name: str, width: int, height: int, limit: int) -> ImageTooLargeE
         f"{name}: {width}x{height} = {width * height} pixels is over the limit of {limit} pixels, which "
         f"guards against decompression bombs. If the image is genuine, raise the limit: environment variable "
         f"{MAX_PIXELS_ENV}=<pixels> (0: no limit), `--max-pixels N` on the command line, or "
-        f"vlad.images.set_max_image_pixels(N) in Python; or downscale the image"
+        f"{__name__}.set_max_image_pixels(N) in Python; or downscale the image"  # vlad.images or vlad_runtime.images
     )
 
 

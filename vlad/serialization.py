@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vlad.errors import IntegrityError, VladError
+from .errors import IntegrityError, VladError
 
 _CHUNK = 1 << 20
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 
-from vlad.errors import NonFiniteScoreError
+from .errors import NonFiniteScoreError
 
 if TYPE_CHECKING:
     import torch

@@ -51,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from vlad.errors import NonFiniteScoreError, VladError
-from vlad.types import AnomalyResult, WorkingResult
+from ..errors import NonFiniteScoreError, VladError
+from ..types import AnomalyResult, WorkingResult
 
 FUSION_RULES = ("mean", "max", "harmonic")
 NORMALISER_KINDS = ("reference", "probability", "self")

@@ -24,8 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vlad.errors import ExportError
-from vlad.serialization import check_digests, check_keys, check_plain, read_json
+from ..errors import ExportError
+from ..serialization import check_digests, check_keys, check_plain, read_json
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "vlad-onnx"

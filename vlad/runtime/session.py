@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from vlad.detector.fusion import Normaliser, calibrate_units, fuse_results
-from vlad.errors import ExportError, VladError
-from vlad.images import LoadedImage, load_images
-from vlad.runtime.imaging import gaussian_blur, resize_image, resize_map
-from vlad.runtime.manifest import read_manifest
-from vlad.types import AnomalyResult, ImagesLike, check_finite
+from ..detector.fusion import Normaliser, calibrate_units, fuse_results
+from ..errors import ExportError, VladError
+from ..images import LoadedImage, load_images
+from ..types import AnomalyResult, ImagesLike, check_finite
+from .imaging import gaussian_blur, resize_image, resize_map
+from .manifest import read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class ScorerSession:
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise ExportError("vlad.runtime needs onnxruntime: pip install 'vlad-inspect[runtime]'") from exc
+            raise ExportError("running an exported detector needs onnxruntime: pip install onnxruntime "
+                              "(it comes with vlad-runtime and with 'vlad-inspect[runtime]')") from exc
         self.name = name
         self.entry = entry
         self.inputs = entry["inputs"]
