@@ -7,8 +7,8 @@ own ``predict`` (torch, preprocessing included) and by :mod:`vlad.runtime` (nump
 onnxruntime), timed interleaved (torch, onnx, torch, onnx, ...) so both see the same machine load; both
 use the same number of threads. Also printed: the largest difference of scores and maps relative to
 their scale. Then the installed size (``du``) of the site-packages of this environment and of
-``--runtime-venv`` (a venv holding only the runtime extra's packages plus vlad installed with
-``--no-deps``; see the README's "Deploy without torch").
+``--runtime-venv`` (a venv without torch, e.g. one holding the ``vlad-runtime`` wheel: ``pip install
+./runtime``; see docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scorers", default="patchcore,anomalydino,winclip", help=f"comma-separated, of {list(SETUPS)}")
     parser.add_argument("--batch", type=int, default=1, help="images per predict call (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
-    parser.add_argument("--runtime-venv", default=None, help="a venv with only the runtime extra (size printed)")
+    parser.add_argument("--runtime-venv", default=None, help="a venv without torch, e.g. with the vlad-runtime wheel (its size is printed)")
     parser.add_argument("--sizes-only", action="store_true", help="print the environment sizes only")
     add_device_option(parser)  # torch's side; onnxruntime runs on the CPU
     args = parser.parse_args(argv)
@@ -130,5 +130,5 @@ def main(argv: list[str] | None = None) -> int:
         size, path = site_packages_size(args.runtime_venv)
         print(f"installed size, runtime-only environment: {size}  ({path})")
     else:
-        print("runtime-only environment: pass --runtime-venv PATH (see the README's 'Deploy without torch')")
+        print("runtime-only environment: pass --runtime-venv PATH (a venv without torch, e.g. with pip install ./runtime; see docs/deployment.md)")
     return 0
