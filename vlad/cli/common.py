@@ -77,7 +77,7 @@ def add_precision_option(p: argparse.ArgumentParser, loaded: str = "With --load 
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="precision of the pretrained backbones' forward passes: fp32 (full, the default of a new "
                         "model), bf16 or fp16 (autocast: faster on a GPU; distances, calibration and fusion stay "
-                        f"float32). {loaded}")
+                        f"float32). {loaded}".rstrip())
 
 
 def check_precision_option(args: argparse.Namespace) -> None:

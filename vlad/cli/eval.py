@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_rate_option(p)
     add_image_size_options(p)
     add_model_options(p)
-    add_precision_option(p)
+    add_precision_option(p, "")  # eval fits new detectors: it has no --load
 
 
 def run(args: argparse.Namespace) -> int:
