@@ -393,3 +393,18 @@ SCRATCH_WEIGHTS = Choice("pretrained", "random", "tiny").explain(
 NO_BACKBONE = Choice(None).explain("this scorer is trained from scratch and takes no backbone")
 #: a seed that must be a number (the scorer seeds with it directly)
 SEED = Int(0, 2**32 - 1)
+
+
+def scratch_training_specs(canvas_modes: tuple[str, ...]) -> dict[str, Spec]:
+    """The parameters every scorer trained from scratch (autoencoder, DRAEM) shares: no backbone, its own
+    weights, the canvas, the training budget, early stopping and the learning rate."""
+    return {
+        "backbone": NO_BACKBONE,
+        "weights": SCRATCH_WEIGHTS,
+        "canvas": Choice(*canvas_modes),
+        "train_steps": Int(1, 10_000_000, none=True).explain("None = grows with the number of references"),
+        "time_limit": Number(0, None, lo_open=True, none=True).explain("seconds; None = no cap"),
+        "validation_fraction": Number(0, 1, hi_open=True),
+        "patience": Int(0, 1_000_000).explain("0 = never stop early"),
+        "lr": LEARNING_RATE,
+    }

@@ -252,14 +252,7 @@ class AutoEncoder(BaseScorer):
 
     #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
     _param_specs = {
-        "backbone": ps.NO_BACKBONE,
-        "weights": ps.SCRATCH_WEIGHTS,
-        "canvas": ps.Choice(*CANVAS_MODES),
-        "train_steps": ps.Int(1, 10_000_000, none=True).explain("None = grows with the number of references"),
-        "time_limit": ps.Number(0, None, lo_open=True, none=True).explain("seconds; None = no cap"),
-        "validation_fraction": ps.Number(0, 1, hi_open=True),
-        "patience": ps.Int(0, 1_000_000).explain("0 = never stop early"),
-        "lr": ps.LEARNING_RATE,
+        **ps.scratch_training_specs(CANVAS_MODES),
         "base_channels": ps.WIDTH,
         "latent_channels": ps.WIDTH,
         "ssim_weight": ps.Number(0, 1),
