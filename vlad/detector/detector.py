@@ -539,17 +539,10 @@ class Detector:
 
     def _pool_calibration(self, active: list[str], held: list[int]) -> Calibration:
         """Normalisers and thresholds from the unlabeled pool, under the ``pool_defect_rate`` assumption."""
-        o = self.options
         idx = self._pool_calibration_images()
         results = {name: self._pool_results(name, idx) for name in active}
-        normalisers = self._fit_normalisers(results)
-        cal = Calibration(normalisers, 0.0, 0.0, rule="pool-assumption", path="unlabeled-pool", held_out=held,
-                          n_references=len(self.references_), n_pool=len(idx))
-        fused = fuse_results({nm: self._apply(cal, nm, r) for nm, r in results.items()}, self._weights(), o["fusion"])
-        cal.reference_scores = fused.image_scores.astype(np.float64).tolist()
-        cal.reference_map_maxima = [float(m.max()) for m in fused.map_list()]
-        self._set_thresholds_from_references(cal)
-        return cal
+        return self._calibration_from(results, rule="pool-assumption", path="unlabeled-pool", held_out=held,
+                                      n_pool=len(idx))
 
     # -- thresholds ------------------------------------------------------------------------
     def set_thresholds(
@@ -810,15 +803,9 @@ class Detector:
                 return self._views_calibration(active, held, real[0])
             return self._prior_calibration(active, held)
         results = {name: self._reference_results(name, idx) for name in active}
-        normalisers = self._fit_normalisers(results)
-        cal = Calibration(normalisers, 0.0, 0.0, rule="conformal", held_out=held, n_references=n)
-        fused = fuse_results({nm: self._apply(cal, nm, r) for nm, r in results.items()}, self._weights(), o["fusion"])
-        cal.reference_scores = fused.image_scores.astype(np.float64).tolist()
-        cal.reference_map_maxima = [float(m.max()) for m in fused.map_list()]
-        cal.path = ("held-out" if trained else
-                    "leave-one-out" if any(type(self.scorers[s]).incremental for s in active) else "exchangeable")
-        self._set_thresholds_from_references(cal)
-        return cal
+        path = ("held-out" if trained else
+                "leave-one-out" if any(type(self.scorers[s]).incremental for s in active) else "exchangeable")
+        return self._calibration_from(results, rule="conformal", path=path, held_out=held)
 
     def _views_calibration(self, active: list[str], held: list[int], reference: LoadedImage) -> Calibration:
         """One reference: its jittered views (:mod:`vlad.detector.views`), each scored as a new image,
@@ -827,25 +814,22 @@ class Detector:
         views = reference_views(reference, int(o["reference_views"]), seed=0)
         with torch.inference_mode():
             results = {name: self.scorers[name].predict_working(views) for name in active}
-        normalisers = self._fit_normalisers(results)
-        cal = Calibration(normalisers, 0.0, 0.0, rule="views-assumption", path="reference-views", held_out=held,
-                          n_references=len(self.references_))
-        fused = fuse_results({nm: self._apply(cal, nm, r) for nm, r in results.items()}, self._weights(), o["fusion"])
-        cal.reference_scores = fused.image_scores.astype(np.float64).tolist()
-        cal.reference_map_maxima = [float(m.max()) for m in fused.map_list()]
-        self._set_thresholds_from_references(cal)
-        return cal
+        return self._calibration_from(results, rule="views-assumption", path="reference-views", held_out=held)
 
     def _batch_calibration(self, raw: Mapping[str, WorkingResult]) -> Calibration:
         """No known-good image and no pool, but a batch scored together by the unlabeled tier: the batch
         calibrates itself under the pool assumption (each image was scored as a new one: the unlabeled
         scorers against the rest of the batch, the zero-shot ones as they are). For this call only."""
-        o = self.options
         results = {name: r.to_result() for name, r in raw.items()}
-        normalisers = self._fit_normalisers(results)
-        cal = Calibration(normalisers, 0.0, 0.0, rule="pool-assumption", path="this-batch",
-                          n_references=len(self.references_), n_pool=len(next(iter(results.values())).image_scores))
-        fused = fuse_results({nm: self._apply(cal, nm, r) for nm, r in results.items()}, self._weights(), o["fusion"])
+        n_pool = len(next(iter(results.values())).image_scores)
+        return self._calibration_from(results, rule="pool-assumption", path="this-batch", n_pool=n_pool)
+
+    def _calibration_from(self, results: Mapping[str, AnomalyResult], **fields: Any) -> Calibration:
+        """Normalisers fitted on ``results`` (normal images, each scored as a new image would be), their
+        fused scores and map maxima, and the thresholds of ``fields["rule"]`` from them."""
+        cal = Calibration(self._fit_normalisers(results), 0.0, 0.0, n_references=len(self.references_), **fields)
+        fused = fuse_results({nm: self._apply(cal, nm, r) for nm, r in results.items()}, self._weights(),
+                             self.options["fusion"])
         cal.reference_scores = fused.image_scores.astype(np.float64).tolist()
         cal.reference_map_maxima = [float(m.max()) for m in fused.map_list()]
         self._set_thresholds_from_references(cal)
