@@ -8,8 +8,10 @@ machine does not have is one error line, not a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +122,45 @@ def test_serve_bench_open_loop_paces_arrivals():
     assert 20 <= offered <= 60  # 25 arrivals in 0.5 s, sent without waiting for answers (closed: ~10/s)
     assert skipped == 25 - 10  # only the cap's worth were sent; the rest were skipped
     assert sum(errors.values()) == 10  # each sent one timed out
+
+
+def _tiny_set(root, name: str, seed: int) -> None:
+    """A category in MVTec layout: textured good images, bright-square defects with their masks."""
+    from PIL import Image
+    from conftest import textured, with_defect
+
+    cat = root / name / "part"
+    for sub in ("train/good", "test/good", "test/defect", "ground_truth/defect"):
+        (cat / sub).mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(textured(seed * 100 + i, size=64)).save(cat / "train/good" / f"{i:03d}.png")
+    for i in range(3):
+        Image.fromarray(textured(seed * 100 + 50 + i, size=64)).save(cat / "test/good" / f"{i:03d}.png")
+        box = (10 + 8 * i, 22 + 8 * i, 20, 32)
+        Image.fromarray(with_defect(textured(seed * 100 + 60 + i, size=64), box)).save(cat / "test/defect" / f"{i:03d}.png")
+        mask = np.zeros((64, 64), np.uint8)
+        mask[box[0]:box[1], box[2]:box[3]] = 255
+        Image.fromarray(mask).save(cat / "ground_truth/defect" / f"{i:03d}_mask.png")
+
+
+def test_quality_bench_prints_each_lines_choice_beside_the_real_figure(tmp_path, capsys):
+    # the autoencoder chooses its rule on synthetic defects of its own references: the table shows the
+    # synthetic prediction beside the real figure, and --loso adds the fixed-rule protocol
+    from vlad.bench import quality
+
+    for i, name in enumerate(("seta", "setb")):
+        _tiny_set(tmp_path / "data", name, i)
+    out = tmp_path / "report.json"
+    code = quality.main(["--data", str(tmp_path / "data"), "--sets", "seta,setb", "--scorers", "autoencoder",
+                         "--shots", "6", "--seeds", "1", "--set", "image_size=64", "--set", "train_steps=10",
+                         "--cache", str(tmp_path / "cache"), "--out", str(out), "--loso"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "each line's own choice on synthetic defects" in text and "synth" in text
+    assert "leave-one-set-out" in text
+    report = json.loads(out.read_text())
+    rows = report["scorers"]["autoencoder"]["self_tuned"]
+    assert [r["set"] for r in rows] == ["seta", "setb"]
+    for row in rows:
+        assert 0.0 <= row["synthetic_image_auroc"][0] <= 1.0 and 0.0 <= row["metrics"]["image_auroc"][0] <= 1.0
+        assert row["rules"][0]  # the rule the line chose, by name

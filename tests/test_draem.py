@@ -44,7 +44,7 @@ def test_raw_maps_are_probabilities(fitted):
 def test_early_stopping_on_held_out_references():
     # with lr=0 the held-out loss cannot improve on its first evaluation (only batch-norm statistics move):
     # training stops one evaluation later, long before its budget, keeping the best held-out weights
-    params = {**PARAMS, "train_steps": 200, "lr": 0.0, "patience": 1}
+    params = {**PARAMS, "train_steps": 200, "lr": 0.0, "patience": 1, "selection": "loss"}
     scorer = vlad.create_scorer("draem", **params).fit([textured(i) for i in range(8)])
     log = scorer.train_log_
     assert log["stopped"] == "early" and len(scorer.loss_history_) < 30

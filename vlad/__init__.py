@@ -14,6 +14,7 @@ from typing import Any
 from vlad.errors import (
     EmptyReferenceSetError,
     IntegrityError,
+    SelectionUnavailableError,
     InvalidDeviceError,
     InvalidImageError,
     InvalidParameterError,
@@ -41,6 +42,7 @@ __all__ = [
     "EmptyReferenceSetError",
     "ImageFailure",
     "IntegrityError",
+    "SelectionUnavailableError",
     "InvalidDeviceError",
     "InvalidImageError",
     "InvalidParameterError",

@@ -63,6 +63,11 @@ class NonFiniteScoreError(VladError, ArithmeticError):
     rather than labelled (a NaN compared with a threshold would otherwise read as "normal")."""
 
 
+class SelectionUnavailableError(VladError, LookupError):
+    """A scorer was asked what it chose on synthetic defects, but chose nothing that way (the message says
+    why: too few references to hold any out, or ``selection="loss"``)."""
+
+
 class IntegrityError(VladError):
     """A saved detector or scorer does not match the checksums recorded when it was saved (the file was
     changed, truncated or corrupted after saving), or the folder is ambiguous."""

@@ -408,3 +408,21 @@ def scratch_training_specs(canvas_modes: tuple[str, ...]) -> dict[str, Spec]:
         "patience": Int(0, 1_000_000).explain("0 = never stop early"),
         "lr": LEARNING_RATE,
     }
+
+
+#: said of a map-rule parameter left at None
+SEARCHED = "None = chosen at fit on synthetic defects"
+
+
+def map_rule_specs(normalize_modes: tuple[str, ...], selection_modes: tuple[str, ...]) -> dict[str, Spec]:
+    """The map-rule parameters of the scorers that choose theirs on synthetic defects (autoencoder, DRAEM):
+    each None (searched at fit) or a fixed value, and how the choice is made."""
+    return {
+        "normalize": Choice(None, *normalize_modes).explain(SEARCHED),
+        "sigma": Number(0, 1024, none=True).explain(SEARCHED),
+        "topk_fraction": Number(0, 1, none=True).explain("0 = the map's maximum; " + SEARCHED),
+        "shift_tolerance": Int(0, 1024, none=True).explain(SEARCHED),
+        "selection": Choice(*selection_modes).explain(
+            "'synthetic' chooses the map rule and training length on synthetic defects, 'loss' stops on the "
+            "held-out loss"),
+    }

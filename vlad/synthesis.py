@@ -5,6 +5,8 @@ Two families from the anomaly-synthesis literature, reusable by any trainable sc
 * **CutPaste** (Li et al., CVPR 2021, arXiv 2104.04015): a random rectangle is cut from the image and
   pasted elsewhere, optionally colour-jittered (:func:`cutpaste`); the *scar* variant pastes a thin,
   rotated rectangle (:func:`cutpaste_scar`).
+* **Cracks and scratches** (:func:`crack`): a thin random-walk line, darker or lighter than its
+  surroundings, the shape of scratches and cracks that neither of the above draws.
 * **Perlin-noise masked texture blending** (DRAEM, Zavrtanik et al., ICCV 2021, arXiv 2108.07610):
   2-D Perlin noise at a random scale is thresholded to a mask; a texture source (another image, or the
   image itself augmented) is blended into the masked area with an opacity ``beta`` drawn from
@@ -30,6 +32,9 @@ __all__ = [
     "perlin_blend",
     "cutpaste",
     "cutpaste_scar",
+    "crack",
+    "defect",
+    "DEFECT_KINDS",
     "synthesize",
 ]
 
@@ -339,11 +344,113 @@ def cutpaste_scar(
     return _paste(img, patch.astype(np.float32), pmask, rng)
 
 
-_KINDS = {"perlin": perlin_blend, "cutpaste": cutpaste, "scar": cutpaste_scar}
+# -- cracks and scratches -------------------------------------------------------------------------------
+def crack(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    length: float = 0.3,
+    width: float = 1.5,
+    strength: float = 0.6,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A thin crack or scratch: a random walk of ``length`` (share of the image's shorter side) drawn
+    ``width`` pixels wide, darker (two times in three) or lighter than the image by ``strength`` (a share
+    of the full range, at the line's centre; the edge fades over a pixel).
+
+    Returns:
+        ``(augmented (H, W, 3), mask (H, W))`` float32; the mask marks the line.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    img = _check_image(image)
+    rng = _check_rng(rng)
+    h, w = img.shape[:2]
+    n = max(2, int(round(length * min(h, w))))
+    y, x = rng.uniform(0.1 * h, 0.9 * h), rng.uniform(0.1 * w, 0.9 * w)
+    heading = rng.uniform(0.0, 2 * math.pi)
+    line = np.zeros((h, w), bool)
+    for _ in range(n):  # unit steps; the heading wanders a little, as a crack does
+        heading += rng.normal(0.0, 0.25)
+        y = float(np.clip(y + math.sin(heading), 0, h - 1))
+        x = float(np.clip(x + math.cos(heading), 0, w - 1))
+        line[int(round(y)), int(round(x))] = True
+    dist = distance_transform_edt(~line)
+    weight = np.clip(width / 2.0 + 0.5 - dist, 0.0, 1.0).astype(np.float32)
+    mask = (weight > 0.5).astype(np.float32)
+    sign = -1.0 if rng.random() < 2 / 3 else 1.0
+    out = img + sign * float(strength) * weight[..., None]
+    return np.clip(out, 0.0, 1.0).astype(np.float32), mask
+
+
+def _blob_mask(shape: tuple[int, int], area: float, rng: np.random.Generator) -> np.ndarray:
+    """An irregular blob of about ``area`` (share of the image) at a random place: low-frequency Perlin
+    noise thresholded inside an ellipse."""
+    h, w = shape
+    side = math.sqrt(max(area, 1e-6) * h * w / 0.6)  # the blob fills about 60% of its box
+    aspect = math.exp(rng.uniform(-0.7, 0.7))
+    bh = int(np.clip(round(side / math.sqrt(aspect)), 3, h))
+    bw = int(np.clip(round(side * math.sqrt(aspect)), 3, w))
+    noise = perlin_noise((bh, bw), (2, 2), rng)
+    yy, xx = np.mgrid[0:bh, 0:bw]
+    ell = ((yy - (bh - 1) / 2) / (bh / 2)) ** 2 + ((xx - (bw - 1) / 2) / (bw / 2)) ** 2
+    blob = (noise + 0.6 * (1 - ell)) > 0.25
+    if not blob.any():
+        blob[bh // 2, bw // 2] = True
+    y0, x0 = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+    mask = np.zeros((h, w), np.float32)
+    mask[y0 : y0 + bh, x0 : x0 + bw] = blob
+    return mask
+
+
+#: the kinds :func:`defect` draws
+DEFECT_KINDS = ("cutpaste", "perlin", "crack")
+
+
+def defect(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    kind: str,
+    area: float = 0.01,
+    strength: float = 1.0,
+    texture: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic defect of a given size and strength, for validation sets (see :mod:`vlad.selftune`).
+
+    Args:
+        image: float ``(H, W, 3)`` in [0, 1].
+        rng: numpy Generator.
+        kind: ``"cutpaste"`` (a patch of the image moved, colour-jittered), ``"perlin"`` (an irregular
+            blob of re-styled texture: ``texture`` or the image itself) or ``"crack"`` (a thin line).
+        area: the defect's size as a share of the image (for a crack: its length is ``sqrt(area)``
+            times 3 of the shorter side).
+        strength: in (0, 1]: the opacity of a patch or blob, the intensity change of a crack.
+
+    Returns:
+        ``(augmented (H, W, 3), mask (H, W))`` float32; the mask is non-empty.
+    """
+    img = _check_image(image)
+    rng = _check_rng(rng)
+    if not 0.0 < strength <= 1.0 or not 0.0 < area < 1.0:
+        raise ValueError(f"need 0 < strength <= 1 and 0 < area < 1, got strength {strength}, area {area}")
+    if kind == "crack":
+        return crack(img, rng, length=3.0 * math.sqrt(area), width=float(rng.uniform(1.0, 2.5)),
+                     strength=0.6 * strength)
+    if kind == "cutpaste":
+        out, mask = cutpaste(img, rng, area_ratio=(0.7 * area, 1.3 * area), colour_jitter=0.2)
+    elif kind == "perlin":
+        mask = _blob_mask(img.shape[:2], area, rng)
+        src = augment_texture(img if texture is None else _fit_to(_check_image(texture), img.shape[:2]), rng)
+        out = img * (1 - mask[..., None]) + src * mask[..., None]
+    else:
+        raise ValueError(f"unknown defect kind {kind!r}; expected one of {DEFECT_KINDS}")
+    m = mask[..., None] * float(strength)
+    return np.clip(img * (1 - m) + out * m, 0.0, 1.0).astype(np.float32), mask
+
+
+_KINDS = {"perlin": perlin_blend, "cutpaste": cutpaste, "scar": cutpaste_scar, "crack": crack}
 
 
 def synthesize(image: np.ndarray, rng: np.random.Generator, kind: str = "perlin", **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """Dispatch to one synthesis by name: ``"perlin"``, ``"cutpaste"`` or ``"scar"``."""
+    """Dispatch to one synthesis by name: ``"perlin"``, ``"cutpaste"``, ``"scar"`` or ``"crack"``."""
     if kind not in _KINDS:
         raise ValueError(f"unknown synthesis kind {kind!r}; expected one of {sorted(_KINDS)}")
     return _KINDS[kind](image, rng, **kwargs)

@@ -10,13 +10,15 @@ Defaults: about 128 x 128 px in the references' median aspect ratio (:func:`aspe
 KolektorSDD's 203 x 512), each image letterboxed onto that canvas (aspect ratio kept, reflection padding,
 map cropped back: :mod:`vlad.scorers.scratch`), five stride-2 stages down to an ``H/32 x W/32 x 32``
 bottleneck, Adam lr 1e-3, batches of 8 references, a budget that grows with the references
-(``train_steps=None``: about 30 epochs, 200 to 4000 steps) under a ``time_limit`` (300 s), early
-stopping on a held-out fifth of the references. Map (chosen by the protocol below): ``1 - SSIM`` (11 x 11
-Gaussian window, sigma 1.5) in units of its mean over the references (``normalize="global"``; the squared
-error and the per-position normalisation of :mod:`vlad.scorers.scratch` are options), smoothed with a
-Gaussian (``sigma=2`` px); image score = mean of the top 5% of the map (``topk_fraction=0.05``). The
-working size and budget were fixed for a shared 2-core CPU; the map rule was chosen by the leave-one-set-out
-protocol of ``python -m vlad.bench quality`` (figures in the README).
+(``train_steps=None``: about 30 epochs, 200 to 4000 steps) under a ``time_limit`` (300 s), a fifth of the
+references held out of training. Error maps: ``1 - SSIM`` (11 x 11 Gaussian window, sigma 1.5) and the
+squared error. How they become a map and a score (error terms, normalisation per position or global,
+smoothing, top-k pooling: :mod:`vlad.scorers.scratch`) and how long the model trains are chosen by each line
+at ``fit``, on synthetic defects pasted into the held-out references (:mod:`vlad.selftune`;
+``selection_report()`` says what was chosen); a parameter given a value is kept as given. With fewer than 4
+references nothing can be held out and the rule is ``1 - SSIM`` in units of its references' mean, smoothed
+with ``sigma=2`` px, scored by the mean of its top 5%. The working size and budget were fixed for a
+shared 2-core CPU (figures: ``python -m vlad.bench quality``).
 
 Stopping: a KeyboardInterrupt (Ctrl-C) during training stops it cleanly: the model trained so far is kept,
 a warning is logged, ``interrupted_`` is True and ``fit`` returns normally. A second Ctrl-C aborts.
@@ -58,6 +60,7 @@ from vlad.scorers.scratch import (
     stack_or_list,
     to_canvas,
 )
+from vlad.selftune import SELECTION_MODES, SelfTuned, fixed_rule, rules_for, train_and_select
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +214,11 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
-class AutoEncoder(BaseScorer):
+#: the rule without a selection, for what the user leaves at None (the rule 0.2 shipped)
+FALLBACK_RULE = MapRule("global", 2.0, 0.05, (0,))
+
+
+class AutoEncoder(SelfTuned, BaseScorer):
     """Convolutional autoencoder with an SSIM reconstruction map (trained from scratch on references).
 
     Args:
@@ -244,7 +251,11 @@ class AutoEncoder(BaseScorer):
         topk_fraction: image score = mean of this top fraction of the map (0 = max).
         shift_tolerance: with ``normalize="position"``, compare each pixel with the references' highest
             error within this many pixels (tolerates misaligned parts; 0 = the same pixel only).
+            Each of these five left at None is chosen at ``fit`` on synthetic defects (:mod:`vlad.selftune`).
         augment: random flips during training (off by default: orientation may matter on a line).
+        selection: ``"synthetic"`` (default): the map rule and the training length are chosen on synthetic
+            defects of held-out references; ``"loss"``: training stops on the held-out reconstruction loss
+            and the rule is the given values with the fallback for the rest.
     """
 
     requires_references = True
@@ -256,11 +267,9 @@ class AutoEncoder(BaseScorer):
         "base_channels": ps.WIDTH,
         "latent_channels": ps.WIDTH,
         "ssim_weight": ps.Number(0, 1),
-        "error_terms": ps.Choice("ssim+l2", "ssim", "l2"),
-        "normalize": ps.Choice(*NORMALIZE_MODES),
-        "topk_fraction": ps.Number(0, 1).explain("0 = the map's maximum"),
-        "shift_tolerance": ps.Int(0, 1024),
+        "error_terms": ps.Choice(None, "ssim+l2", "ssim", "l2").explain(ps.SEARCHED),
         "augment": ps.Bool(),
+        **ps.map_rule_specs(NORMALIZE_MODES, SELECTION_MODES),
     }
 
     def __init__(
@@ -280,12 +289,13 @@ class AutoEncoder(BaseScorer):
         base_channels: int = 16,
         latent_channels: int = 32,
         ssim_weight: float = 0.85,
-        error_terms: str = "ssim",
-        normalize: str = "global",
-        sigma: float = 2.0,
-        topk_fraction: float = 0.05,
-        shift_tolerance: int = 0,
+        error_terms: str | None = None,
+        normalize: str | None = None,
+        sigma: float | None = None,
+        topk_fraction: float | None = None,
+        shift_tolerance: int | None = None,
         augment: bool = False,
+        selection: str = "synthetic",
     ):
         self.backbone = backbone
         self.weights = weights
@@ -308,6 +318,7 @@ class AutoEncoder(BaseScorer):
         self.topk_fraction = topk_fraction
         self.shift_tolerance = shift_tolerance
         self.augment = augment
+        self.selection = selection
 
     def _build(self) -> None:
         if self.backbone is not None:
@@ -324,12 +335,23 @@ class AutoEncoder(BaseScorer):
         self.model_ = init_module(lambda: ConvAutoEncoder(width, latent), self.device_, seed)
         self.model_.eval()
 
-    def _map_rule(self) -> MapRule:
+    def _terms(self) -> list[tuple[int, ...]]:
+        """The error-term choices: the user's, or every one searched."""
+        if self.error_terms is None:
+            return [(0, 1), (0,), (1,)]
         names = str(self.error_terms).split("+")
         if not names or any(n not in self.TERMS for n in names):
             raise InvalidParameterError(f"error_terms must be 'ssim+l2', 'ssim' or 'l2', got {self.error_terms!r}")
-        return MapRule(self.normalize, float(self.sigma), float(self.topk_fraction),
-                       tuple(self.TERMS.index(n) for n in names), shift=int(self.shift_tolerance)).check()
+        return [tuple(self.TERMS.index(n) for n in names)]
+
+    def _map_rule(self) -> MapRule:
+        """The rule without a selection: the user's values, the rest from :data:`FALLBACK_RULE`."""
+        terms = self._terms()
+        return fixed_rule(self.normalize, self.shift_tolerance, self.sigma, self.topk_fraction,
+                          terms[0] if len(terms) == 1 else FALLBACK_RULE.terms, FALLBACK_RULE)
+
+    def _candidates(self) -> list[MapRule]:
+        return rules_for(self.normalize, self.shift_tolerance, self.sigma, self.topk_fraction, self._terms())
 
     @staticmethod
     def _error_terms(x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,7 +383,7 @@ class AutoEncoder(BaseScorer):
     def _fit(self, references: list[LoadedImage] | None) -> None:
         if self.image_size is None:
             self.size_ = aspect_size(references, DEFAULT_SIDE, multiple=32)
-        data, _ = to_canvas(references, self.size_, self.canvas)  # (N, 3, H, W), kept on CPU
+        data, boxes = to_canvas(references, self.size_, self.canvas)  # (N, 3, H, W), kept on CPU
         train_idx, held_idx = split_held_out(len(data), float(self.validation_fraction), self.random_state)
         train, held = data[torch.from_numpy(train_idx)], data[torch.from_numpy(held_idx)]
         gen = torch.Generator().manual_seed(0 if self.random_state is None else int(self.random_state))
@@ -385,17 +407,13 @@ class AutoEncoder(BaseScorer):
             opt.step()
             return loss.item()
 
-        def validate() -> float:
+        def validate(_: int) -> float:
             return float(np.mean([loss_of(held[i : i + bs].to(self.device_)).item()
                                   for i in range(0, len(held), bs)]))
 
-        log = fit_loop(step, n_steps, "AutoEncoder training", model=self.model_,
-                       validate=validate if len(held) else None, eval_every=max(5, n_steps // 25),
-                       patience=int(self.patience), time_limit=self.time_limit, log=logger)
-        self.model_.eval()
+        log = train_and_select(self, step, n_steps, "AutoEncoder training", data=data, boxes=boxes,
+                               train_idx=train_idx, held_idx=held_idx, loss_validate=validate, log=logger)
         self.loss_history_, self.interrupted_, self.train_log_ = log.losses, log.stopped == "interrupted", log.as_meta()
-        stats_from = held if len(held) >= MIN_HELD_OUT_FOR_STATS else data
-        self.stats_ = reference_stats(self._raw(stats_from))
 
     def _predict_batch(self, images: list[LoadedImage]):
         x, boxes = to_canvas(images, self.size_, self.canvas, self.device_)
@@ -415,7 +433,7 @@ class AutoEncoder(BaseScorer):
         tensors = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
         tensors.update({f"stats.{k}": v for k, v in self.stats_.items()})
         return tensors, {"loss_history": self.loss_history_, "interrupted": self.interrupted_,
-                         "size": list(self.size_), "train_log": self.train_log_}
+                         "size": list(self.size_), "train_log": self.train_log_, **self._selection_meta()}
 
     def _set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.model_.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -423,6 +441,7 @@ class AutoEncoder(BaseScorer):
         self.loss_history_ = list(meta.get("loss_history", []))
         self.interrupted_ = bool(meta.get("interrupted", False))
         self.train_log_ = dict(meta.get("train_log", {}))
+        self._restore_selection(meta)
         if "size" in meta:
             self.size_ = resolve_size(meta["size"], DEFAULT_SIDE, multiple=32)
         self.stats_ = {k[len("stats."):]: v.cpu() for k, v in tensors.items() if k.startswith("stats.")}

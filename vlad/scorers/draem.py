@@ -8,10 +8,11 @@ with synthetic anomalies (:func:`vlad.synthesis.perlin_blend`: Perlin-noise mask
 * a discriminative U-Net sees ``concat(augmented, reconstruction)`` and segments the synthetic anomaly
   (loss: focal, gamma 2).
 
-At test time the raw map is the discriminative network's anomaly probability; it is normalised by the
-references' own maps at each position (``normalize="position"``), smoothed with a Gaussian (``sigma=2``
-px), and the image score is its max (``topk_fraction=0``; the map rule chosen by the leave-one-set-out protocol of
-``python -m vlad.bench quality``; see :mod:`vlad.scorers.scratch`).
+At test time the raw map is the discriminative network's anomaly probability. How it becomes a map and a
+score (normalised by the references' own maps per position or globally, smoothed, pooled: see
+:mod:`vlad.scorers.scratch`) and how long the networks train are chosen by each line at ``fit`` on synthetic
+defects pasted into held-out references (:mod:`vlad.selftune`, ``selection_report()``); a parameter given a
+value is kept. With fewer than 4 references: normalised per position, ``sigma=2`` px, the map's max.
 
 Reduced for a CPU (documented departures from the paper): the paper's widths are 128 (reconstructive) and 64
 (discriminative) with 700 epochs on 256 px images and DTD textures; here the reconstructive network is vlad's
@@ -63,6 +64,7 @@ from vlad.scorers.scratch import (
     stack_or_list,
     to_canvas,
 )
+from vlad.selftune import SELECTION_MODES, SelfTuned, fixed_rule, rules_for, train_and_select
 from vlad.synthesis import perlin_blend
 
 logger = logging.getLogger(__name__)
@@ -129,7 +131,11 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
     return (-((1 - logp_t.exp()) ** gamma) * logp_t).mean()
 
 
-class DRAEM(BaseScorer):
+#: the rule without a selection, for what the user leaves at None (the rule 0.2 shipped)
+FALLBACK_RULE = MapRule("position", 2.0, 0.0, (0,))
+
+
+class DRAEM(SelfTuned, BaseScorer):
     """DRAEM (reduced width for CPU training) on Perlin-noise synthetic anomalies.
 
     Args:
@@ -158,9 +164,14 @@ class DRAEM(BaseScorer):
         topk_fraction: image score = mean of this top fraction of the map (0 = max).
         shift_tolerance: with ``normalize="position"``, compare each pixel with the references' highest
             error within this many pixels (tolerates misaligned parts; 0 = the same pixel only).
+            Each of these four left at None is chosen at ``fit`` on synthetic defects (:mod:`vlad.selftune`).
+        selection: ``"synthetic"`` (default): the map rule and the training length are chosen on synthetic
+            defects of held-out references; ``"loss"``: training stops on the held-out loss (a fixed draw
+            of the training anomalies) and the rule is the given values with the fallback for the rest.
     """
 
     requires_references = True
+    TERMS = ("prob",)
 
     #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
     _param_specs = {
@@ -169,9 +180,7 @@ class DRAEM(BaseScorer):
         "latent_channels": ps.WIDTH,
         "disc_channels": ps.WIDTH,
         "anomaly_probability": ps.Number(0, 1).explain("the paper uses 0.5"),
-        "normalize": ps.Choice(*NORMALIZE_MODES),
-        "topk_fraction": ps.Number(0, 1).explain("0 = the map's maximum"),
-        "shift_tolerance": ps.Int(0, 1024),
+        **ps.map_rule_specs(NORMALIZE_MODES, SELECTION_MODES),
     }
 
     def __init__(
@@ -192,10 +201,11 @@ class DRAEM(BaseScorer):
         latent_channels: int = 64,
         disc_channels: int = 16,
         anomaly_probability: float = 0.5,
-        normalize: str = "position",
-        sigma: float = 2.0,
-        topk_fraction: float = 0.0,
-        shift_tolerance: int = 0,
+        normalize: str | None = None,
+        sigma: float | None = None,
+        topk_fraction: float | None = None,
+        shift_tolerance: int | None = None,
+        selection: str = "synthetic",
     ):
         self.backbone = backbone
         self.weights = weights
@@ -217,6 +227,7 @@ class DRAEM(BaseScorer):
         self.sigma = sigma
         self.topk_fraction = topk_fraction
         self.shift_tolerance = shift_tolerance
+        self.selection = selection
 
     def _build(self) -> None:
         if self.backbone is not None:
@@ -228,13 +239,19 @@ class DRAEM(BaseScorer):
         if self.canvas not in CANVAS_MODES:
             raise InvalidParameterError(f"canvas must be one of {CANVAS_MODES}, got {self.canvas!r}")
         self.size_ = resolve_size(self.image_size, DEFAULT_SIDE, multiple=32)
-        self.map_rule_ = MapRule(self.normalize, float(self.sigma), float(self.topk_fraction), (0,),
-                                 shift=int(self.shift_tolerance)).check()
+        self.map_rule_ = self._map_rule()
         div = 4 if mode == "tiny" else 1
         self.model_ = init_module(lambda: DRAEMNet(max(4, self.recon_channels // div), max(4, self.latent_channels // div),
                                                    max(4, self.disc_channels // div)),
                                   self.device_, 0 if self.random_state is None else int(self.random_state))
         self.model_.eval()
+
+    def _map_rule(self) -> MapRule:
+        """The rule without a selection: the user's values, the rest from :data:`FALLBACK_RULE`."""
+        return fixed_rule(self.normalize, self.shift_tolerance, self.sigma, self.topk_fraction, (0,), FALLBACK_RULE)
+
+    def _candidates(self) -> list[MapRule]:
+        return rules_for(self.normalize, self.shift_tolerance, self.sigma, self.topk_fraction, [(0,)])
 
     def _synthesize(self, data: np.ndarray, idx: np.ndarray, rng: np.random.Generator):
         """Augmented batch and masks for references ``data[idx]`` (``(N, H, W, 3)`` float32)."""
@@ -277,7 +294,7 @@ class DRAEM(BaseScorer):
     def _fit(self, references: list[LoadedImage] | None) -> None:
         if self.image_size is None:
             self.size_ = aspect_size(references, DEFAULT_SIDE, multiple=32)
-        canvas, _ = to_canvas(references, self.size_, self.canvas)
+        canvas, boxes = to_canvas(references, self.size_, self.canvas)
         seed = 0 if self.random_state is None else int(self.random_state)
         train_idx, held_idx = split_held_out(len(canvas), float(self.validation_fraction), seed)
         data = canvas[torch.from_numpy(train_idx)].permute(0, 2, 3, 1).contiguous().numpy()
@@ -288,9 +305,8 @@ class DRAEM(BaseScorer):
         opt = torch.optim.Adam(self.model_.parameters(), lr=self.lr)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(n_steps * 0.8), int(n_steps * 0.9)], gamma=0.2)
         self.model_.train()
-        # a fixed draw of synthetic anomalies on the held-out references: the early-stopping yardstick
-        val_batches = [self._synthesize(held, np.arange(i, min(i + bs, len(held))), np.random.default_rng(seed + 1))
-                       for i in range(0, len(held), bs)]
+        # selection="loss": a fixed draw of synthetic anomalies on the held-out references is the yardstick
+        val_batches: list = []  # drawn at the first evaluation (not at all with selection="synthetic")
 
         def step(_: int) -> float:
             idx = rng.integers(0, len(data), size=bs)
@@ -301,16 +317,15 @@ class DRAEM(BaseScorer):
             sched.step()
             return loss.item()
 
-        def validate() -> float:
+        def validate(_: int) -> float:
+            if not val_batches:
+                val_batches.extend(self._synthesize(held, np.arange(i, min(i + bs, len(held))),
+                                                    np.random.default_rng(seed + 1)) for i in range(0, len(held), bs))
             return float(np.mean([self._loss(*(t.to(self.device_) for t in b)).item() for b in val_batches]))
 
-        log = fit_loop(step, n_steps, "DRAEM training", model=self.model_,
-                       validate=validate if len(held) else None, eval_every=max(5, n_steps // 25),
-                       patience=int(self.patience), time_limit=self.time_limit, log=logger)
-        self.model_.eval()
+        log = train_and_select(self, step, n_steps, "DRAEM training", data=canvas, boxes=boxes,
+                               train_idx=train_idx, held_idx=held_idx, loss_validate=validate, log=logger)
         self.loss_history_, self.interrupted_, self.train_log_ = log.losses, log.stopped == "interrupted", log.as_meta()
-        stats_from = canvas[torch.from_numpy(held_idx)] if len(held_idx) >= MIN_HELD_OUT_FOR_STATS else canvas
-        self.stats_ = reference_stats(self._raw(stats_from))
 
     def _predict_batch(self, images: list[LoadedImage]):
         x, boxes = to_canvas(images, self.size_, self.canvas, self.device_)
@@ -321,7 +336,7 @@ class DRAEM(BaseScorer):
         tensors = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
         tensors.update({f"stats.{k}": v for k, v in self.stats_.items()})
         return tensors, {"loss_history": self.loss_history_, "interrupted": self.interrupted_,
-                         "size": list(self.size_), "train_log": self.train_log_}
+                         "size": list(self.size_), "train_log": self.train_log_, **self._selection_meta()}
 
     def _set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.model_.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -329,6 +344,7 @@ class DRAEM(BaseScorer):
         self.loss_history_ = list(meta.get("loss_history", []))
         self.interrupted_ = bool(meta.get("interrupted", False))
         self.train_log_ = dict(meta.get("train_log", {}))
+        self._restore_selection(meta)
         if "size" in meta:
             self.size_ = resolve_size(meta["size"], DEFAULT_SIDE, multiple=32)
         self.stats_ = {k[len("stats."):]: v.cpu() for k, v in tensors.items() if k.startswith("stats.")}

@@ -1,0 +1,175 @@
+"""Self-tuning on synthetic defects (vlad.selftune): the validation set, the ranking of map rules, and the
+autoencoder and DRAEM choosing their rule and training length through it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import textured, with_defect
+
+import vlad
+from vlad import selftune as st
+from vlad import synthesis
+from vlad.errors import InvalidParameterError, SelectionUnavailableError
+from vlad.scorers.scratch import MapRule, fit_loop, reference_stats
+
+PARAMS = dict(weights="tiny", image_size=64, train_steps=20, batch_size=4, random_state=0, time_limit=None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _canvas(n: int, size: int = 64) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(textured(i, size=size).astype(np.float32) / 255).permute(2, 0, 1)
+                        for i in range(n)])
+
+
+# -- synthesis -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", synthesis.DEFECT_KINDS)
+def test_defect_kinds_change_the_image_inside_their_mask(kind):
+    img = textured(3, size=96).astype(np.float32) / 255
+    out, mask = synthesis.defect(img, np.random.default_rng(0), kind, area=0.02, strength=1.0)
+    assert out.shape == img.shape and mask.shape == img.shape[:2] and mask.any()
+    changed = np.abs(out - img).max(axis=2) > 1e-3
+    assert changed[mask > 0].mean() > 0.5  # the defect is where its mask says
+    assert changed[mask == 0].mean() < 0.05
+    again, mask2 = synthesis.defect(img, np.random.default_rng(0), kind, area=0.02, strength=1.0)
+    np.testing.assert_array_equal(out, again)
+    np.testing.assert_array_equal(mask, mask2)
+
+
+def test_defect_size_and_strength_follow_the_request():
+    img = np.full((128, 128, 3), 0.5, np.float32)
+    small = synthesis.defect(img, np.random.default_rng(1), "perlin", area=0.003)[1].mean()
+    large = synthesis.defect(img, np.random.default_rng(1), "perlin", area=0.06)[1].mean()
+    assert small < 0.01 < 0.02 < large < 0.12
+    weak, m = synthesis.crack(img, np.random.default_rng(2), strength=0.2)
+    strong, m2 = synthesis.crack(img, np.random.default_rng(2), strength=0.45)
+    assert np.abs(weak - img).max() == pytest.approx(0.2, abs=1e-5)
+    assert np.abs(strong - img).max() == pytest.approx(0.45, abs=1e-5)
+    with pytest.raises(ValueError, match="strength"):
+        synthesis.defect(img, np.random.default_rng(0), "crack", strength=0.0)
+    with pytest.raises(ValueError, match="unknown defect kind"):
+        synthesis.defect(img, np.random.default_rng(0), "dent")
+
+
+# -- validation set and ranking ----------------------------------------------------------------------------
+def test_validation_set_is_reproducible_and_covers_every_kind():
+    held = _canvas(3)
+    boxes = [(8, 0, 48, 64)] * 3  # letterboxed: the image fills rows 8..56
+    a = st.make_validation_set(held, boxes, seed=5)
+    b = st.make_validation_set(held, boxes, seed=5)
+    assert len(a) == 3 * 8  # ceil(24 / 3) views per held-out image
+    torch.testing.assert_close(a.defective, b.defective)
+    assert {d["kind"] for d in a.defects} == set(synthesis.DEFECT_KINDS)
+    assert all(m.any() for m in a.masks)
+    assert not a.masks[:, :8].any() and not a.masks[:, 56:].any()  # never in the letterbox padding
+    torch.testing.assert_close(a.clean[0], held[0])  # the held-out image itself is the first clean view
+    c = st.make_validation_set(held, boxes, seed=6)
+    assert not torch.equal(a.defective, c.defective)
+
+
+def test_rank_rules_prefers_the_rule_that_separates():
+    # raw maps: term 0 lights up on the defect, term 1 is noise; the rule on term 0 must rank first
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.zeros(10, 32, 32, dtype=torch.bool)
+    masks[:, 10:14, 10:14] = True
+    clean = torch.rand(10, 2, 32, 32, generator=gen)
+    bad = torch.rand(10, 2, 32, 32, generator=gen)
+    bad[:, 0] += 3.0 * masks
+    stats = reference_stats(torch.rand(6, 2, 32, 32, generator=gen))
+    rules = [MapRule("global", 2.0, 0.0, (1,)), MapRule("global", 2.0, 0.0, (0,))]
+    ranked = st.rank_rules(clean, bad, masks, [(0, 0, 32, 32)] * 10, stats, rules)
+    assert ranked[0].rule.terms == (0,)
+    assert ranked[0].image_auroc == 1.0 and ranked[0].pixel_auroc > 0.95
+    assert 0.2 < ranked[1].image_auroc < 0.8
+
+
+def test_rules_for_keeps_what_the_user_fixed():
+    all_rules = st.rules_for(None, None, None, None, [(0,)])
+    assert len(all_rules) == 3 * 3 * 3
+    fixed = st.rules_for("position", None, 4.0, None, [(0,)])
+    assert {r.normalize for r in fixed} == {"position"} and {r.sigma for r in fixed} == {4.0}
+    assert {r.shift for r in fixed} == {0, 4}
+    assert len(st.rules_for("global", 0, 2.0, 0.0, [(0,)])) == 1
+
+
+# -- the scorers -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def refs():
+    return [textured(i) for i in range(8)]
+
+
+@pytest.mark.parametrize("name", ["autoencoder", "draem"])
+def test_scorer_chooses_its_rule_and_reports_it(name, refs, tmp_path):
+    scorer = vlad.create_scorer(name, **PARAMS).fit(refs)
+    report = scorer.selection_report()
+    assert report.rule == scorer.map_rule_.label(scorer.TERMS)
+    assert report.n_held_out == 2 and report.n_clean == report.n_defective == 2 * 8
+    assert len(report.candidates) == len(scorer._candidates())
+    keys = [c["image_auroc"] + st.PIXEL_WEIGHT * c["pixel_auroc"] for c in report.candidates]
+    assert all(a >= b - 0.01 for a, b in zip(keys, keys[1:]))  # best first (figures rounded to 0.01)
+    assert report.step in [s for s, *_ in report.curve]
+    assert "held-out references" in report.describe()
+    # saved and loaded: the same rule, report and scores
+    imgs = [textured(40), with_defect(textured(41))]
+    loaded = vlad.load(scorer.save(tmp_path / name))
+    assert loaded.map_rule_ == scorer.map_rule_
+    assert loaded.selection_report() == report
+    np.testing.assert_array_equal(loaded.predict(imgs).image_scores, scorer.predict(imgs).image_scores)
+
+
+def test_fixed_parameters_are_kept_and_reported(refs):
+    scorer = vlad.create_scorer("autoencoder", **PARAMS, normalize="position", sigma=4.0).fit(refs)
+    assert scorer.map_rule_.normalize == "position" and scorer.map_rule_.sigma == 4.0
+    report = scorer.selection_report()
+    assert report.fixed == {"normalize": "position", "sigma": 4.0}
+    assert all(c["rule"].startswith("position") and " s4 " in c["rule"] for c in report.candidates)
+
+
+def test_same_seed_same_choice(refs):
+    a = vlad.create_scorer("autoencoder", **PARAMS).fit(refs)
+    b = vlad.create_scorer("autoencoder", **PARAMS).fit(refs)
+    assert a.selection_report() == b.selection_report()
+    for (k, v), w in zip(a.model_.state_dict().items(), b.model_.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_no_selection_says_why(refs):
+    few = vlad.create_scorer("autoencoder", **PARAMS).fit(refs[:3])
+    with pytest.raises(SelectionUnavailableError, match="fewer than 4"):
+        few.selection_report()
+    assert few.map_rule_ == MapRule("global", 2.0, 0.05, (0,))  # the fallback
+    by_loss = vlad.create_scorer("draem", **PARAMS, selection="loss").fit(refs)
+    with pytest.raises(SelectionUnavailableError, match="selection='loss'"):
+        by_loss.selection_report()
+    with pytest.raises(InvalidParameterError, match="selection"):
+        vlad.create_scorer("autoencoder", selection="auroc")
+
+
+def test_training_stops_on_the_synthetic_separation_not_before_the_minimum():
+    # a separation that peaks at step 10 and then falls: the best weights are those of step 10, and
+    # training stops after `patience` worse evaluations, never before min_steps
+    model = torch.nn.Linear(1, 1)
+    values = {i: -abs(i - 10) for i in range(0, 200, 5)}
+    seen = []
+
+    def step(i: int) -> float:
+        with torch.no_grad():
+            model.weight.fill_(float(i + 1))
+        return 0.0
+
+    def validate(i: int) -> float:
+        seen.append(i)
+        return -values[i]
+
+    log = fit_loop(step, 200, "t", model=model, validate=validate, eval_every=5, patience=3, min_delta=0.5,
+                   min_steps=50)
+    assert log.best_step == 10 and model.weight.item() == 10.0
+    assert log.stopped == "early" and max(seen) == 50

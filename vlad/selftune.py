@@ -1,0 +1,409 @@
+"""Self-tuning on synthetic defects: a scorer trained from scratch chooses, for its own line, how its error
+maps become a map and a score, and how long it trains, by how well each choice separates synthetic
+defects pasted into good images it did not train on.
+
+No single map rule suits every line (a texture wants its errors normalised per position, a part that moves
+does not; a thin crack wants the map's maximum, a stain the mean of its top pixels), and the line's real
+defects are not known when it is set up. What is known are its good images. So at ``fit``:
+
+1. A share of the references is held out of training (``validation_fraction``). Each held-out image and a
+   few jittered views of it (:func:`vlad.detector.views.reference_views`: moved, turned and lit a little
+   differently, as other good parts are) form the *clean* validation images; every clean image also gets
+   a copy with one synthetic defect (:func:`vlad.synthesis.defect`: a moved patch, a blob of re-styled
+   texture or a thin crack, at three sizes and three strengths, cycled so that every kind, size and
+   strength is present) whose mask is known.
+2. Every few training steps the scorer's raw error maps of these images are turned into scores by every
+   candidate :class:`~vlad.scorers.scratch.MapRule` (normalisation, smoothing, score pooling, error
+   terms: those the user did not fix), and each candidate gets an image AUROC (defective copies against
+   clean images) and a pixel AUROC (defect pixels against all others). The candidates are ranked by
+   ``image AUROC + PIXEL_WEIGHT x pixel AUROC``.
+3. Training is judged by the best candidate's figure averaged over the last ``SMOOTHING`` evaluations
+   (a single lucky evaluation of a barely trained model does not win). It keeps the weights at the end
+   of the best such stretch and stops when ``patience`` evaluations in a row have not beaten it by
+   ``MIN_DELTA``, never before ``MIN_FRACTION`` of the budget: the held-out loss of a handful of images
+   is too noisy a yardstick, a separation measured on dozens of images with and without defects is the
+   one that matters.
+4. The best candidate at the kept weights becomes the scorer's map rule. What was chosen, every
+   candidate's figures there, the curve over training and the synthetic settings are saved with the
+   model: :class:`SelectionReport`, through the scorer's ``selection_report()``.
+
+The synthetic figures are a prediction, not a measurement of real defects: ``python -m vlad.bench
+quality`` prints both side by side. This module is the one mechanism every trained scorer uses: it
+needs a function from canvas images to raw error maps, the images the reference statistics come from,
+and the candidate rules.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from vlad.images import LoadedImage
+from vlad.metrics import auroc
+from vlad.scorers.scratch import MIN_HELD_OUT_FOR_STATS, MapRule, TrainLog, _topk, apply_rule, fit_loop, reference_stats
+from vlad.synthesis import DEFECT_KINDS, defect
+
+#: weight of the pixel AUROC next to the image AUROC in a candidate's rank
+PIXEL_WEIGHT = 0.25
+#: an evaluation must beat the best so far by this much to count as an improvement
+MIN_DELTA = 0.004
+#: training never stops early before this share of its budget
+MIN_FRACTION = 0.5
+#: the weights evaluated and kept are an exponential moving average of the trained ones, with this decay
+#: (a time constant of about 20 steps): a few references make step-to-step weights swing
+EMA_DECAY = 0.95
+#: evaluations averaged into the figure training is judged by: one lucky evaluation of a barely trained
+#: model must not win, a stretch of good ones may
+SMOOTHING = 3
+#: negatives sampled for the pixel AUROC (all defect pixels are kept)
+MAX_NEGATIVE_PIXELS = 40_000
+
+
+@dataclass(frozen=True)
+class SyntheticSettings:
+    """How the synthetic validation images are made (saved with the model)."""
+
+    kinds: tuple[str, ...] = DEFECT_KINDS
+    #: defect sizes, as a share of the image's area
+    areas: tuple[float, ...] = (0.003, 0.015, 0.06)
+    #: defect strengths (opacity of a patch or blob, intensity change of a crack), in (0, 1]
+    strengths: tuple[float, ...] = (0.35, 0.7, 1.0)
+    #: jittered views per held-out image are chosen so that there are at least this many clean images
+    min_clean: int = 24
+    #: ... but at most this many images per held-out reference (itself included)
+    max_views: int = 8
+
+    def as_meta(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class ValidationSet:
+    """Clean canvas images ``(N, 3, H, W)``, their defective copies, the defects' masks ``(N, H, W)`` and
+    each image's region on the canvas."""
+
+    clean: torch.Tensor
+    defective: torch.Tensor
+    masks: torch.Tensor
+    boxes: list[tuple[int, int, int, int]]
+    defects: list[dict]  # kind, area, strength of each defective copy
+
+    def __len__(self) -> int:
+        return int(self.clean.shape[0])
+
+
+def make_validation_set(held: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], seed: int,
+                        settings: SyntheticSettings = SyntheticSettings(),
+                        textures: torch.Tensor | None = None) -> ValidationSet:
+    """Clean views of the held-out canvas images ``held`` ``(n, 3, H, W)`` and a defective copy of each.
+
+    Defects are drawn inside each image's own region (``boxes``: ``(y0, x0, h, w)`` on the canvas, the
+    rest is letterbox padding). ``textures`` (canvas images) feed the blob defects; None uses the image.
+    The result depends only on the inputs and ``seed``.
+    """
+    from vlad.detector.views import reference_views
+
+    n = int(held.shape[0])
+    if n == 0:
+        raise ValueError("no held-out references to build a validation set from")
+    per_image = max(1, min(settings.max_views, math.ceil(settings.min_clean / n)))
+    rng = np.random.default_rng(seed)
+    plan = list(itertools.product(settings.kinds, settings.areas, settings.strengths))
+    order = rng.permutation(len(plan))
+    clean, bad, masks, out_boxes, info = [], [], [], [], []
+    j = 0
+    for i in range(n):
+        base = held[i].permute(1, 2, 0).contiguous().numpy().astype(np.float32)
+        views = [base]
+        if per_image > 1:
+            views += [v.pixels for v in reference_views(LoadedImage(base, f"held{i}"), per_image - 1, seed + 101 * i)]
+        y0, x0, h, w = boxes[i]
+        for view in views:
+            kind, area, strength = plan[int(order[j % len(plan)])]
+            j += 1
+            region = np.ascontiguousarray(view[y0 : y0 + h, x0 : x0 + w])
+            texture = None
+            if textures is not None and len(textures) and kind == "perlin":
+                texture = textures[int(rng.integers(0, len(textures)))].permute(1, 2, 0).numpy()
+            aug, mask = defect(region, rng, kind, area, strength, texture=texture)
+            full, full_mask = view.copy(), np.zeros(view.shape[:2], np.float32)
+            full[y0 : y0 + h, x0 : x0 + w] = aug
+            full_mask[y0 : y0 + h, x0 : x0 + w] = mask
+            clean.append(torch.from_numpy(np.ascontiguousarray(view)).permute(2, 0, 1))
+            bad.append(torch.from_numpy(full).permute(2, 0, 1))
+            masks.append(torch.from_numpy(full_mask > 0.5))
+            out_boxes.append(tuple(boxes[i]))
+            info.append({"kind": kind, "area": area, "strength": strength})
+    return ValidationSet(torch.stack(clean).float(), torch.stack(bad).float(), torch.stack(masks), out_boxes, info)
+
+
+@dataclass
+class Candidate:
+    """One map rule's figures on the synthetic validation set."""
+
+    rule: MapRule
+    image_auroc: float
+    pixel_auroc: float
+
+    @property
+    def rank_key(self) -> float:
+        """What candidates are ranked by (higher is better)."""
+        ia = 0.5 if math.isnan(self.image_auroc) else self.image_auroc
+        pa = 0.5 if math.isnan(self.pixel_auroc) else self.pixel_auroc
+        return ia + PIXEL_WEIGHT * pa
+
+
+def candidate_rules(normalize: Sequence[tuple[str, int]], terms: Sequence[tuple[int, ...]],
+                    sigmas: Sequence[float], topks: Sequence[float]) -> list[MapRule]:
+    """Every combination of the given choices (``normalize``: ``(mode, shift)`` pairs)."""
+    return [MapRule(norm, float(s), float(t), tuple(te), shift=int(shift))
+            for (norm, shift), te, s, t in itertools.product(normalize, terms, sigmas, topks)]
+
+
+def rank_rules(raw_clean: torch.Tensor, raw_defective: torch.Tensor, masks: torch.Tensor,
+               boxes: Sequence[tuple[int, int, int, int]], stats: dict[str, torch.Tensor],
+               rules: Sequence[MapRule]) -> list[Candidate]:
+    """Image and pixel AUROC of every rule on one validation pass, best first (ties: the earlier rule)."""
+    raw = torch.cat([raw_clean, raw_defective]).float()
+    n = raw_clean.shape[0]
+    labels = np.r_[np.zeros(n, bool), np.ones(raw_defective.shape[0], bool)]
+    all_boxes = list(boxes) * 2
+    pix_labels = np.concatenate([np.zeros(int(np.prod(m[y0:y0 + h, x0:x0 + w].shape)), bool)
+                                 for m, (y0, x0, h, w) in zip(masks, boxes)]
+                                + [m[y0:y0 + h, x0:x0 + w].reshape(-1).numpy()
+                                   for m, (y0, x0, h, w) in zip(masks, boxes)])
+    pick = _pixel_sample(pix_labels)
+    families: dict[tuple, list[int]] = {}
+    for i, rule in enumerate(rules):  # one smoothing per family of rules that differ only in pooling
+        families.setdefault((rule.normalize, rule.shift, rule.terms, rule.sigma, rule.stats_sigma, rule.floor), []).append(i)
+    out: list[Candidate | None] = [None] * len(rules)
+    for members in families.values():
+        _, regions = apply_rule(raw, stats, rules[members[0]], all_boxes)
+        flat = torch.cat([r.reshape(-1) for r in regions]).numpy()
+        pixel = auroc(flat[pick], pix_labels[pick]) if pix_labels.any() else math.nan
+        for i in members:
+            scores = np.array([float(_topk(r.reshape(-1), rules[i].topk_fraction)) for r in regions])
+            out[i] = Candidate(rules[i], auroc(scores, labels), pixel)
+    ranked = sorted(range(len(rules)), key=lambda i: -out[i].rank_key)  # stable: ties keep the given order
+    return [out[i] for i in ranked]
+
+
+def _pixel_sample(labels: np.ndarray) -> np.ndarray:
+    """Indices: every positive pixel and an evenly spaced subset of at most MAX_NEGATIVE_PIXELS negatives."""
+    pos = np.flatnonzero(labels)
+    neg = np.flatnonzero(~labels)
+    if neg.size > MAX_NEGATIVE_PIXELS:
+        neg = neg[np.linspace(0, neg.size - 1, MAX_NEGATIVE_PIXELS).astype(np.int64)]
+    return np.sort(np.r_[pos, neg])
+
+
+@dataclass
+class SelectionReport:
+    """What a scorer chose on synthetic defects of its own references, and why.
+
+    ``rule``: the chosen map rule's label; ``step``: the training step whose weights were kept;
+    ``candidates``: every candidate at that step, best first (rule, image and pixel AUROC in percent);
+    ``curve``: ``(step, best rank key, best rule)`` at each evaluation; ``settings``: how the synthetic
+    defects were made; ``n_clean`` / ``n_defective``: validation images; ``n_held_out``: references
+    held out of training to make them.
+    """
+
+    rule: str
+    step: int | None
+    candidates: list[dict]
+    curve: list[list]
+    settings: dict
+    n_held_out: int
+    n_clean: int
+    n_defective: int
+    stopped: str = "budget"
+    fixed: dict = field(default_factory=dict)
+
+    @property
+    def predicted_image_auroc(self) -> float:
+        """The chosen rule's image AUROC on the synthetic defects (percent): a prediction, not a measurement."""
+        return float(self.candidates[0]["image_auroc"]) if self.candidates else math.nan
+
+    def as_meta(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> SelectionReport:
+        return cls(**meta)
+
+    def describe(self, top: int = 8) -> str:
+        """A few lines: what was chosen, on what, and the best candidates."""
+        lines = [f"map rule {self.rule!r} at training step {self.step} ({self.stopped}), chosen on "
+                 f"{self.n_defective} synthetic defects pasted into {self.n_clean} clean views of "
+                 f"{self.n_held_out} held-out references",
+                 f"{'rule':32s} {'image AUROC':>11s} {'pixel AUROC':>11s}"]
+        for c in self.candidates[:top]:
+            lines.append(f"{c['rule']:32s} {c['image_auroc']:11.1f} {c['pixel_auroc']:11.1f}")
+        if self.fixed:
+            lines.append("fixed by the user: " + ", ".join(f"{k}={v}" for k, v in self.fixed.items()))
+        return "\n".join(lines)
+
+
+class SelfTuner:
+    """Evaluates the candidate rules on a validation set during training (see the module docstring).
+
+    Args:
+        raw: canvas images ``(B, 3, H, W)`` -> raw error maps ``(B, T, H, W)`` with the current model.
+        stats_images: canvas images the reference statistics come from.
+        validation: the synthetic validation set.
+        rules: the candidates.
+        term_names: names of the raw maps' terms (for labels).
+    """
+
+    def __init__(self, raw: Callable[[torch.Tensor], torch.Tensor], stats_images: torch.Tensor,
+                 validation: ValidationSet, rules: Sequence[MapRule], term_names: Sequence[str] | None = None):
+        if not rules:
+            raise ValueError("no candidate map rules")
+        self.raw, self.stats_images, self.validation = raw, stats_images, validation
+        self.rules, self.term_names = list(rules), term_names
+        self.history: dict[int, list[Candidate]] = {}
+        self.curve: list[list] = []
+
+    def evaluate(self, step: int) -> float:
+        """Rank every candidate with the current model; returns the best rank key (higher is better)."""
+        stats = reference_stats(self.raw(self.stats_images))
+        v = self.validation
+        ranked = rank_rules(self.raw(v.clean), self.raw(v.defective), v.masks, v.boxes, stats, self.rules)
+        self.history[int(step)] = ranked
+        self.curve.append([int(step), round(ranked[0].rank_key, 5), ranked[0].rule.label(self.term_names)])
+        return float(np.mean([c[1] for c in self.curve[-SMOOTHING:]]))
+
+    def report(self, step: int | None, settings: SyntheticSettings, n_held_out: int, stopped: str,
+               fixed: dict | None = None) -> tuple[MapRule, SelectionReport]:
+        """The chosen rule at ``step`` (the kept weights; the last evaluation if None) and the report."""
+        if not self.history:
+            raise ValueError("no evaluation was made")
+        step = step if step in self.history else max(self.history)
+        ranked = self.history[step]
+        cands = [{"rule": c.rule.label(self.term_names), "image_auroc": round(100 * c.image_auroc, 2),
+                  "pixel_auroc": round(100 * c.pixel_auroc, 2)} for c in ranked]
+        return ranked[0].rule, SelectionReport(
+            rule=cands[0]["rule"], step=step, candidates=cands, curve=self.curve, settings=settings.as_meta(),
+            n_held_out=int(n_held_out), n_clean=len(self.validation), n_defective=len(self.validation),
+            stopped=stopped, fixed=dict(fixed or {}))
+
+
+# -- what a trained scorer declares, and the shared fit-time step ---------------------------------------
+#: the choices searched for each map-rule parameter the user leaves at None
+NORMALIZE_CHOICES = (("position", 0), ("position", 4), ("global", 0))
+SIGMA_CHOICES = (2.0, 4.0, 8.0)
+TOPK_CHOICES = (0.0, 0.01, 0.05)
+SELECTION_MODES = ("synthetic", "loss")
+
+
+def rules_for(normalize: str | None, shift: int | None, sigma: float | None, topk: float | None,
+              terms: Sequence[tuple[int, ...]]) -> list[MapRule]:
+    """The candidate rules left open by the user's fixed values (None = search that parameter)."""
+    if normalize is None:
+        norms = [(n, s) for n, s in NORMALIZE_CHOICES if shift is None or n == "global" or s == shift]
+        norms = list(dict.fromkeys(norms if shift is None else [*norms, ("position", int(shift))]))
+    elif normalize == "position":
+        norms = [("position", s) for s in ((0, 4) if shift is None else (int(shift),))]
+    else:
+        norms = [(normalize, 0 if shift is None else int(shift))]
+    sigmas = SIGMA_CHOICES if sigma is None else (float(sigma),)
+    topks = TOPK_CHOICES if topk is None else (float(topk),)
+    return [r.check() for r in candidate_rules(norms, terms, sigmas, topks)]
+
+
+def fixed_rule(normalize: str | None, shift: int | None, sigma: float | None, topk: float | None,
+               terms: tuple[int, ...], fallback: MapRule) -> MapRule:
+    """The rule used without a selection: the user's values, the scorer's ``fallback`` for the rest."""
+    return MapRule(fallback.normalize if normalize is None else normalize,
+                   fallback.sigma if sigma is None else float(sigma),
+                   fallback.topk_fraction if topk is None else float(topk), tuple(terms),
+                   shift=fallback.shift if shift is None else int(shift)).check()
+
+
+def train_and_select(scorer, step: Callable[[int], float], n_steps: int, desc: str, *, data: torch.Tensor,
+                     boxes: Sequence[tuple[int, int, int, int]], train_idx: np.ndarray, held_idx: np.ndarray,
+                     loss_validate: Callable[[int], float], log) -> TrainLog:
+    """Train a scorer and choose its map rule: the one fit-time step every trained scorer shares.
+
+    ``scorer`` provides ``model_``, ``_raw(canvas) -> raw maps``, ``_candidates()``, ``_map_rule()``,
+    ``TERMS`` and the parameters ``selection``, ``patience``, ``time_limit``, ``random_state``. With
+    ``selection="synthetic"`` and references held out, training stops and the rule is chosen on synthetic
+    defects (module docstring); otherwise ``loss_validate`` (held-out loss) drives early stopping and the
+    rule is the user's values with the scorer's fallback. Sets ``map_rule_``, ``selection_``,
+    ``selection_note_`` and ``stats_`` (statistics of the held-out references when at least
+    ``MIN_HELD_OUT_FOR_STATS`` are held out, else of all).
+    """
+    seed = 0 if scorer.random_state is None else int(scorer.random_state)
+    hold = torch.from_numpy(np.asarray(held_idx, dtype=np.int64))
+    stats_from = data[hold] if len(held_idx) >= MIN_HELD_OUT_FOR_STATS else data
+    tuner, extra, settings = None, {}, SyntheticSettings()
+    note = None
+    if scorer.selection == "synthetic" and len(held_idx):
+        validation = make_validation_set(data[hold], [tuple(boxes[i]) for i in held_idx], seed + 31, settings,
+                                         textures=data[torch.from_numpy(np.asarray(train_idx, dtype=np.int64))])
+        tuner = SelfTuner(scorer._raw, stats_from, validation, scorer._candidates(), scorer.TERMS)
+        validate = lambda i: -tuner.evaluate(i)  # noqa: E731  (fit_loop minimises)
+        extra = {"min_delta": MIN_DELTA, "min_steps": int(MIN_FRACTION * n_steps), "ema": EMA_DECAY}
+    else:
+        validate = loss_validate if len(held_idx) else None
+        if scorer.selection == "synthetic":
+            note = (f"{len(data)} references: fewer than 4, so none could be held out to make synthetic defects "
+                    "from; the map rule is the user's values with the scorer's defaults")
+        else:
+            note = "selection='loss': the map rule is the user's values with the scorer's defaults"
+    train_log = fit_loop(step, n_steps, desc, model=scorer.model_, validate=validate,
+                         eval_every=max(5, n_steps // 25), patience=int(scorer.patience),
+                         time_limit=scorer.time_limit, log=log, **extra)
+    scorer.model_.eval()
+    if tuner is not None:
+        fixed = {k: getattr(scorer, k) for k in RULE_PARAMS if getattr(scorer, k, None) is not None}
+        scorer.map_rule_, report = tuner.report(train_log.best_step, settings, len(held_idx), train_log.stopped, fixed)
+        scorer.selection_ = report.as_meta()
+        log.info("%s: map rule %s chosen on synthetic defects (image AUROC %.1f, pixel %.1f) at step %s", desc,
+                 report.rule, report.candidates[0]["image_auroc"], report.candidates[0]["pixel_auroc"], report.step)
+    else:
+        scorer.map_rule_, scorer.selection_ = scorer._map_rule(), None
+    scorer.selection_note_ = note
+    scorer.stats_ = reference_stats(scorer._raw(stats_from))
+    return train_log
+
+
+#: the scorer parameters that fix a part of the map rule (None = searched)
+RULE_PARAMS = ("error_terms", "normalize", "sigma", "topk_fraction", "shift_tolerance")
+
+
+class SelfTuned:
+    """Mixin of the scorers that choose their map rule on synthetic defects: the report and its saving."""
+
+    def selection_report(self) -> SelectionReport:
+        """What this scorer chose at ``fit`` on synthetic defects, with every candidate's figures.
+
+        Raises:
+            NotFittedError: not fitted.
+            SelectionUnavailableError: nothing was chosen (``selection="loss"``, or fewer than 4
+                references); the message says why.
+        """
+        from vlad.errors import SelectionUnavailableError
+
+        self._check_fitted()
+        if getattr(self, "selection_", None) is None:
+            why = getattr(self, "selection_note_", None) or "it was fitted by a vlad older than 0.3"
+            raise SelectionUnavailableError(f"this {type(self).__name__} chose no map rule on synthetic defects: {why}. "
+                                            "Fit it on 4 or more references with selection='synthetic' for one")
+        return SelectionReport.from_meta(self.selection_)
+
+    def _selection_meta(self) -> dict:
+        return {"map_rule": {**asdict(self.map_rule_), "terms": list(self.map_rule_.terms)},
+                "selection": self.selection_, "selection_note": self.selection_note_}
+
+    def _restore_selection(self, meta: dict) -> None:
+        rule = meta.get("map_rule")
+        if rule is not None:  # saved models before 0.3 carry no rule: theirs follows from their parameters
+            self.map_rule_ = MapRule(**{**rule, "terms": tuple(rule["terms"])}).check()
+        self.selection_ = meta.get("selection")
+        self.selection_note_ = meta.get("selection_note")
