@@ -173,3 +173,21 @@ def test_training_stops_on_the_synthetic_separation_not_before_the_minimum():
                    min_steps=50)
     assert log.best_step == 10 and model.weight.item() == 10.0
     assert log.stopped == "early" and max(seen) == 50
+
+
+def test_score_command_says_what_the_line_chose(tmp_path, capsys):
+    from PIL import Image
+
+    from vlad.cli import main
+
+    refs, inputs = tmp_path / "refs", tmp_path / "in"
+    refs.mkdir()
+    inputs.mkdir()
+    for i in range(8):
+        Image.fromarray(textured(i, size=64)).save(refs / f"r{i}.png")
+    Image.fromarray(with_defect(textured(30, size=64), (20, 30, 20, 30))).save(inputs / "a.png")
+    code = main(["score", str(inputs), "--scorer", "autoencoder", "--refs", str(refs), "--weights", "tiny",
+                 "--device", "cpu", "--set", "train_steps=10", "--set", "image_size=64"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "autoencoder: map rule '" in out and "synthetic defects of" in out and "not a measurement" in out

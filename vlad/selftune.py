@@ -11,7 +11,10 @@ defects are not known when it is set up. What is known are its good images. So a
    differently, as other good parts are) form the *clean* validation images; every clean image also gets
    a copy with one synthetic defect (:func:`vlad.synthesis.defect`: a moved patch, a blob of re-styled
    texture or a thin crack, at three sizes and three strengths, cycled so that every kind, size and
-   strength is present) whose mask is known.
+   strength is present) whose mask is known. While the candidates are ranked, the reference statistics
+   they normalise by come from other references than these, as at test time a test image is never in
+   them: from the training references, or with 8 or more held out, from the other half of those
+   (:func:`validation_split`).
 2. Every few training steps the scorer's raw error maps of these images are turned into scores by every
    candidate :class:`~vlad.scorers.scratch.MapRule` (normalisation, smoothing, score pooling, error
    terms: those the user did not fix), and each candidate gets an image AUROC (defective copies against
@@ -60,6 +63,12 @@ EMA_DECAY = 0.95
 #: evaluations averaged into the figure training is judged by: one lucky evaluation of a barely trained
 #: model must not win, a stretch of good ones may
 SMOOTHING = 3
+#: evaluations over a training budget (each ranks every candidate on the validation images)
+EVALUATIONS = 16
+#: at most this many held-out references carry synthetic defects, and this many give the statistics
+#: while ranking (the cost of an evaluation stays bounded with hundreds of references)
+MAX_BASES = 16
+MAX_STATS = 32
 #: negatives sampled for the pixel AUROC (all defect pixels are kept)
 MAX_NEGATIVE_PIXELS = 40_000
 
@@ -340,13 +349,15 @@ def train_and_select(scorer, step: Callable[[int], float], n_steps: int, desc: s
     """
     seed = 0 if scorer.random_state is None else int(scorer.random_state)
     hold = torch.from_numpy(np.asarray(held_idx, dtype=np.int64))
+    train = torch.from_numpy(np.asarray(train_idx, dtype=np.int64))
     stats_from = data[hold] if len(held_idx) >= MIN_HELD_OUT_FOR_STATS else data
     tuner, extra, settings = None, {}, SyntheticSettings()
     note = None
     if scorer.selection == "synthetic" and len(held_idx):
-        validation = make_validation_set(data[hold], [tuple(boxes[i]) for i in held_idx], seed + 31, settings,
-                                         textures=data[torch.from_numpy(np.asarray(train_idx, dtype=np.int64))])
-        tuner = SelfTuner(scorer._raw, stats_from, validation, scorer._candidates(), scorer.TERMS)
+        bases, tuner_stats = validation_split(data, hold, train)
+        validation = make_validation_set(data[bases], [tuple(boxes[i]) for i in bases.tolist()], seed + 31, settings,
+                                         textures=data[train])
+        tuner = SelfTuner(scorer._raw, tuner_stats, validation, scorer._candidates(), scorer.TERMS)
         validate = lambda i: -tuner.evaluate(i)  # noqa: E731  (fit_loop minimises)
         extra = {"min_delta": MIN_DELTA, "min_steps": int(MIN_FRACTION * n_steps), "ema": EMA_DECAY}
     else:
@@ -357,12 +368,13 @@ def train_and_select(scorer, step: Callable[[int], float], n_steps: int, desc: s
         else:
             note = "selection='loss': the map rule is the user's values with the scorer's defaults"
     train_log = fit_loop(step, n_steps, desc, model=scorer.model_, validate=validate,
-                         eval_every=max(5, n_steps // 25), patience=int(scorer.patience),
+                         eval_every=max(5, n_steps // (EVALUATIONS if tuner is not None else 25)),
+                         patience=int(scorer.patience),
                          time_limit=scorer.time_limit, log=log, **extra)
     scorer.model_.eval()
     if tuner is not None:
         fixed = {k: getattr(scorer, k) for k in RULE_PARAMS if getattr(scorer, k, None) is not None}
-        scorer.map_rule_, report = tuner.report(train_log.best_step, settings, len(held_idx), train_log.stopped, fixed)
+        scorer.map_rule_, report = tuner.report(train_log.best_step, settings, len(bases), train_log.stopped, fixed)
         scorer.selection_ = report.as_meta()
         log.info("%s: map rule %s chosen on synthetic defects (image AUROC %.1f, pixel %.1f) at step %s", desc,
                  report.rule, report.candidates[0]["image_auroc"], report.candidates[0]["pixel_auroc"], report.step)
@@ -371,6 +383,19 @@ def train_and_select(scorer, step: Callable[[int], float], n_steps: int, desc: s
     scorer.selection_note_ = note
     scorer.stats_ = reference_stats(scorer._raw(stats_from))
     return train_log
+
+
+def validation_split(data: torch.Tensor, held: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bases, stats images)``: the held-out references the synthetic defects go into, and the images
+    the reference statistics come from while the rules are ranked -- never the same images, as at test
+    time (a test image is never in the statistics). With ``MIN_HELD_OUT_FOR_STATS`` or more held out
+    (the statistics then come from held-out references), half of them (at most ``MAX_BASES``) are bases
+    and the other half (at most ``MAX_STATS``) the statistics; with fewer, all of them are bases and the
+    statistics come from the training references."""
+    if len(held) >= MIN_HELD_OUT_FOR_STATS:
+        half = len(held) // 2
+        return held[:half][:MAX_BASES], data[held[half:][:MAX_STATS]]
+    return held[:MAX_BASES], data[train[:MAX_STATS]]
 
 
 #: the scorer parameters that fix a part of the map rule (None = searched)

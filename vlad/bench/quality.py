@@ -1,15 +1,21 @@
-"""Detection quality of the scorers trained from scratch under a leave-one-set-out protocol.
+"""Detection quality of the scorers trained from scratch: each line's own choice on synthetic defects,
+beside the real figure, and (``--loso``) the fixed rules of the leave-one-set-out protocol.
 
 ``python -m vlad.bench quality --data ../shared/data --scorers autoencoder,draem --shots 16,all --seeds 3``
 
 For every scorer, data set (default ``ksdd``, ``mpdd``, ``mvtec_bottle``), shot count and seed, the scorer
-is fitted once (``random_state`` = seed, references drawn as ``vlad eval`` draws them) and its raw error
-maps of the test images are kept. Every candidate map rule (:class:`vlad.scorers.scratch.MapRule`:
-normalisation, error terms, smoothing, top-k aggregation) is then applied to the same maps, so choosing
-among them costs no refit. **Leave one set out:** for each set, the rule with the best mean image AUROC
-over the *other* sets (both shot counts, all seeds) is chosen and only then evaluated on that set, with
-I-AUROC, P-AUROC and AUPRO (``vlad.metrics.evaluate``, maps at each test image's own resolution). The
-table prints mean ± std over seeds and the fit time on this machine.
+is fitted once (``random_state`` = seed, references drawn as ``vlad eval`` draws them, ``time_limit`` 300 s
+as the scorers' default) and its raw error maps of the test images are kept. **Self-tuned** (the main
+table): each fit chose its own map rule and training length on synthetic defects of its held-out references
+(:mod:`vlad.selftune`); the table reports I-AUROC, P-AUROC and AUPRO (``vlad.metrics.evaluate``, maps at
+each test image's own resolution) of that rule, and beside them the chosen rule's image AUROC on the
+synthetic defects (``synth``: what the line predicted), so a user can see how far synthetic validation can
+be trusted. Nothing is chosen on any set's real defects.
+
+**Leave one set out** (``--loso``): every candidate map rule (:class:`vlad.scorers.scratch.MapRule`) is
+also applied to the same maps, so choosing among them costs no refit; for each set, the rule with the best
+mean image AUROC over the *other* sets (both shot counts, all seeds) is chosen and only then evaluated on
+that set. The tables print mean ± std over seeds and the fit time on this machine.
 
 Training choices that need a refit (working size, budget, loss weights) can be put in the selection with
 ``--grid key=v1,v2`` (each value is one more fit per cell; chosen the same way, jointly with the rule).
@@ -398,12 +404,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _chosen_rule(record: dict[str, Any]) -> Any:
+    """The map rule a cell's scorer used: its own choice on synthetic defects, or its parameters' rule."""
+    from vlad.scorers.scratch import MapRule
+
+    return MapRule(**{**record["chosen_rule"], "terms": tuple(record["chosen_rule"]["terms"])})
+
+
 def _self_tuned_table(scorer: str, records: list[dict[str, Any]], sets: Sequence[str], shots: Sequence[Any],
                       cats: dict[str, Any], cache: Path, seeds: int) -> list[dict[str, Any]]:
     """Each cell scored with the rule its own line chose on synthetic defects (nothing chosen on real
     defects of any set), the synthetic prediction beside the real figure."""
-    from vlad.scorers.scratch import MapRule
-
     names = TERM_NAMES[scorer]
     print(f"\n== {scorer}: each line's own choice on synthetic defects of its references (percent, mean±std "
           f"over {seeds} seeds; synth = the chosen rule's image AUROC on the synthetic defects, a prediction) ==")
@@ -415,7 +426,7 @@ def _self_tuned_table(scorer: str, records: list[dict[str, Any]], sets: Sequence
             cell = [r for r in records if r["set"] == dataset and r["shots"] == k]
             if not cell:
                 continue
-            rules = [MapRule(**{**r["chosen_rule"], "terms": tuple(r["chosen_rule"]["terms"])}) for r in cell]
+            rules = [_chosen_rule(r) for r in cell]
             ms = [cell_metrics(r, rule, cats[dataset], cache) for r, rule in zip(cell, rules)]
             synth = [r["selection"]["candidates"][0]["image_auroc"] / 100 for r in cell]
             stops = sorted({r["train_log"]["stopped"] for r in cell})
@@ -432,10 +443,8 @@ def _self_tuned_table(scorer: str, records: list[dict[str, Any]], sets: Sequence
 
 
 def _varied(args: Any, cats: dict[str, Any], fixed: dict[str, Any], cache: Path) -> dict[str, Any]:
-    """The aspect-ratio study on random ksdd crops: letterbox versus stretch, default map rules."""
-    import vlad
+    """The aspect-ratio study on random ksdd crops: letterbox versus stretch, each fit with its own rule."""
     from vlad.data import load_category
-    from vlad.scorers.scratch import MapRule
 
     source = Path(args.data) / "ksdd" / "commutator"
     folder = cache / "varied"
@@ -447,13 +456,10 @@ def _varied(args: Any, cats: dict[str, Any], fixed: dict[str, Any], cache: Path)
     print(f"\n== aspect-ratio study: {len(cat.train_paths)} train / {cat.n_test} test random ksdd crops of varied "
           f"size ({min(16, len(cat.train_paths))}-shot, {args.varied_seeds} seeds; default map rules) ==")
     for scorer in [s for s in (args.varied_scorers or args.scorers).split(",") if s]:
-        proto = vlad.create_scorer(scorer)
-        rule = proto._map_rule() if scorer == "autoencoder" else MapRule(
-            proto.normalize, proto.sigma, proto.topk_fraction, (0,), shift=proto.shift_tolerance)
         for canvas in ("letterbox", "stretch"):
             recs = [run_cell(scorer, cat, min(16, len(cat.train_paths)), seed, {**fixed, "canvas": canvas}, cache, "ksdd_crops")
                     for seed in range(args.varied_seeds)]
-            ms = [cell_metrics(r, rule, cat, cache) for r in recs]
+            ms = [cell_metrics(r, _chosen_rule(r), cat, cache) for r in recs]
             vals = {m: [x[m] for x in ms] for m in ("image_auroc", "pixel_auroc", "pixel_aupro")}
             out[f"{scorer}/{canvas}"] = vals
             print(f"  {scorer:12s} {canvas:10s} I-AUROC {_ms(vals['image_auroc'])}  P-AUROC "

@@ -321,6 +321,22 @@ def _print_table(rows: list[dict[str, Any]], det) -> None:
     print(f"{n_bad} of {len(scored)} anomalous (image threshold {det.image_threshold:.4f}, "
           f"{len(det.list_references())} references, scorers: {'+'.join(_active(det))})")
     print(det.threshold_info().describe())
+    for line in selection_lines(det):
+        print(line)
+
+
+def selection_lines(det) -> list[str]:
+    """One line per active scorer that chose its map rule on synthetic defects (vlad.selftune)."""
+    lines = []
+    for name in _active(det):
+        scorer = det.scorers[name]
+        if getattr(scorer, "selection_", None) is None:
+            continue
+        rep = scorer.selection_report()
+        lines.append(f"{name}: map rule '{rep.rule}' and {rep.step} training steps chosen on {rep.n_defective} "
+                     f"synthetic defects of {rep.n_held_out} held-out references (image AUROC "
+                     f"{rep.predicted_image_auroc:.1f} on them: a prediction, not a measurement)")
+    return lines
 
 
 def _write_outputs(out: Path, rows: list[dict[str, Any]], res, det) -> None:

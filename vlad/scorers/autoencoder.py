@@ -49,13 +49,10 @@ from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
 from vlad.scorers.scratch import (
     CANVAS_MODES,
-    MIN_HELD_OUT_FOR_STATS,
     NORMALIZE_MODES,
     MapRule,
     apply_rule,
     auto_steps,
-    fit_loop,
-    reference_stats,
     split_held_out,
     stack_or_list,
     to_canvas,
