@@ -37,7 +37,7 @@ NO_RUN = re.compile(r"<!--\s*no-run\b")
 TEST_DEFAULTS: dict[str, object] = {"weights": "tiny", "device": "cpu"}
 CHEAP: dict[str, dict] = {
     "anomalydino": dict(rotations=1),
-    "autoencoder": dict(image_size=64, train_steps=3, batch_size=4, validation_fraction=0.0),
+    "autoencoder": dict(image_size=64, train_steps=3, batch_size=4),
     "draem": dict(image_size=64, train_steps=3, batch_size=4, validation_fraction=0.0),
     "efficientad": dict(image_size=96, train_steps=3, batch_size=4),
     "fastflow": dict(epochs=1, flow_steps=2),

@@ -17,12 +17,7 @@ from vlad.scorers.scratch import MapRule, fit_loop, reference_stats
 PARAMS = dict(weights="tiny", image_size=64, train_steps=20, batch_size=4, random_state=0, time_limit=None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is faster on a shared box
 
 
 def _canvas(n: int, size: int = 64) -> torch.Tensor:
@@ -146,6 +141,9 @@ def test_no_selection_says_why(refs):
     with pytest.raises(SelectionUnavailableError, match="fewer than 4"):
         few.selection_report()
     assert few.map_rule_ == MapRule("global", 2.0, 0.05, (0,))  # the fallback
+    none_held = vlad.create_scorer("autoencoder", **PARAMS, validation_fraction=0.0).fit(refs)
+    with pytest.raises(SelectionUnavailableError, match="validation_fraction=0 holds none out"):
+        none_held.selection_report()
     by_loss = vlad.create_scorer("draem", **PARAMS, selection="loss").fit(refs)
     with pytest.raises(SelectionUnavailableError, match="selection='loss'"):
         by_loss.selection_report()

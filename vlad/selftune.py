@@ -363,8 +363,9 @@ def train_and_select(scorer, step: Callable[[int], float], n_steps: int, desc: s
     else:
         validate = loss_validate if len(held_idx) else None
         if scorer.selection == "synthetic":
-            note = (f"{len(data)} references: fewer than 4, so none could be held out to make synthetic defects "
-                    "from; the map rule is the user's values with the scorer's defaults")
+            why = ("validation_fraction=0 holds none out" if not scorer.validation_fraction
+                   else f"{len(data)} references: fewer than 4, so none could be held out")
+            note = f"{why} to make synthetic defects from; the map rule is the user's values with the scorer's defaults"
         else:
             note = "selection='loss': the map rule is the user's values with the scorer's defaults"
     train_log = fit_loop(step, n_steps, desc, model=scorer.model_, validate=validate,
@@ -419,7 +420,8 @@ class SelfTuned:
         if getattr(self, "selection_", None) is None:
             why = getattr(self, "selection_note_", None) or "it was fitted by a vlad older than 0.3"
             raise SelectionUnavailableError(f"this {type(self).__name__} chose no map rule on synthetic defects: {why}. "
-                                            "Fit it on 4 or more references with selection='synthetic' for one")
+                                            "Fit it on 4 or more references with selection='synthetic' and "
+                                            "validation_fraction > 0 for one")
         return SelectionReport.from_meta(self.selection_)
 
     def _selection_meta(self) -> dict:

@@ -389,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    for key in rule_keys}
         best_all = max(overall, key=overall.get)
         show.append(best_all)
-        print(f"  (best on all {len(sets)} sets, the default to ship: {rule_keys[best_all].label(names)})")
+        print(f"  (best fixed rule on all {len(sets)} sets: {rule_keys[best_all].label(names)})")
         table_rules = {}
         for key in dict.fromkeys(show):
             vals = {s: float(np.mean([r["rules"][key] for r in records if r["set"] == s])) for s in sets}
