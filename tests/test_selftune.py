@@ -189,3 +189,23 @@ def test_score_command_says_what_the_line_chose(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "autoencoder: map rule '" in out and "synthetic defects of" in out and "not a measurement" in out
+
+
+def test_interrupted_before_any_evaluation_keeps_the_fallback_rule(refs, monkeypatch):
+    # Ctrl-C at the first step: the model trained so far is kept, the rule is the fallback, and the
+    # report says why nothing was chosen (no crash in the middle of fit)
+    from vlad.scorers import scratch
+
+    real = scratch.track
+
+    def interrupted(iterable, *args, **kwargs):
+        for i in real(iterable, *args, **kwargs):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield i
+
+    monkeypatch.setattr(scratch, "track", interrupted)
+    scorer = vlad.create_scorer("autoencoder", **PARAMS).fit(refs)
+    assert scorer.interrupted_ and scorer.map_rule_ == MapRule("global", 2.0, 0.05, (0,))
+    with pytest.raises(SelectionUnavailableError, match="before the first evaluation"):
+        scorer.selection_report()

@@ -373,6 +373,8 @@ def train_and_select(scorer, step: Callable[[int], float], n_steps: int, desc: s
                          patience=int(scorer.patience),
                          time_limit=scorer.time_limit, log=log, **extra)
     scorer.model_.eval()
+    if tuner is not None and not tuner.history:  # interrupted before the first evaluation
+        tuner, note = None, "training stopped before the first evaluation on synthetic defects"
     if tuner is not None:
         fixed = {k: getattr(scorer, k) for k in RULE_PARAMS if getattr(scorer, k, None) is not None}
         scorer.map_rule_, report = tuner.report(train_log.best_step, settings, len(bases), train_log.stopped, fixed)
