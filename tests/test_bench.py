@@ -66,14 +66,16 @@ def test_clock_waits_for_the_gpu(monkeypatch):
 @pytest.mark.slow
 def test_serve_bench_open_loop_runs(capsys):
     """A tiny run of ``python -m vlad.bench serve``: the closed loop, then the open loop at a share of its
-    throughput, and the server's RSS at ready, after warm-up and at the end (nothing timed is checked)."""
+    throughput, the server's RSS at ready, after warm-up and at the end, and the closed loop's throughput
+    against in-process predict (nothing timed is checked)."""
     pytest.importorskip("fastapi", reason='vlad serve needs the serve extra: pip install "vlad-inspect[serve]"')
     pytest.importorskip("httpx", reason='the serve bench needs httpx: pip install "vlad-inspect[serve]"')
     code = bench.main(["serve", "--weights", "tiny", "--refs", "4", "--size", "64", "--images", "2",
                        "--requests", "24", "--clients", "2", "--rate-share", "0.7", "--warmup", "8",
-                       "--compare-seconds", "0", "--device", "cpu"])
+                       "--compare-seconds", "1", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0, out
+    assert "(closed loop served/in-process = " in out  # the maximum served rate, not the open loop's 70%
     assert "closed served:" in out and "0 errors" in out
     assert "open loop: poisson arrivals at" in out and "0.7 x the closed loop" in out
     assert out.count(" answered, 0 errors") == 2

@@ -367,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                        args.timeout, on_answer=after_warmup))
                 errors.update(errs)
                 _report("closed", lat, errs, wall, n)
+            closed_rate = n / wall if wall else None  # the served throughput the in-process rate is compared with
             rate = args.rate if args.rate is not None else (args.rate_share * n / wall if args.rate_share else None)
             if rate is not None:
                 share = f" = {args.rate_share:g} x the closed loop's {n / wall:.2f}" if args.rate_share else ""
@@ -408,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds = args.compare_seconds if args.compare_seconds is not None else max(5.0, min(30.0, wall / 2))
         if seconds > 0:
             rate_in = _in_process(path, bodies, args.max_batch, device, seconds=seconds)
+            served, which = (closed_rate, "closed loop") if closed_rate else (n / wall, "open loop")
             print(f"in-process: {rate_in:8.2f} img/s  Detector.predict, batches of {args.max_batch}, same images "
-                  f"(served/in-process = {n / wall / rate_in:.2f})")
+                  f"({which} served/in-process = {served / rate_in:.2f})")
     return 0 if not errors and code == 0 else 1
