@@ -182,17 +182,12 @@ def rank_rules(raw_clean: torch.Tensor, raw_defective: torch.Tensor, masks: torc
     n = raw_clean.shape[0]
     labels = np.r_[np.zeros(n, bool), np.ones(raw_defective.shape[0], bool)]
     all_boxes = list(boxes) * 2
-    pix_labels = np.concatenate([np.zeros(int(np.prod(m[y0:y0 + h, x0:x0 + w].shape)), bool)
-                                 for m, (y0, x0, h, w) in zip(masks, boxes)]
+    pix_labels = np.concatenate([np.zeros(h * w, bool) for _, _, h, w in boxes]
                                 + [m[y0:y0 + h, x0:x0 + w].reshape(-1).numpy()
                                    for m, (y0, x0, h, w) in zip(masks, boxes)])
     pick = _pixel_sample(pix_labels)
-    families: dict[tuple, list[int]] = {}
-    for i, rule in enumerate(rules):  # one smoothing per family of rules that differ only in pooling
-        families.setdefault((rule.normalize, rule.shift, rule.terms, rule.sigma, rule.stats_sigma, rule.floor), []).append(i)
     out: list[Candidate | None] = [None] * len(rules)
-    for members in families.values():
-        _, regions = apply_rule(raw, stats, rules[members[0]], all_boxes)
+    for members, regions in rule_family_maps(raw, stats, rules, all_boxes):
         flat = torch.cat([r.reshape(-1) for r in regions]).numpy()
         pixel = auroc(flat[pick], pix_labels[pick]) if pix_labels.any() else math.nan
         for i in members:
@@ -200,6 +195,17 @@ def rank_rules(raw_clean: torch.Tensor, raw_defective: torch.Tensor, masks: torc
             out[i] = Candidate(rules[i], auroc(scores, labels), pixel)
     ranked = sorted(range(len(rules)), key=lambda i: -out[i].rank_key)  # stable: ties keep the given order
     return [out[i] for i in ranked]
+
+
+def rule_family_maps(raw: torch.Tensor, stats: dict[str, torch.Tensor], rules: Sequence[MapRule],
+                     boxes: Sequence[tuple[int, int, int, int]]):
+    """``(indices into rules, maps cut to their regions)`` for each family of rules that differ only in
+    their pooling (``topk_fraction``): the normalisation and smoothing are computed once per family."""
+    families: dict[tuple, list[int]] = {}
+    for i, rule in enumerate(rules):
+        families.setdefault((rule.normalize, rule.shift, rule.terms, rule.sigma, rule.stats_sigma, rule.floor), []).append(i)
+    for members in families.values():
+        yield members, apply_rule(raw, stats, rules[members[0]], boxes)[1]
 
 
 def _pixel_sample(labels: np.ndarray) -> np.ndarray:
@@ -427,12 +433,12 @@ class SelfTuned:
         return SelectionReport.from_meta(self.selection_)
 
     def _selection_meta(self) -> dict:
-        return {"map_rule": {**asdict(self.map_rule_), "terms": list(self.map_rule_.terms)},
+        return {"map_rule": self.map_rule_.as_meta(),
                 "selection": self.selection_, "selection_note": self.selection_note_}
 
     def _restore_selection(self, meta: dict) -> None:
         rule = meta.get("map_rule")
         if rule is not None:  # saved models before 0.3 carry no rule: theirs follows from their parameters
-            self.map_rule_ = MapRule(**{**rule, "terms": tuple(rule["terms"])}).check()
+            self.map_rule_ = MapRule.from_meta(rule)
         self.selection_ = meta.get("selection")
         self.selection_note_ = meta.get("selection_note")

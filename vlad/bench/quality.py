@@ -31,7 +31,6 @@ second run only recomputes the selection and the table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -56,13 +55,12 @@ TERM_NAMES = {"autoencoder": ("ssim", "l2"), "draem": ("prob",)}
 
 
 def candidate_rules(scorer: str) -> list[Any]:
-    """The map rules the protocol chooses among (the 0.1 rule, ``global s4 max``, is among them)."""
-    from vlad.scorers.scratch import MapRule
+    """The map rules the protocol chooses among: the search space of the scorers' own selection
+    (:func:`vlad.selftune.rules_for`; the 0.1 rule, ``global s4 max``, is among them)."""
+    from vlad.selftune import rules_for
 
     terms = [(0, 1), (0,), (1,)] if scorer == "autoencoder" else [(0,)]
-    norms = (("position", 0), ("position", 4), ("global", 0))
-    return [MapRule(norm, sigma, top, t, shift=shift) for (norm, shift), t, sigma, top in
-            itertools.product(norms, terms, (2.0, 4.0, 8.0), (0.0, 0.01, 0.05))]
+    return rules_for(None, None, None, None, terms)
 
 
 def _rule_key(rule: Any) -> str:
@@ -84,18 +82,15 @@ def _score_rules(scorer: str, raw: torch.Tensor, stats: dict[str, torch.Tensor],
                  only: set[str] | None = None) -> dict[str, float]:
     """Image AUROC of every candidate rule on one cell's raw maps (one smoothing per rule family)."""
     from vlad.metrics import auroc
-    from vlad.scorers.scratch import _topk, apply_rule
+    from vlad.scorers.scratch import _topk
+    from vlad.selftune import rule_family_maps
 
+    rules = [r for r in candidate_rules(scorer) if only is None or _rule_key(r) in only]
     out = {}
-    families = {}
-    for rule in candidate_rules(scorer):
-        if only is None or _rule_key(rule) in only:
-            families.setdefault((rule.normalize, rule.shift, rule.terms, rule.sigma), []).append(rule)
-    for rules in families.values():
-        _, regions = apply_rule(raw, stats, rules[0], boxes)
-        for rule in rules:
-            scores = np.array([float(_topk(r.reshape(-1), rule.topk_fraction)) for r in regions])
-            out[_rule_key(rule)] = float(auroc(scores, labels))
+    for members, regions in rule_family_maps(raw, stats, rules, boxes):
+        for i in members:
+            scores = np.array([float(_topk(r.reshape(-1), rules[i].topk_fraction)) for r in regions])
+            out[_rule_key(rules[i])] = float(auroc(scores, labels))
     return out
 
 
@@ -139,7 +134,7 @@ def run_cell(scorer: str, category: Any, k: int | str, seed: int, params: dict[s
         "size": list(model.size_), "train_log": {k2: v for k2, v in model.train_log_.items() if k2 != "val_losses"},
         "steps_done": len(model.loss_history_), "boxes": [list(b) for b in boxes],
         "rules": _score_rules(scorer, raw, model.stats_, boxes, labels),
-        "chosen_rule": {**dataclasses.asdict(model.map_rule_), "terms": list(model.map_rule_.terms)},
+        "chosen_rule": model.map_rule_.as_meta(),
         "selection": model.selection_,
     }
     np.savez(raw_path, raw=raw.numpy().astype(np.float16),
@@ -408,7 +403,7 @@ def _chosen_rule(record: dict[str, Any]) -> Any:
     """The map rule a cell's scorer used: its own choice on synthetic defects, or its parameters' rule."""
     from vlad.scorers.scratch import MapRule
 
-    return MapRule(**{**record["chosen_rule"], "terms": tuple(record["chosen_rule"]["terms"])})
+    return MapRule.from_meta(record["chosen_rule"])
 
 
 def _self_tuned_table(scorer: str, records: list[dict[str, Any]], sets: Sequence[str], shots: Sequence[Any],

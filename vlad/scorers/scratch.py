@@ -280,6 +280,16 @@ class MapRule:
             raise InvalidParameterError(f"shift_tolerance must be >= 0 pixels, got {self.shift}")
         return self
 
+    def as_meta(self) -> dict:
+        """JSON-able fields (saved with a scorer; :meth:`from_meta` reads them back)."""
+        return {"normalize": self.normalize, "sigma": self.sigma, "topk_fraction": self.topk_fraction,
+                "terms": list(self.terms), "stats_sigma": self.stats_sigma, "floor": self.floor, "shift": self.shift}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> MapRule:
+        """The rule :meth:`as_meta` wrote, checked."""
+        return cls(**{**meta, "terms": tuple(meta["terms"])}).check()
+
     def label(self, term_names: Sequence[str] | None = None) -> str:
         """Short text, e.g. ``position s4 top1% ssim+l2``."""
         agg = "max" if self.topk_fraction <= 0 else f"top{self.topk_fraction * 100:g}%"
