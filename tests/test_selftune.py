@@ -209,3 +209,58 @@ def test_interrupted_before_any_evaluation_keeps_the_fallback_rule(refs, monkeyp
     assert scorer.interrupted_ and scorer.map_rule_ == MapRule("global", 2.0, 0.05, (0,))
     with pytest.raises(SelectionUnavailableError, match="before the first evaluation"):
         scorer.selection_report()
+
+
+# -- the scorers with a pretrained backbone: the same mechanism, opt-in ------------------------------------
+BACKBONE_PARAMS = {
+    "stpm": dict(train_steps=20),
+    "efficientad": dict(train_steps=20, layers=(2, 3)),
+    "fastflow": dict(image_steps=60),
+    "padim": dict(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONE_PARAMS))
+def test_backbone_scorer_chooses_on_synthetic_defects_when_asked(name, refs, tmp_path):
+    base = dict(weights="tiny", image_size=64, batch_size=4, random_state=0, **BACKBONE_PARAMS[name])
+    paper = vlad.create_scorer(name, **base).fit(refs)
+    assert paper.map_rule_ is None  # the default: the paper's map, untouched
+    with pytest.raises(SelectionUnavailableError, match="selection=None"):
+        paper.selection_report()
+    scorer = vlad.create_scorer(name, **base, selection="synthetic").fit(refs)
+    report = scorer.selection_report()
+    assert report.rule == scorer.map_rule_.label(scorer.TERMS)
+    assert report.n_held_out == 2 and report.n_defective == 16
+    assert len(report.candidates) == len(scorer._candidates()) > 1
+    assert report.fixed == {}  # sigma & co. describe the paper's map; with a selection everything is searched
+    imgs = [textured(40), with_defect(textured(41))]
+    res = scorer.predict(imgs)
+    assert np.isfinite(res.image_scores).all() and np.asarray(res.anomaly_maps).shape == (2, 96, 96)
+    loaded = vlad.load(scorer.save(tmp_path / name))
+    assert loaded.map_rule_ == scorer.map_rule_ and loaded.selection_report() == report
+    np.testing.assert_allclose(loaded.predict(imgs).image_scores, res.image_scores, rtol=1e-6, atol=1e-6)
+    again = vlad.create_scorer(name, **base, selection="synthetic").fit(refs)
+    assert again.selection_report() == report  # the same seed, the same choice
+    few = vlad.create_scorer(name, **base, selection="synthetic").fit(refs[:3])
+    assert few.map_rule_ is None  # nothing to hold out: the paper's map
+    with pytest.raises(SelectionUnavailableError, match="fewer than 4"):
+        few.selection_report()
+    with pytest.raises(InvalidParameterError, match="selection"):
+        vlad.create_scorer(name, selection="loss")
+
+
+def test_backbone_selection_finds_a_planted_defect(refs):
+    # the selected rule is used at predict: an image with a large bright square scores above clean ones
+    scorer = vlad.create_scorer("padim", weights="tiny", image_size=64, random_state=0, selection="synthetic").fit(refs)
+    clean = scorer.predict([textured(50), textured(51)]).image_scores
+    bad = scorer.predict([with_defect(textured(52))]).image_scores
+    assert bad[0] > clean.max()
+
+
+def test_a_chosen_rule_is_not_exported_as_the_paper_map(refs):
+    from vlad.errors import ExportError
+    from vlad.export.graphs import build_graph
+
+    scorer = vlad.create_scorer("padim", weights="tiny", image_size=64, random_state=0, selection="synthetic").fit(refs)
+    with pytest.raises(ExportError, match="selection=None"):
+        build_graph("padim", scorer)

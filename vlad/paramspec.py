@@ -426,3 +426,9 @@ def map_rule_specs(normalize_modes: tuple[str, ...], selection_modes: tuple[str,
             "'synthetic' chooses the map rule and training length on synthetic defects, 'loss' stops on the "
             "held-out loss"),
     }
+
+
+#: the ``selection`` of the scorers with a pretrained backbone (STPM, EfficientAD, FastFlow, PaDiM)
+BACKBONE_SELECTION = Choice(None, "synthetic").explain(
+    "None = the paper's map; 'synthetic' chooses the map rule (and a trained student's training length) on "
+    "synthetic defects of held-out references")

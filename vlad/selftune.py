@@ -314,6 +314,9 @@ NORMALIZE_CHOICES = (("position", 0), ("position", 4), ("global", 0))
 SIGMA_CHOICES = (2.0, 4.0, 8.0)
 TOPK_CHOICES = (0.0, 0.01, 0.05)
 SELECTION_MODES = ("synthetic", "loss")
+#: share of the references held out to make synthetic defects from, for scorers without a
+#: ``validation_fraction`` parameter (those with a pretrained backbone)
+VALIDATION_FRACTION = 0.2
 
 
 def rules_for(normalize: str | None, shift: int | None, sigma: float | None, topk: float | None,
@@ -342,56 +345,91 @@ def fixed_rule(normalize: str | None, shift: int | None, sigma: float | None, to
 
 def train_and_select(scorer, step: Callable[[int], float], n_steps: int, desc: str, *, data: torch.Tensor,
                      boxes: Sequence[tuple[int, int, int, int]], train_idx: np.ndarray, held_idx: np.ndarray,
-                     loss_validate: Callable[[int], float], log) -> TrainLog:
+                     loss_validate: Callable[[int], float] | None, log, model: torch.nn.Module | None = None) -> TrainLog:
     """Train a scorer and choose its map rule: the one fit-time step every trained scorer shares.
 
-    ``scorer`` provides ``model_``, ``_raw(canvas) -> raw maps``, ``_candidates()``, ``_map_rule()``,
-    ``TERMS`` and the parameters ``selection``, ``patience``, ``time_limit``, ``random_state``. With
-    ``selection="synthetic"`` and references held out, training stops and the rule is chosen on synthetic
-    defects (module docstring); otherwise ``loss_validate`` (held-out loss) drives early stopping and the
-    rule is the user's values with the scorer's fallback. Sets ``map_rule_``, ``selection_``,
-    ``selection_note_`` and ``stats_`` (statistics of the held-out references when at least
-    ``MIN_HELD_OUT_FOR_STATS`` are held out, else of all).
+    ``scorer`` provides ``_raw(canvas) -> raw maps``, ``_candidates()``, ``_map_rule()`` (the rule
+    without a selection; None = the scorer's own map), ``TERMS`` and the parameters ``selection`` and
+    ``random_state`` (``patience``, ``time_limit`` and ``validation_fraction`` where it has them);
+    ``model`` (default ``scorer.model_``) is the network being trained. With ``selection="synthetic"``
+    and references held out, training stops and the rule is chosen on synthetic defects (module
+    docstring); otherwise ``loss_validate`` (a held-out loss, or None) drives early stopping and the rule
+    is ``_map_rule()``. Sets ``map_rule_``, ``selection_``, ``selection_note_`` and ``stats_`` (statistics
+    of the held-out references when at least ``MIN_HELD_OUT_FOR_STATS`` are held out, else of all).
     """
-    seed = 0 if scorer.random_state is None else int(scorer.random_state)
-    hold = torch.from_numpy(np.asarray(held_idx, dtype=np.int64))
-    train = torch.from_numpy(np.asarray(train_idx, dtype=np.int64))
-    stats_from = data[hold] if len(held_idx) >= MIN_HELD_OUT_FOR_STATS else data
-    tuner, extra, settings = None, {}, SyntheticSettings()
-    note = None
+    model = scorer.model_ if model is None else model
+    tuner, extra, note = None, {}, None
     if scorer.selection == "synthetic" and len(held_idx):
-        bases, tuner_stats = validation_split(data, hold, train)
-        validation = make_validation_set(data[bases], [tuple(boxes[i]) for i in bases.tolist()], seed + 31, settings,
-                                         textures=data[train])
-        tuner = SelfTuner(scorer._raw, tuner_stats, validation, scorer._candidates(), scorer.TERMS)
+        tuner, bases, settings = _start_tuner(scorer, data, boxes, train_idx, held_idx)
         validate = lambda i: -tuner.evaluate(i)  # noqa: E731  (fit_loop minimises)
         extra = {"min_delta": MIN_DELTA, "min_steps": int(MIN_FRACTION * n_steps), "ema": EMA_DECAY}
     else:
         validate = loss_validate if len(held_idx) else None
-        if scorer.selection == "synthetic":
-            why = ("validation_fraction=0 holds none out" if not scorer.validation_fraction
-                   else f"{len(data)} references: fewer than 4, so none could be held out")
-            note = f"{why} to make synthetic defects from; the map rule is the user's values with the scorer's defaults"
-        else:
-            note = "selection='loss': the map rule is the user's values with the scorer's defaults"
-    train_log = fit_loop(step, n_steps, desc, model=scorer.model_, validate=validate,
+        note = no_selection_note(scorer, len(data))
+    train_log = fit_loop(step, n_steps, desc, model=model, validate=validate,
                          eval_every=max(5, n_steps // (EVALUATIONS if tuner is not None else 25)),
-                         patience=int(scorer.patience),
-                         time_limit=scorer.time_limit, log=log, **extra)
-    scorer.model_.eval()
+                         patience=int(getattr(scorer, "patience", 5)),
+                         time_limit=getattr(scorer, "time_limit", None), log=log, **extra)
+    model.eval()
     if tuner is not None and not tuner.history:  # interrupted before the first evaluation
         tuner, note = None, "training stopped before the first evaluation on synthetic defects"
     if tuner is not None:
-        fixed = {k: getattr(scorer, k) for k in RULE_PARAMS if getattr(scorer, k, None) is not None}
-        scorer.map_rule_, report = tuner.report(train_log.best_step, settings, len(bases), train_log.stopped, fixed)
-        scorer.selection_ = report.as_meta()
-        log.info("%s: map rule %s chosen on synthetic defects (image AUROC %.1f, pixel %.1f) at step %s", desc,
-                 report.rule, report.candidates[0]["image_auroc"], report.candidates[0]["pixel_auroc"], report.step)
+        _choose(scorer, tuner, train_log.best_step, train_log.stopped, bases, settings, desc, log)
     else:
         scorer.map_rule_, scorer.selection_ = scorer._map_rule(), None
-    scorer.selection_note_ = note
+    scorer.selection_note_ = note if tuner is None else None
+    stats_from = data[torch.from_numpy(np.asarray(held_idx, dtype=np.int64))] \
+        if len(held_idx) >= MIN_HELD_OUT_FOR_STATS else data
     scorer.stats_ = reference_stats(scorer._raw(stats_from))
     return train_log
+
+
+def select_once(scorer, desc: str, *, data: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]],
+                train_idx: np.ndarray, held_idx: np.ndarray, log) -> None:
+    """Choose the map rule of a scorer that is not trained (e.g. PaDiM): its model is fitted on
+    ``train_idx`` when this is called, and the candidates are ranked once on synthetic defects of the
+    held-out references. Sets ``map_rule_``, ``selection_`` and ``selection_note_``; the caller refits on
+    every reference and computes ``stats_`` afterwards."""
+    if scorer.selection == "synthetic" and len(held_idx):
+        tuner, bases, settings = _start_tuner(scorer, data, boxes, train_idx, held_idx)
+        with torch.no_grad():
+            tuner.evaluate(0)
+        _choose(scorer, tuner, 0, "no training", bases, settings, desc, log)
+        scorer.selection_note_ = None
+    else:
+        scorer.map_rule_, scorer.selection_ = scorer._map_rule(), None
+        scorer.selection_note_ = no_selection_note(scorer, len(data))
+
+
+def _start_tuner(scorer, data: torch.Tensor, boxes, train_idx: np.ndarray, held_idx: np.ndarray):
+    """The synthetic validation set of the held-out references and a tuner ranking the scorer's candidates."""
+    seed = 0 if scorer.random_state is None else int(scorer.random_state)
+    hold = torch.from_numpy(np.asarray(held_idx, dtype=np.int64))
+    train = torch.from_numpy(np.asarray(train_idx, dtype=np.int64))
+    settings = SyntheticSettings()
+    bases, tuner_stats = validation_split(data, hold, train)
+    validation = make_validation_set(data[bases], [tuple(boxes[i]) for i in bases.tolist()], seed + 31, settings,
+                                     textures=data[train])
+    return SelfTuner(scorer._raw, tuner_stats, validation, scorer._candidates(), scorer.TERMS), bases, settings
+
+
+def _choose(scorer, tuner: SelfTuner, step, stopped: str, bases, settings: SyntheticSettings, desc: str, log) -> None:
+    fixed = {k: getattr(scorer, k) for k in getattr(scorer, "RULE_PARAMS", RULE_PARAMS) if getattr(scorer, k, None) is not None}
+    scorer.map_rule_, report = tuner.report(step, settings, len(bases), stopped, fixed)
+    scorer.selection_ = report.as_meta()
+    log.info("%s: map rule %s chosen on synthetic defects (image AUROC %.1f, pixel %.1f) at step %s", desc,
+             report.rule, report.candidates[0]["image_auroc"], report.candidates[0]["pixel_auroc"], report.step)
+
+
+def no_selection_note(scorer, n_references: int) -> str:
+    """Why nothing was chosen on synthetic defects (for ``selection_report()``'s error)."""
+    own = ("the map rule is the user's values with the scorer's defaults" if scorer._map_rule() is not None
+           else "the scorer keeps its paper's map")
+    if scorer.selection == "synthetic":
+        why = ("validation_fraction=0 holds none out" if not getattr(scorer, "validation_fraction", VALIDATION_FRACTION)
+               else f"{n_references} references: fewer than 4, so none could be held out")
+        return f"{why} to make synthetic defects from; {own}"
+    return f"selection={scorer.selection!r}: {own}"
 
 
 def validation_split(data: torch.Tensor, held: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,7 +450,8 @@ RULE_PARAMS = ("error_terms", "normalize", "sigma", "topk_fraction", "shift_tole
 
 
 class SelfTuned:
-    """Mixin of the scorers that choose their map rule on synthetic defects: the report and its saving."""
+    """Mixin of the scorers that choose their map rule on synthetic defects: the report, the prediction
+    through the chosen rule and their saving."""
 
     def selection_report(self) -> SelectionReport:
         """What this scorer chose at ``fit`` on synthetic defects, with every candidate's figures.
@@ -427,13 +466,23 @@ class SelfTuned:
         self._check_fitted()
         if getattr(self, "selection_", None) is None:
             why = getattr(self, "selection_note_", None) or "it was fitted by a vlad older than 0.3"
+            held = " and validation_fraction > 0" if hasattr(self, "validation_fraction") else ""
             raise SelectionUnavailableError(f"this {type(self).__name__} chose no map rule on synthetic defects: {why}. "
-                                            "Fit it on 4 or more references with selection='synthetic' and "
-                                            "validation_fraction > 0 for one")
+                                            f"Fit it on 4 or more references with selection='synthetic'{held} "
+                                            "for one")
         return SelectionReport.from_meta(self.selection_)
 
+    def _rule_predict(self, images: list[LoadedImage]):
+        """Scores and maps of ``images`` through the chosen map rule (``_canvas``, ``_raw``, ``stats_``)."""
+        from vlad.scorers.scratch import stack_or_list
+
+        x, boxes = self._canvas(images)
+        scores, maps = apply_rule(self._raw(x), self.stats_, self.map_rule_, boxes)
+        return scores, stack_or_list(maps)
+
     def _selection_meta(self) -> dict:
-        return {"map_rule": self.map_rule_.as_meta(),
+        rule = getattr(self, "map_rule_", None)
+        return {"map_rule": None if rule is None else rule.as_meta(),
                 "selection": self.selection_, "selection_note": self.selection_note_}
 
     def _restore_selection(self, meta: dict) -> None:
@@ -442,3 +491,29 @@ class SelfTuned:
             self.map_rule_ = MapRule.from_meta(rule)
         self.selection_ = meta.get("selection")
         self.selection_note_ = meta.get("selection_note")
+
+    def _save_stats(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` with the reference statistics of the chosen rule added (as ``stats.*``), if any."""
+        if getattr(self, "map_rule_", None) is not None:
+            tensors.update({f"stats.{k}": v for k, v in self.stats_.items()})
+        return tensors
+
+    def _load_stats(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.stats_ = {k[len("stats."):]: v.cpu() for k, v in tensors.items() if k.startswith("stats.")}
+
+
+def stretched_canvas(images: Sequence[LoadedImage], size: int | tuple[int, int], interpolation: str = "bilinear"):
+    """Images resized to ``size`` in [0, 1] and their regions (the whole canvas): the canvas of the scorers
+    with a pretrained backbone, whose inputs are the backbone's normalisation of it (:func:`normalized`)."""
+    from vlad.ops import to_batch
+
+    x = to_batch(images, size, None, None, "cpu", interpolation)
+    return x, [(0, 0, int(x.shape[-2]), int(x.shape[-1]))] * int(x.shape[0])
+
+
+def normalized(x: torch.Tensor, preprocess, device) -> torch.Tensor:
+    """Canvas images in [0, 1] normalised with a backbone's mean and std, on ``device``."""
+    m = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)
+    sd = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)
+    return (x.to(device) - m) / sd
+

@@ -36,6 +36,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -194,6 +195,8 @@ def _parse_grid(items: Sequence[str]) -> list[dict[str, Any]]:
 
 def _value(text: str) -> Any:
     text = text.strip()
+    if re.fullmatch(r"\d+x\d+", text):  # a size, e.g. image_size=320x128 -> (320, 128)
+        return tuple(int(v) for v in text.split("x"))
     for conv in (int, float):
         try:
             return conv(text)

@@ -411,4 +411,8 @@ def build_graph(name: str, scorer: Any, image_size: tuple[int, int] | None = Non
         exportable = ", ".join(sorted(GRAPH_BUILDERS))
         raise ExportError(f"scorer {name!r} ({cls}) cannot be exported to ONNX: {why}. Exportable scorers: "
                           f"{exportable}; drop {name!r} from the spec to export the rest")
+    if getattr(scorer, "map_rule_", None) is not None:  # the graphs compute the paper's map, not a chosen rule
+        raise ExportError(f"scorer {name!r} ({cls}) chose its map rule on synthetic defects (selection='synthetic'), "
+                          "which the exported graphs do not compute yet; export one fitted with selection=None "
+                          "(its paper's map), or score with vlad itself")
     return builder(scorer, image_size)

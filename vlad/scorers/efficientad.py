@@ -24,6 +24,11 @@ Documented simplifications:
   strict.
 
 Input size: 256 px (the paper's) unless ``image_size`` is given; the PDN grid is 56 x 56 at 256 px.
+
+``selection="synthetic"`` (off by default, the paper's map): a fifth of the references is held out of
+training, and the map rule (normalisation per position or global, smoothing, max or top-k pooling) and the
+training length are chosen on synthetic defects pasted into them (:mod:`vlad.selftune`, the mechanism of
+every trained scorer; ``selection_report()`` says what was chosen).
 Stopping: Ctrl-C during training keeps the student trained so far (warning logged, ``interrupted_=True``).
 """
 
@@ -46,6 +51,9 @@ from vlad.rng import seeded
 from vlad.scorers.autoencoder import resolve_size, train_loop
 from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
+from vlad.scorers.scratch import MapRule, split_held_out
+from vlad.selftune import (VALIDATION_FRACTION, SelfTuned, no_selection_note, normalized, rules_for, stretched_canvas,
+                           train_and_select)
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +98,7 @@ def hard_feature_loss(teacher: torch.Tensor, student: torch.Tensor, quantile: fl
     return d[d >= d_hard].mean()
 
 
-class EfficientAD(BaseScorer):
+class EfficientAD(SelfTuned, BaseScorer):
     """EfficientAD-S style student-teacher anomaly detection (student-teacher branch).
 
     Args:
@@ -112,9 +120,15 @@ class EfficientAD(BaseScorer):
             under autocast at that dtype and their outputs are cast to float32 before anything else
             (:mod:`vlad.precision`). Only the frozen teacher's forwards; the student trains and runs in
             float32.
+        selection: None (default): the paper's map and budget; ``"synthetic"``: the map rule and the
+            training length (at most ``train_steps``) are chosen on synthetic defects of held-out references
+            (:mod:`vlad.selftune`; ``selection_report()``).
     """
 
     requires_references = True
+    TERMS = ("distance",)
+    #: with selection="synthetic" every part of the map rule is searched
+    RULE_PARAMS = ()
 
     #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
     _param_specs = {
@@ -125,6 +139,7 @@ class EfficientAD(BaseScorer):
         "weight_decay": ps.WEIGHT_DECAY,
         "hard_quantile": ps.Number(0, 1).explain("the paper uses 0.999"),
         "map_quantiles": ps.Seq(ps.Number(0, 1), 2, 2, increasing=True, example="(0.9, 0.995), the paper's"),
+        "selection": ps.BACKBONE_SELECTION,
     }
 
     def __init__(
@@ -143,6 +158,7 @@ class EfficientAD(BaseScorer):
         hard_quantile: float = 0.999,
         map_quantiles: tuple[float, float] = (0.9, 0.995),
         precision: str = "fp32",
+        selection: str | None = None,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -158,6 +174,7 @@ class EfficientAD(BaseScorer):
         self.hard_quantile = hard_quantile
         self.map_quantiles = map_quantiles
         self.precision = precision
+        self.selection = selection
 
     def _build(self) -> None:
         layers = tuple(int(i) for i in self.layers)
@@ -188,11 +205,16 @@ class EfficientAD(BaseScorer):
         self.projection_ = proj.to(self.device_)
         self.mean_ = torch.zeros(1, channels, 1, 1, device=self.device_)
         self.std_ = torch.ones(1, channels, 1, 1, device=self.device_)
+        self.map_rule_, self.selection_, self.selection_note_ = None, None, None
 
     # -- features ------------------------------------------------------------------------------------
     def _teacher_raw(self, images: list[LoadedImage]) -> torch.Tensor:
         """Projected teacher features on the PDN grid, before normalisation: ``(B, C, h, w)``."""
-        x = preprocess_batch(images, self.teacher_.spec.preprocess, self.device_, size=self.size_)
+        return self._teacher_features(preprocess_batch(images, self.teacher_.spec.preprocess, self.device_,
+                                                       size=self.size_))
+
+    def _teacher_features(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_teacher_raw` of an input batch already normalised for the teacher."""
         feats = [F.interpolate(F.avg_pool2d(f, 3, 1, 1, count_include_pad=False), size=self.grid_,
                                mode="bilinear", align_corners=False)
                  for f in stage_outputs(self.teacher_, x, self.precision)]
@@ -216,12 +238,24 @@ class EfficientAD(BaseScorer):
     # -- training ------------------------------------------------------------------------------------
     def _fit(self, references: list[LoadedImage] | None) -> None:
         bs = max(1, int(self.batch_size))
+        synthetic = self.selection == "synthetic"
+        if synthetic:  # the teacher and the student see the same canvas, as the synthetic defects are made on it
+            canvas, boxes = self._canvas(references)
+            train_idx, held_idx = split_held_out(len(canvas), VALIDATION_FRACTION, self.random_state)
+            train = canvas[torch.from_numpy(train_idx)]
+            batches = [normalized(train[i : i + bs], self.teacher_.spec.preprocess, self.device_)
+                       for i in range(0, len(train), bs)]
         with torch.no_grad():
-            raw = torch.cat([self._teacher_raw(references[i : i + bs]) for i in range(0, len(references), bs)])
+            if synthetic:
+                raw = torch.cat([self._teacher_features(x) for x in batches])
+                inputs = torch.cat(batches).cpu()
+            else:
+                raw = torch.cat([self._teacher_raw(references[i : i + bs]) for i in range(0, len(references), bs)])
+                inputs = torch.cat([self._student_input(references[i : i + bs])
+                                    for i in range(0, len(references), bs)]).cpu()
             self.mean_ = raw.mean(dim=(0, 2, 3), keepdim=True)
             self.std_ = raw.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
             targets = ((raw - self.mean_) / self.std_).to(torch.float16).cpu()  # ~2.4 MB per reference at 256 px
-            inputs = torch.cat([self._student_input(references[i : i + bs]) for i in range(0, len(references), bs)]).cpu()
         del raw
         seed = 0 if self.random_state is None else int(self.random_state)
         gen = torch.Generator().manual_seed(seed)
@@ -237,7 +271,14 @@ class EfficientAD(BaseScorer):
             opt.step()
             return loss.item()
 
-        self.loss_history_, self.interrupted_ = train_loop(step, int(self.train_steps), "EfficientAD training", logger)
+        if synthetic:
+            log = train_and_select(self, step, int(self.train_steps), "EfficientAD training", data=canvas, boxes=boxes,
+                                   train_idx=train_idx, held_idx=held_idx, loss_validate=None, log=logger,
+                                   model=self.student_)
+            self.loss_history_, self.interrupted_ = log.losses, log.stopped == "interrupted"
+        else:
+            self.loss_history_, self.interrupted_ = train_loop(step, int(self.train_steps), "EfficientAD training", logger)
+            self.selection_note_ = no_selection_note(self, len(references))
         self.student_.eval()
         with torch.no_grad():
             maps = torch.cat([
@@ -252,7 +293,29 @@ class EfficientAD(BaseScorer):
         self.q_a_ = torch.quantile(values.float().cpu(), qa).to(self.device_)
         self.q_b_ = torch.quantile(values.float().cpu(), qb).to(self.device_)
 
+    # -- the map rule's side (selection="synthetic"; vlad.selftune) -----------------------------------
+    def _map_rule(self) -> None:
+        return None  # without a selection: the paper's map (_predict_batch)
+
+    def _candidates(self) -> list[MapRule]:
+        return rules_for(None, None, None, None, [(0,)])
+
+    def _canvas(self, images: list[LoadedImage]):
+        return stretched_canvas(images, self.size_, self.teacher_.spec.preprocess.interpolation)
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw maps ``(B, 1, H, W)`` of canvas images: the channel mean of ``(T - S)^2`` at the input size."""
+        out, bs = [], max(1, int(self.batch_size))
+        with torch.inference_mode():
+            for i in range(0, x.shape[0], bs):
+                xb = normalized(x[i : i + bs], self.teacher_.spec.preprocess, self.device_)
+                t = (self._teacher_features(xb) - self.mean_) / self.std_
+                out.append(self._raw_map(t, self.student_(xb))[:, None].cpu())
+        return torch.cat(out)
+
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.map_rule_ is not None:
+            return self._rule_predict(images)
         m = self._raw_map(self._teacher(images), self.student_(self._student_input(images)))
         maps = 0.1 * (m - self.q_a_) / (self.q_b_ - self.q_a_).clamp_min(1e-12)
         return maps.flatten(1).amax(dim=1), maps
@@ -262,7 +325,8 @@ class EfficientAD(BaseScorer):
         tensors = {f"student.{k}": v for k, v in self.student_.state_dict().items()}
         tensors.update(projection=self.projection_, mean=self.mean_, std=self.std_,
                        q_a=self.q_a_.reshape(1), q_b=self.q_b_.reshape(1))
-        return tensors, {"loss_history": self.loss_history_, "interrupted": self.interrupted_}
+        return self._save_stats(tensors), {"loss_history": self.loss_history_, "interrupted": self.interrupted_,
+                                           **self._selection_meta()}
 
     def _set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.student_.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
@@ -271,3 +335,5 @@ class EfficientAD(BaseScorer):
         self.q_a_, self.q_b_ = tensors["q_a"][0], tensors["q_b"][0]
         self.loss_history_ = list(meta.get("loss_history", []))
         self.interrupted_ = bool(meta.get("interrupted", False))
+        self._restore_selection(meta)
+        self._load_stats(tensors)

@@ -24,6 +24,12 @@ pass (forward + backward of the three WRN-50 flows at 224 px) is ~28 GMAC, about
 the default budget is ~4 minutes there whatever the number of references; on a GPU raise ``epochs`` and
 use the paper's sizes. A KeyboardInterrupt during training keeps the flow trained so far (with a warning); before the
 first epoch finished it raises a clear error.
+
+``selection="synthetic"`` (off by default, the paper's map): a fifth of the references is held out of
+training, and the map rule (normalisation per position, smoothing, max or top-k pooling) and the training
+length are chosen on synthetic defects pasted into them (:mod:`vlad.selftune`, the mechanism of every
+trained scorer; ``selection_report()``). The per-position normalisation is the only one offered: a
+log-likelihood has no natural zero to divide by.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ from vlad.progress import track
 from vlad.rng import cpu_generator, init_module
 from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
+from vlad.scorers.scratch import MapRule, split_held_out
+from vlad.selftune import (VALIDATION_FRACTION, SelfTuned, no_selection_note, normalized, rules_for, stretched_canvas,
+                           train_and_select)
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +112,7 @@ def nll_per_dim(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
     return 0.5 * z.square().mean(1) - logdet / z.shape[1] + _HALF_LOG_2PI
 
 
-class FastFlow(BaseScorer):
+class FastFlow(SelfTuned, BaseScorer):
     """2D normalizing flows on frozen CNN features; per-position negative log-likelihood as the map.
 
     Args:
@@ -127,9 +136,14 @@ class FastFlow(BaseScorer):
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
             under autocast at that dtype and their outputs are cast to float32 before anything else
             (:mod:`vlad.precision`). Only the frozen backbone's forwards; the flows train and run in float32.
+        selection: None (default): the paper's map and budget; ``"synthetic"``: the map rule and the
+            training length (at most the epochs above) are chosen on synthetic defects of held-out
+            references (:mod:`vlad.selftune`; ``selection_report()``).
     """
 
     requires_references = True
+    #: with selection="synthetic" every part of the map rule is searched (``sigma`` and ``score`` are the paper map's)
+    RULE_PARAMS = ()
 
     #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
     _param_specs = {
@@ -143,6 +157,7 @@ class FastFlow(BaseScorer):
         "lr": ps.LEARNING_RATE,
         "weight_decay": ps.WEIGHT_DECAY,
         "score": ps.Choice("max", "topk"),
+        "selection": ps.BACKBONE_SELECTION,
     }
 
     def __init__(
@@ -164,6 +179,7 @@ class FastFlow(BaseScorer):
         sigma: float = 0.0,
         random_state: int | None = 0,
         precision: str = "fp32",
+        selection: str | None = None,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -182,6 +198,7 @@ class FastFlow(BaseScorer):
         self.sigma = sigma
         self.random_state = random_state
         self.precision = precision
+        self.selection = selection
 
     def _build(self) -> None:
         self.layers_ = check_layers(self.layers, "FastFlow")
@@ -203,6 +220,7 @@ class FastFlow(BaseScorer):
             for c in stage_channels(self.backbone_)
         ), self.device_, self.random_state)
         self.flows_.eval()
+        self.map_rule_, self.selection_, self.selection_note_ = None, None, None
 
     @staticmethod
     def _normalise(stages: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -220,6 +238,9 @@ class FastFlow(BaseScorer):
 
     def _fit(self, references: list[LoadedImage] | None) -> None:
         assert references is not None
+        if self.selection == "synthetic":
+            return self._fit_selected(references)
+        self.selection_note_ = no_selection_note(self, len(references))
         shapes: list[tuple[int, ...]] = []
 
         def fn(stages: list[torch.Tensor]) -> torch.Tensor:
@@ -263,7 +284,76 @@ class FastFlow(BaseScorer):
         finally:
             self.flows_.eval()
 
+    # -- the map rule's side (selection="synthetic"; vlad.selftune) -----------------------------------
+    @property
+    def TERMS(self) -> tuple[str, ...]:  # noqa: N802  (the name every self-tuned scorer's terms go by)
+        """The raw maps' terms: each stage's negative log-likelihood."""
+        return tuple(f"stage{i}" for i in self.layers_)
+
+    def _map_rule(self) -> None:
+        return None  # without a selection: the paper's map (_predict_batch)
+
+    def _candidates(self) -> list[MapRule]:
+        return rules_for("position", None, None, None, [tuple(range(len(self.layers_)))])
+
+    def _canvas(self, images: list[LoadedImage]):
+        return stretched_canvas(images, self.size_, self.backbone_.spec.preprocess.interpolation)
+
+    def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised stage features of canvas images ``x`` (in [0, 1])."""
+        xb = normalized(x, self.backbone_.spec.preprocess, self.device_)
+        return self._normalise(stage_outputs(self.backbone_, xb, self.precision))
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw maps ``(B, L, H, W)`` of canvas images: each stage's NLL map at the input size."""
+        out, bs, size = [], max(1, int(self.batch_size or 8)), (self.size_, self.size_)
+        with torch.inference_mode():
+            for i in range(0, x.shape[0], bs):
+                maps, _ = self._nll_maps(self._stages(x[i : i + bs]))
+                out.append(torch.stack([resize_maps(m, size) for m in maps], dim=1).cpu())
+        return torch.cat(out)
+
+    def _fit_selected(self, references: list[LoadedImage]) -> None:
+        """``fit`` with ``selection="synthetic"``: the same training, one batch per step, judged on synthetic
+        defects of held-out references (vlad.selftune)."""
+        canvas, boxes = self._canvas(references)
+        train_idx, held_idx = split_held_out(len(canvas), VALIDATION_FRACTION, self.random_state)
+        train = canvas[torch.from_numpy(train_idx)]
+        bs = max(1, int(self.batch_size or 8))
+        with torch.no_grad():
+            feats = [self._stages(train[i : i + bs]) for i in range(0, len(train), bs)]
+        stages = [torch.cat([f[j] for f in feats]) for j in range(len(feats[0]))]  # frozen features, computed once
+        n = len(train)
+        epochs = int(self.epochs) if self.epochs is not None else max(1, round(int(self.image_steps) / n))
+        self.epochs_ = epochs
+        per_epoch = math.ceil(n / bs)
+        g = cpu_generator(self.random_state)
+        opt = torch.optim.Adam(self.flows_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        order: list[torch.Tensor] = []
+
+        def step(i: int) -> float:
+            if i % per_epoch == 0:  # a new epoch: a new order of the references, as the paper's loop
+                order[:] = torch.randperm(n, generator=g).split(bs)
+            idx = order[i % per_epoch]
+            _, loss = self._nll_maps([s[idx] for s in stages])
+            if not torch.isfinite(loss):
+                raise VladError(f"FastFlow: the training loss became {loss.item()} (diverged); lower lr "
+                                f"(now {self.lr}) or check the reference images")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        self.flows_.train()
+        log = train_and_select(self, step, epochs * per_epoch, "FastFlow training", data=canvas, boxes=boxes,
+                               train_idx=train_idx, held_idx=held_idx, loss_validate=None, log=logger,
+                               model=self.flows_)
+        self.flows_.eval()
+        self.loss_history_, self.interrupted_ = log.losses, log.stopped == "interrupted"
+
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.map_rule_ is not None:
+            return self._rule_predict(images)
         x = preprocess_batch(images, self.backbone_.spec.preprocess, self.device_, size=self.size_)
         maps, _ = self._nll_maps(self._normalise(stage_outputs(self.backbone_, x, self.precision)))
         size = (self.size_, self.size_)
@@ -273,9 +363,9 @@ class FastFlow(BaseScorer):
         return scores, amap
 
     def _get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {f"flows.{k}": v for k, v in self.flows_.state_dict().items()}
+        tensors = self._save_stats({f"flows.{k}": v for k, v in self.flows_.state_dict().items()})
         return tensors, {"loss_history": self.loss_history_, "interrupted": self.interrupted_,
-                         "epochs": self.epochs_}
+                         "epochs": self.epochs_, **self._selection_meta()}
 
     def _set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.flows_.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("flows.")})
@@ -283,3 +373,5 @@ class FastFlow(BaseScorer):
         self.loss_history_ = list(meta.get("loss_history", []))
         self.interrupted_ = bool(meta.get("interrupted", False))
         self.epochs_ = int(meta.get("epochs", 0))
+        self._restore_selection(meta)
+        self._load_stats(tensors)

@@ -14,6 +14,11 @@ Inverting the covariances: done once at fit, batched over positions. With ``n`` 
 low-rank form (SVD of the centred features, ``(S + eps I)^-1 = Q diag(1/(l + eps)) Q^T + (I - QQ^T)/eps``),
 which costs ``P d n`` memory instead of ``P d^2`` (WRN-50 at 224 px, 16 refs: 110 MB instead of 3.8 GB).
 With ``n >= d`` the full covariance is Cholesky-factorised and its inverse factor stored.
+
+``selection="synthetic"`` (off by default, the paper's map): the Gaussians are first fitted without a fifth
+of the references, the map's smoothing and pooling (max or top-k mean) are chosen on synthetic defects pasted
+into those (:mod:`vlad.selftune`, the mechanism the trained scorers share; ``selection_report()``), then the
+Gaussians are fitted again on every reference.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from vlad.rng import cpu_generator
 from vlad.ops import preprocess_batch, resize_blur
 from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
+from vlad.scorers.scratch import MapRule, reference_stats, split_held_out
+from vlad.selftune import VALIDATION_FRACTION, SelfTuned, no_selection_note, normalized, rules_for, select_once, stretched_canvas
 from vlad.weights import get_spec
 
 logger = logging.getLogger(__name__)
@@ -42,7 +49,7 @@ PAPER_N_FEATURES = {"wide_resnet50_2": 550, "resnet18": 100}
 _CHUNK_FLOATS = 64_000_000
 
 
-class PaDiM(BaseScorer):
+class PaDiM(SelfTuned, BaseScorer):
     """Per-position Gaussian of CNN patch features; Mahalanobis distance as the anomaly score.
 
     Args:
@@ -60,9 +67,15 @@ class PaDiM(BaseScorer):
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
             under autocast at that dtype and their outputs are cast to float32 before anything else
             (:mod:`vlad.precision`).
+        selection: None (default): the paper's map (``sigma``, max); ``"synthetic"``: the smoothing and
+            the pooling are chosen on synthetic defects of held-out references (:mod:`vlad.selftune`;
+            ``selection_report()``).
     """
 
     requires_references = True
+    TERMS = ("mahalanobis",)
+    #: with selection="synthetic" every part of the map rule is searched (``sigma`` is the paper map's)
+    RULE_PARAMS = ()
 
     #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
     _param_specs = {
@@ -70,6 +83,7 @@ class PaDiM(BaseScorer):
         "layers": ps.CNN_STAGES,
         "n_features": ps.Int(1, 1_000_000, none=True).explain("None = the paper's, capped at the channels"),
         "epsilon": ps.Number(0, 1e6, lo_open=True),
+        "selection": ps.BACKBONE_SELECTION,
     }
 
     def __init__(
@@ -85,6 +99,7 @@ class PaDiM(BaseScorer):
         sigma: float = 4.0,
         random_state: int | None = 0,
         precision: str = "fp32",
+        selection: str | None = None,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -97,6 +112,7 @@ class PaDiM(BaseScorer):
         self.sigma = sigma
         self.random_state = random_state
         self.precision = precision
+        self.selection = selection
 
     # -- building -----------------------------------------------------------------------------
     def _build(self) -> None:
@@ -118,6 +134,7 @@ class PaDiM(BaseScorer):
                 )
         g = cpu_generator(self.random_state)
         self.channel_index_ = torch.randperm(total, generator=g)[:d].sort().values.to(self.device_)
+        self.map_rule_, self.selection_, self.selection_note_ = None, None, None
 
     def _features(self, stages: list[torch.Tensor]) -> torch.Tensor:
         """``(B, d, h, w)``: selected channels of the stages on the first stage's grid.
@@ -139,8 +156,22 @@ class PaDiM(BaseScorer):
     # -- fitting ------------------------------------------------------------------------------
     def _fit(self, references: list[LoadedImage] | None) -> None:
         assert references is not None
-        feats = embed_all(references, self.backbone_, self.size_, self.device_, self.batch_size,
-                          self._features, "PaDiM features", precision=self.precision)
+        if self.selection == "synthetic":
+            canvas, boxes = self._canvas(references)
+            feats = self._canvas_features(canvas)
+            train_idx, held_idx = split_held_out(len(canvas), VALIDATION_FRACTION, self.random_state)
+            if len(held_idx):  # the Gaussians without the held-out references, to choose the rule
+                self._fit_gaussians(feats[torch.from_numpy(train_idx).to(feats.device)])
+            select_once(self, "PaDiM", data=canvas, boxes=boxes, train_idx=train_idx, held_idx=held_idx, log=logger)
+            self._fit_gaussians(feats)
+            self.stats_ = reference_stats(self._raw(canvas))
+            return
+        self.selection_note_ = no_selection_note(self, len(references))
+        self._fit_gaussians(embed_all(references, self.backbone_, self.size_, self.device_, self.batch_size,
+                                      self._features, "PaDiM features", precision=self.precision))
+
+    def _fit_gaussians(self, feats: torch.Tensor) -> None:
+        """The per-position Gaussians of features ``(n, d, h, w)``."""
         n, d, h, w = feats.shape
         self.grid_ = (h, w)
         x = feats.flatten(2).permute(2, 0, 1)  # (P, n, d)
@@ -193,7 +224,34 @@ class PaDiM(BaseScorer):
             out.append(d2)
         return torch.cat(out).clamp_min(0.0).sqrt().T.reshape(b, h, w)
 
+    # -- the map rule's side (selection="synthetic"; vlad.selftune) -----------------------------------
+    def _map_rule(self) -> None:
+        return None  # without a selection: the paper's map (_predict_batch)
+
+    def _candidates(self) -> list[MapRule]:
+        # one term, already a distance in units of each position's spread: a global scale is the only
+        # normalisation that makes sense; smoothing and pooling are searched
+        return rules_for("global", 0, None, None, [(0,)])
+
+    def _canvas(self, images: list[LoadedImage]):
+        return stretched_canvas(images, self.size_, self.backbone_.spec.preprocess.interpolation)
+
+    def _canvas_features(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_features` of canvas images ``x`` (in [0, 1]): ``(B, d, h, w)``."""
+        bs = max(1, int(self.batch_size or 8))
+        with torch.inference_mode():
+            return torch.cat([self._features(stage_outputs(self.backbone_, normalized(
+                x[i : i + bs], self.backbone_.spec.preprocess, self.device_), self.precision))
+                for i in range(0, x.shape[0], bs)])
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw maps ``(B, 1, H, W)`` of canvas images: the Mahalanobis distance at the input size."""
+        dist = self.mahalanobis(self._canvas_features(x))
+        return resize_blur(dist, (self.size_, self.size_), 0.0)[:, None].cpu()
+
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.map_rule_ is not None:
+            return self._rule_predict(images)
         x = preprocess_batch(images, self.backbone_.spec.preprocess, self.device_, size=self.size_)
         dist = self.mahalanobis(self._features(stage_outputs(self.backbone_, x, self.precision)))
         maps = resize_blur(dist, (self.size_, self.size_), self.sigma)
@@ -204,7 +262,7 @@ class PaDiM(BaseScorer):
         tensors = {"mean": self.mean_, "basis": self.basis_, "channel_index": self.channel_index_}
         if self.low_rank_:
             tensors["inv_scale"] = self.inv_scale_
-        return tensors, {"grid": list(self.grid_), "low_rank": self.low_rank_}
+        return self._save_stats(tensors), {"grid": list(self.grid_), "low_rank": self.low_rank_, **self._selection_meta()}
 
     def _set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.mean_ = tensors["mean"]
@@ -213,3 +271,5 @@ class PaDiM(BaseScorer):
         self.low_rank_ = bool(meta["low_rank"])
         self.inv_scale_ = tensors.get("inv_scale", torch.empty(0, device=self.device_))
         self.grid_ = tuple(meta["grid"])
+        self._restore_selection(meta)
+        self._load_stats(tensors)

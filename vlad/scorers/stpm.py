@@ -11,6 +11,12 @@ Defaults: teacher ``resnet18.tv_in1k`` at its spec size (224), SGD lr 0.4, momen
 1e-4 (the paper's optimiser); the paper trains 100 epochs at batch 32 -- here ``train_steps=200`` steps of
 ``batch_size=8`` (minutes on 2 CPU cores; raise it with more time).
 
+``selection="synthetic"`` (off by default, the paper's map): a fifth of the references is held out of
+training, and the map rule (layers multiplied as in the paper or averaged after normalisation; per
+position or global normalisation; smoothing; max or top-k pooling) and the training length are chosen on
+synthetic defects pasted into them, with :mod:`vlad.selftune`, the mechanism of every trained scorer
+(``selection_report()`` says what was chosen).
+
 Stopping: Ctrl-C during training keeps the student trained so far (warning logged, ``interrupted_=True``).
 """
 
@@ -32,6 +38,9 @@ from vlad.rng import init_module
 from vlad.scorers.autoencoder import resolve_size, train_loop
 from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
+from vlad.scorers.scratch import MapRule, split_held_out
+from vlad.selftune import (VALIDATION_FRACTION, SelfTuned, no_selection_note, normalized, rules_for, stretched_canvas,
+                           train_and_select)
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +67,7 @@ def layer_distances(t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) ->
     return [0.5 * (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(dim=1) for t, s in zip(t_feats, s_feats)]
 
 
-class STPM(BaseScorer):
+class STPM(SelfTuned, BaseScorer):
     """Student-teacher feature pyramid matching.
 
     Args:
@@ -78,9 +87,14 @@ class STPM(BaseScorer):
             under autocast at that dtype and their outputs are cast to float32 before anything else
             (:mod:`vlad.precision`). Only the frozen teacher's forwards; the student trains and runs in
             float32.
+        selection: None (default): the paper's map and budget; ``"synthetic"``: the map rule and the
+            training length (at most ``train_steps``) are chosen on synthetic defects of held-out references
+            (:mod:`vlad.selftune`; ``selection_report()``).
     """
 
     requires_references = True
+    #: with selection="synthetic" every part of the map rule is searched (``sigma`` is the paper map's)
+    RULE_PARAMS = ()
 
     #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
     _param_specs = {
@@ -89,6 +103,7 @@ class STPM(BaseScorer):
         "lr": ps.LEARNING_RATE,
         "momentum": ps.Number(0, 1, hi_open=True),
         "weight_decay": ps.WEIGHT_DECAY,
+        "selection": ps.BACKBONE_SELECTION,
     }
 
     def __init__(
@@ -106,6 +121,7 @@ class STPM(BaseScorer):
         weight_decay: float = 1e-4,
         sigma: float = 4.0,
         precision: str = "fp32",
+        selection: str | None = None,
     ):
         self.backbone = backbone
         self.weights = weights
@@ -120,6 +136,7 @@ class STPM(BaseScorer):
         self.weight_decay = weight_decay
         self.sigma = sigma
         self.precision = precision
+        self.selection = selection
 
     def _build(self) -> None:
         layers = tuple(int(i) for i in self.layers)
@@ -134,12 +151,47 @@ class STPM(BaseScorer):
                               self.device_, 0 if self.random_state is None else int(self.random_state))
         self.student_ = student.requires_grad_(True).eval()
         self.size_ = resolve_size(self.image_size, self.teacher_.spec.preprocess.size)
+        self.map_rule_, self.selection_, self.selection_note_ = None, None, None
 
     def _inputs(self, images: list[LoadedImage]) -> torch.Tensor:
         return preprocess_batch(images, self.teacher_.spec.preprocess, self.device_, size=self.size_)
 
+    # -- the map rule's side (selection="synthetic"; vlad.selftune) -----------------------------------
+    @property
+    def TERMS(self) -> tuple[str, ...]:  # noqa: N802  (the name every self-tuned scorer's terms go by)
+        """The raw maps' terms: each layer's distance, then their product (the paper's map)."""
+        return (*(f"layer{i}" for i in self.layers), "product")
+
+    def _map_rule(self) -> None:
+        return None  # without a selection: the paper's map (_predict_batch)
+
+    def _candidates(self) -> list[MapRule]:
+        n = len(tuple(self.layers))
+        return rules_for(None, None, None, None, [(n,), tuple(range(n))])
+
+    def _canvas(self, images: list[LoadedImage]):
+        return stretched_canvas(images, self.size_, self.teacher_.spec.preprocess.interpolation)
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw maps ``(B, L + 1, H, W)`` of canvas images: each layer's distance at the input size, and
+        their product."""
+        out = []
+        with torch.inference_mode():
+            for i in range(0, x.shape[0], max(1, int(self.batch_size))):
+                xb = normalized(x[i : i + max(1, int(self.batch_size))], self.teacher_.spec.preprocess, self.device_)
+                dists = layer_distances(stage_outputs(self.teacher_, xb, self.precision), self.student_(xb))
+                up = [F.interpolate(d[:, None], size=self.size_, mode="bilinear", align_corners=False)[:, 0]
+                      for d in dists]
+                out.append(torch.stack([*up, torch.stack(up).prod(dim=0)], dim=1).cpu())
+        return torch.cat(out)
+
     def _fit(self, references: list[LoadedImage] | None) -> None:
-        data = self._inputs(references).cpu()
+        if self.selection == "synthetic":
+            canvas, boxes = self._canvas(references)
+            train_idx, held_idx = split_held_out(len(canvas), VALIDATION_FRACTION, self.random_state)
+            data = normalized(canvas[torch.from_numpy(train_idx)], self.teacher_.spec.preprocess, "cpu")
+        else:
+            data = self._inputs(references).cpu()
         seed = 0 if self.random_state is None else int(self.random_state)
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.SGD(self.student_.parameters(), lr=self.lr, momentum=self.momentum,
@@ -157,10 +209,19 @@ class STPM(BaseScorer):
             opt.step()
             return loss.item()
 
-        self.loss_history_, self.interrupted_ = train_loop(step, int(self.train_steps), "STPM training", logger)
+        if self.selection == "synthetic":
+            log = train_and_select(self, step, int(self.train_steps), "STPM training", data=canvas, boxes=boxes,
+                                   train_idx=train_idx, held_idx=held_idx, loss_validate=None, log=logger,
+                                   model=self.student_)
+            self.loss_history_, self.interrupted_ = log.losses, log.stopped == "interrupted"
+        else:
+            self.loss_history_, self.interrupted_ = train_loop(step, int(self.train_steps), "STPM training", logger)
+            self.selection_note_ = no_selection_note(self, len(references))
         self.student_.eval()
 
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.map_rule_ is not None:
+            return self._rule_predict(images)
         x = self._inputs(images)
         dists = layer_distances(stage_outputs(self.teacher_, x, self.precision), self.student_(x))
         maps = torch.ones(x.shape[0], *self.size_, device=x.device)
@@ -170,11 +231,13 @@ class STPM(BaseScorer):
         return maps.flatten(1).amax(dim=1), maps
 
     def _get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {f"student.{k}": v for k, v in self.student_.state_dict().items()}
-        return tensors, {"loss_history": self.loss_history_, "interrupted": self.interrupted_}
+        tensors = self._save_stats({f"student.{k}": v for k, v in self.student_.state_dict().items()})
+        return tensors, {"loss_history": self.loss_history_, "interrupted": self.interrupted_, **self._selection_meta()}
 
     def _set_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         self.student_.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
         self.student_.eval()
         self.loss_history_ = list(meta.get("loss_history", []))
         self.interrupted_ = bool(meta.get("interrupted", False))
+        self._restore_selection(meta)
+        self._load_stats(tensors)
