@@ -189,6 +189,13 @@ def test_score_command_says_what_the_line_chose(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "autoencoder: map rule '" in out and "synthetic defects of" in out and "not a measurement" in out
+    assert "training steps chosen" in out
+    # a scorer with a backbone, asked to choose: PaDiM trains nothing, so no steps are claimed
+    code = main(["score", str(inputs), "--scorer", "padim", "--refs", str(refs), "--weights", "tiny",
+                 "--device", "cpu", "--set", "selection=synthetic", "--set", "image_size=64"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "padim: map rule '" in out and "training steps" not in out
 
 
 def test_interrupted_before_any_evaluation_keeps_the_fallback_rule(refs, monkeypatch):
@@ -264,3 +271,25 @@ def test_a_chosen_rule_is_not_exported_as_the_paper_map(refs):
     scorer = vlad.create_scorer("padim", weights="tiny", image_size=64, random_state=0, selection="synthetic").fit(refs)
     with pytest.raises(ExportError, match="selection=None"):
         build_graph("padim", scorer)
+
+
+def test_frozen_outputs_are_remembered_only_while_training(refs, monkeypatch):
+    # the teacher's outputs for the validation images are computed once per fit, and give the same choice
+    base = dict(weights="tiny", image_size=64, batch_size=4, random_state=0, train_steps=20, selection="synthetic")
+    calls = []
+    original = st.SelfTuned._frozen
+
+    def counting(self, x, start, compute):
+        calls.append(getattr(self, "_frozen_memo", None) is not None)
+        return original(self, x, start, compute)
+
+    remembered = vlad.create_scorer("stpm", **base).fit(refs)
+    monkeypatch.setattr(st.SelfTuned, "_frozen", lambda self, x, start, compute: compute())
+    recomputed = vlad.create_scorer("stpm", **base).fit(refs)
+    assert remembered.selection_report() == recomputed.selection_report()
+    monkeypatch.setattr(st.SelfTuned, "_frozen", counting)
+    scorer = vlad.create_scorer("stpm", **base).fit(refs)
+    assert any(calls) and not hasattr(scorer, "_frozen_memo")  # forgotten once fitted
+    calls.clear()
+    scorer.predict([textured(60)])
+    assert calls == [False]

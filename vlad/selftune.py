@@ -33,7 +33,10 @@ defects are not known when it is set up. What is known are its good images. So a
 The synthetic figures are a prediction, not a measurement of real defects: ``python -m vlad.bench
 quality`` prints both side by side. This module is the one mechanism every trained scorer uses: it
 needs a function from canvas images to raw error maps, the images the reference statistics come from,
-and the candidate rules.
+and the candidate rules. The autoencoder and DRAEM use it by default; the scorers with a pretrained
+backbone (STPM, EfficientAD, FastFlow, and PaDiM, which trains nothing: :func:`select_once`) keep their
+paper's map unless given ``selection="synthetic"`` -- their quality depends on pretrained weights this
+project cannot measure on its own machines, so their default is not changed blind.
 """
 
 from __future__ import annotations
@@ -366,10 +369,14 @@ def train_and_select(scorer, step: Callable[[int], float], n_steps: int, desc: s
     else:
         validate = loss_validate if len(held_idx) else None
         note = no_selection_note(scorer, len(data))
-    train_log = fit_loop(step, n_steps, desc, model=model, validate=validate,
-                         eval_every=max(5, n_steps // (EVALUATIONS if tuner is not None else 25)),
-                         patience=int(getattr(scorer, "patience", 5)),
-                         time_limit=getattr(scorer, "time_limit", None), log=log, **extra)
+    scorer._frozen_memo = {}  # the validation images' frozen-network outputs, computed once (SelfTuned._frozen)
+    try:
+        train_log = fit_loop(step, n_steps, desc, model=model, validate=validate,
+                             eval_every=max(5, n_steps // (EVALUATIONS if tuner is not None else 25)),
+                             patience=int(getattr(scorer, "patience", 5)),
+                             time_limit=getattr(scorer, "time_limit", None), log=log, **extra)
+    finally:
+        del scorer._frozen_memo
     model.eval()
     if tuner is not None and not tuner.history:  # interrupted before the first evaluation
         tuner, note = None, "training stopped before the first evaluation on synthetic defects"
@@ -471,6 +478,19 @@ class SelfTuned:
                                             f"Fit it on 4 or more references with selection='synthetic'{held} "
                                             "for one")
         return SelectionReport.from_meta(self.selection_)
+
+    def _frozen(self, x: torch.Tensor, start: int, compute: Callable[[], object]):
+        """``compute()``: the output of a frozen network (a pretrained teacher or backbone) for the batch
+        of canvas images ``x`` starting at ``start`` -- during training, remembered for the same ``x``,
+        since the validation images come back at every evaluation and only the trained part changes."""
+        memo = getattr(self, "_frozen_memo", None)
+        if memo is None:
+            return compute()
+        key = (id(x), int(start))
+        hit = memo.get(key)
+        if hit is None or hit[0] is not x:  # the memo holds x, so its id is never another tensor's
+            hit = memo[key] = (x, compute())
+        return hit[1]
 
     def _rule_predict(self, images: list[LoadedImage]):
         """Scores and maps of ``images`` through the chosen map rule (``_canvas``, ``_raw``, ``stats_``)."""

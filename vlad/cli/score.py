@@ -333,7 +333,8 @@ def selection_lines(det) -> list[str]:
         if getattr(scorer, "selection_", None) is None:
             continue
         rep = scorer.selection_report()
-        lines.append(f"{name}: map rule '{rep.rule}' and {rep.step} training steps chosen on {rep.n_defective} "
+        steps = "" if rep.stopped == "no training" else f" and {rep.step} training steps"
+        lines.append(f"{name}: map rule '{rep.rule}'{steps} chosen on {rep.n_defective} "
                      f"synthetic defects of {rep.n_held_out} held-out references (image AUROC "
                      f"{rep.predicted_image_auroc:.1f} on them: a prediction, not a measurement)")
     return lines

@@ -309,7 +309,7 @@ class EfficientAD(SelfTuned, BaseScorer):
         with torch.inference_mode():
             for i in range(0, x.shape[0], bs):
                 xb = normalized(x[i : i + bs], self.teacher_.spec.preprocess, self.device_)
-                t = (self._teacher_features(xb) - self.mean_) / self.std_
+                t = self._frozen(x, i, lambda: (self._teacher_features(xb) - self.mean_) / self.std_)  # noqa: B023
                 out.append(self._raw_map(t, self.student_(xb))[:, None].cpu())
         return torch.cat(out)
 

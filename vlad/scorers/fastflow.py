@@ -309,7 +309,8 @@ class FastFlow(SelfTuned, BaseScorer):
         out, bs, size = [], max(1, int(self.batch_size or 8)), (self.size_, self.size_)
         with torch.inference_mode():
             for i in range(0, x.shape[0], bs):
-                maps, _ = self._nll_maps(self._stages(x[i : i + bs]))
+                stages = self._frozen(x, i, lambda: self._stages(x[i : i + bs]))  # noqa: B023
+                maps, _ = self._nll_maps(stages)
                 out.append(torch.stack([resize_maps(m, size) for m in maps], dim=1).cpu())
         return torch.cat(out)
 

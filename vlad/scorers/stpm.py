@@ -179,7 +179,8 @@ class STPM(SelfTuned, BaseScorer):
         with torch.inference_mode():
             for i in range(0, x.shape[0], max(1, int(self.batch_size))):
                 xb = normalized(x[i : i + max(1, int(self.batch_size))], self.teacher_.spec.preprocess, self.device_)
-                dists = layer_distances(stage_outputs(self.teacher_, xb, self.precision), self.student_(xb))
+                teacher = self._frozen(x, i, lambda: stage_outputs(self.teacher_, xb, self.precision))  # noqa: B023
+                dists = layer_distances(teacher, self.student_(xb))
                 up = [F.interpolate(d[:, None], size=self.size_, mode="bilinear", align_corners=False)[:, 0]
                       for d in dists]
                 out.append(torch.stack([*up, torch.stack(up).prod(dim=0)], dim=1).cpu())
