@@ -79,8 +79,21 @@ def test_serve_bench_open_loop_runs(capsys):
     assert "closed served:" in out and "0 errors" in out
     assert "open loop: poisson arrivals at" in out and "0.7 x the closed loop" in out
     assert out.count(" answered, 0 errors") == 2
+    assert "reference: an ideal server scoring one image at a time" in out
     rss = next(line for line in out.splitlines() if line.startswith("server RSS"))
     assert "ready" in rss and "after 8 requests" in rss and re.search(r"growth after warm-up [+-]\d+ MB", rss), rss
+
+
+def test_queue_reference_is_queueing_theory():
+    """The bench's reference tail: no queueing under evenly spaced arrivals below capacity; Poisson
+    arrivals at 70% load give M/D/1's mean wait (rho D / (2 (1 - rho)) + D) and a p99 about 4x the p50."""
+    from vlad.bench.serve import queue_reference
+
+    p50, p99 = queue_reference(0.1, 7.0, "even", n=20_000)
+    assert p50 == pytest.approx(0.1) and p99 == pytest.approx(0.1)
+    p50, p99 = queue_reference(0.1, 7.0, "poisson", n=100_000)
+    assert 3.5 < p99 / p50 < 5.0
+    assert p50 < 0.1 + 0.7 * 0.1 / (2 * 0.3) < p99  # the mean response time lies between them
 
 
 def test_serve_bench_open_loop_paces_arrivals():
@@ -166,3 +179,4 @@ def test_quality_bench_prints_each_lines_choice_beside_the_real_figure(tmp_path,
     for row in rows:
         assert 0.0 <= row["synthetic_image_auroc"][0] <= 1.0 and 0.0 <= row["metrics"]["image_auroc"][0] <= 1.0
         assert row["rules"][0]  # the rule the line chose, by name
+

@@ -207,6 +207,27 @@ async def _open_load(url: str, bodies: list[bytes], rate: float, duration: float
     return latencies, errors, time.perf_counter() - start, len(latencies), skipped, offered
 
 
+def queue_reference(service_s: float, rate: float, arrivals: str = "poisson", n: int = 200_000,
+                    seed: int = 0) -> tuple[float, float]:
+    """``(p50, p99)`` latency in seconds of an ideal server that scores one request at a time in exactly
+    ``service_s``, first come first served, under ``rate`` arrivals per second (Poisson or evenly spaced):
+    what queueing alone gives, whatever the server (M/D/1 for Poisson arrivals). The bench prints it beside
+    the measured tail: with Poisson arrivals at 70% load its p99/p50 is about 4, so a server whose batches
+    cost as much per image as single images (2 CPU cores) cannot reach 2."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / rate, n) if arrivals == "poisson" else np.full(n, 1.0 / rate)
+    arrive = np.cumsum(gaps)
+    done = np.empty(n)
+    free = 0.0
+    for i, t in enumerate(arrive.tolist()):  # Lindley's recursion
+        free = max(free, t) + service_s
+        done[i] = free
+    wait = (done - arrive)[n // 100 :]  # past the empty-queue start
+    return float(np.percentile(wait, 50)), float(np.percentile(wait, 99))
+
+
 def _metric(text: str, name: str) -> float:
     """The sum of the samples of ``name`` in Prometheus ``text``."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
@@ -382,6 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"open   arrivals: {offered:.2f} req/s offered (target {rate:.2f}), {skipped} skipped at the "
                       f"in-flight cap")
                 _report("open  ", lat, errs, wall_o, n_o)
+                if closed_rate:
+                    q50, q99 = queue_reference(1.0 / closed_rate, offered or rate, args.arrivals)
+                    print(f"reference: an ideal server scoring one image at a time in {1000 / closed_rate:.0f} ms "
+                          f"(the closed loop's pace) under the same arrivals: p50 {1000 * q50:.0f} ms, p99 "
+                          f"{1000 * q99:.0f} ms (p99/p50 {q99 / q50:.2f}; queueing alone, vlad.bench.serve.queue_reference)")
                 wall, n = wall + wall_o, n + n_o
             end_rss = _tree_rss_mb(server.pid)
             text = httpx.get(url + "/metrics", timeout=30).text  # once: with Ray, each GET may reach another replica
