@@ -180,3 +180,15 @@ def test_quality_bench_prints_each_lines_choice_beside_the_real_figure(tmp_path,
         assert 0.0 <= row["synthetic_image_auroc"][0] <= 1.0 and 0.0 <= row["metrics"]["image_auroc"][0] <= 1.0
         assert row["rules"][0]  # the rule the line chose, by name
 
+
+def test_selection_bench_runs(capsys):
+    """``python -m vlad.bench selection`` fits each scorer with and without the choice on synthetic defects
+    and prints both times and the rule chosen (tiny networks; nothing timed is checked)."""
+    code = bench.main(["selection", "--weights", "tiny", "--shots", "6", "--size", "64", "--scorers", "padim,stpm",
+                       "--set", "image_size=64", "--threads", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("padim ", "stpm "))}
+    assert set(rows) == {"padim", "stpm"}
+    assert " - " in rows["padim"] and "mahalanobis" in rows["padim"]  # PaDiM trains nothing: no steps
+    assert "product" in rows["stpm"] or "layer" in rows["stpm"]
