@@ -236,6 +236,17 @@ class FastFlow(SelfTuned, BaseScorer):
         loss = torch.stack([m.mean() for m in maps]).mean()
         return maps, loss
 
+    def _train_batch(self, opt: torch.optim.Optimizer, stages: list[torch.Tensor]) -> float:
+        """One optimisation step of the flows on a batch's stage features; its loss."""
+        _, loss = self._nll_maps(stages)
+        if not torch.isfinite(loss):
+            raise VladError(f"FastFlow: the training loss became {loss.item()} (diverged); lower lr "
+                            f"(now {self.lr}) or check the reference images")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
     def _fit(self, references: list[LoadedImage] | None) -> None:
         assert references is not None
         if self.selection == "synthetic":
@@ -264,14 +275,7 @@ class FastFlow(SelfTuned, BaseScorer):
                 for idx in torch.randperm(n, generator=g).split(max(1, int(self.batch_size or 8))):
                     rows = cache[idx.to(cache.device)]
                     stages = [c.reshape(len(idx), *s) for c, s in zip(rows.split(sizes, dim=1), shapes)]
-                    _, loss = self._nll_maps(stages)
-                    if not torch.isfinite(loss):
-                        raise VladError(f"FastFlow: the training loss became {loss.item()} (diverged); lower lr "
-                                        f"(now {self.lr}) or check the reference images")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += loss.item() * len(idx)
+                    total += self._train_batch(opt, stages) * len(idx)
                 self.loss_history_.append(total / n)
                 logger.debug("FastFlow epoch %d/%d: loss %.5f", len(self.loss_history_), epochs, total / n)
         except KeyboardInterrupt:
@@ -335,15 +339,7 @@ class FastFlow(SelfTuned, BaseScorer):
         def step(i: int) -> float:
             if i % per_epoch == 0:  # a new epoch: a new order of the references, as the paper's loop
                 order[:] = torch.randperm(n, generator=g).split(bs)
-            idx = order[i % per_epoch]
-            _, loss = self._nll_maps([s[idx] for s in stages])
-            if not torch.isfinite(loss):
-                raise VladError(f"FastFlow: the training loss became {loss.item()} (diverged); lower lr "
-                                f"(now {self.lr}) or check the reference images")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss.item()
+            return self._train_batch(opt, [s[order[i % per_epoch]] for s in stages])
 
         self.flows_.train()
         log = train_and_select(self, step, epochs * per_epoch, "FastFlow training", data=canvas, boxes=boxes,
