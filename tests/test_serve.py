@@ -196,8 +196,11 @@ def test_answers_equal_predict(server, detector):
     r = server.client.post("/v1/score?map=png", content=png(imgs[1]), headers={"Content-Type": "image/png"})
     assert r.status_code == 200, r.text
     row = r.json()["results"][0]
-    check_rows([row], detector.predict(imgs[1:2]), ["body"])
-    quantised = np.round(np.clip(expected.map_list()[1], 0, 1) * 65535)
+    # compared with a batch of one, as the server ran it: on some CPUs another batch size takes other BLAS
+    # kernels, and the calibrated map moves by a few 1e-5
+    alone = detector.predict(imgs[1:2])
+    check_rows([row], alone, ["body"])
+    quantised = np.round(np.clip(alone.map_list()[0], 0, 1) * 65535)
     assert np.abs(decode_map(row["map"]).astype(np.float64) - quantised).max() <= 1
     assert "map" not in server.client.post("/v1/score", content=png(imgs[0])).json()["results"][0]
 

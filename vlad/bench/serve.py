@@ -187,9 +187,10 @@ async def _open_load(url: str, bodies: list[bytes], rate: float, duration: float
 
         tasks: set[asyncio.Task] = set()
         start = time.perf_counter()
-        due = start
+        offset = 0.0  # the arrival's time after start (kept apart from start: rounding must not add one)
         i = 0
-        while (i < requests) if requests is not None else (due - start < duration):
+        while (i < requests) if requests is not None else (offset < duration):
+            due = start + offset
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -201,7 +202,7 @@ async def _open_load(url: str, bodies: list[bytes], rate: float, duration: float
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             i += 1
-            due += rng.expovariate(rate) if arrivals == "poisson" else 1.0 / rate
+            offset = offset + rng.expovariate(rate) if arrivals == "poisson" else i / rate
         offered = i / max(time.perf_counter() - start, 1e-9)
         await asyncio.gather(*tasks)
     return latencies, errors, time.perf_counter() - start, len(latencies), skipped, offered
