@@ -162,6 +162,9 @@ def test_held_out_split_follows_the_seed():
     assert len(held) == 4 and len(train) == 16 and not set(train) & set(held)
     assert np.array_equal(held, split_held_out(20, 0.2, seed=3)[1])
     assert len(split_held_out(3, 0.2, seed=3)[1]) == 0  # too few references to hold any out
+    # 20% of 12 would be 2 parts, too few to choose on: from 12 references on at least 3 are held out
+    assert [len(split_held_out(n, 0.2, seed=3)[1]) for n in (4, 8, 11, 12, 16)] == [1, 2, 2, 3, 3]
+    assert len(split_held_out(40, 0.05, seed=3)[1]) == 3 and len(split_held_out(12, 0.0, seed=3)[1]) == 0
 
 
 def test_letterbox_keeps_a_defect_at_the_edge_of_a_wide_image():

@@ -234,7 +234,8 @@ class AutoEncoder(SelfTuned, BaseScorer):
         time_limit: seconds of training at most (None = no cap; a binding cap makes the model depend
             on the machine's speed).
         validation_fraction: share of the references held out for early stopping (and, when at least
-            8 are held out, for the error statistics); nothing is held out below 4 references.
+            8 are held out, for the error statistics); nothing is held out below 4 references, at least 3
+            from 12 on.
         patience: held-out evaluations without improvement before training stops (0 = never early).
         lr: Adam learning rate.
         base_channels: width of the first stage (doubling per stage, capped at 8x).

@@ -151,7 +151,8 @@ class DRAEM(SelfTuned, BaseScorer):
         time_limit: seconds of training at most (None = no cap; a binding cap makes the model depend
             on the machine's speed).
         validation_fraction: share of the references held out for early stopping (their loss on a fixed
-            draw of synthetic anomalies) and, when at least 8 are held out, for the map statistics.
+            draw of synthetic anomalies) and, when at least 8 are held out, for the map statistics;
+            nothing is held out below 4 references, at least 3 from 12 on.
         patience: held-out evaluations without improvement before training stops (0 = never early).
         lr: Adam learning rate (decayed x0.2 at 80% and 90% of the steps, as the paper's schedule).
         recon_channels, latent_channels, disc_channels: network widths.

@@ -62,12 +62,20 @@ def auto_steps(n_train: int, batch_size: int, epochs: float = 30.0, min_steps: i
     return int(min(max_steps, max(min_steps, math.ceil(epochs * n_train / max(1, batch_size)))))
 
 
+#: from 4 x this many references on, at least this many are held out (when any are): a choice made on
+#: two held-out parts is noise (a 16-reference detector trains on 12: 2 held out gave MPDD 78.8 image
+#: AUROC for the autoencoder, 3 gave 89.0, 3 seeds)
+MIN_HELD_OUT = 3
+
+
 def split_held_out(n: int, fraction: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Indices ``(train, held_out)`` of ``n`` references; nothing is held out below 4 references or
+    """Indices ``(train, held_out)`` of ``n`` references: ``round(n * fraction)``, at least 1, and at
+    least :data:`MIN_HELD_OUT` once ``n >= 4 * MIN_HELD_OUT``; nothing is held out below 4 references or
     with ``fraction`` 0. The draw follows ``seed``."""
     if not 0.0 <= fraction < 1.0:
         raise InvalidParameterError(f"validation_fraction must be in [0, 1), got {fraction}; e.g. 0.2")
-    n_out = 0 if n < 4 or fraction == 0 else min(max(1, int(round(n * fraction))), n - 2)
+    floor = MIN_HELD_OUT if n >= 4 * MIN_HELD_OUT else 1
+    n_out = 0 if n < 4 or fraction == 0 else min(max(floor, int(round(n * fraction))), n - 2)
     perm = np.random.default_rng(0 if seed is None else int(seed) + 7919).permutation(n)
     return np.sort(perm[n_out:]), np.sort(perm[:n_out])
 
