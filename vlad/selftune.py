@@ -51,7 +51,8 @@ import torch
 
 from vlad.images import LoadedImage
 from vlad.metrics import auroc
-from vlad.scorers.scratch import MIN_HELD_OUT_FOR_STATS, MapRule, TrainLog, _topk, apply_rule, fit_loop, reference_stats
+from vlad.scorers.scratch import (MIN_HELD_OUT_FOR_STATS, MapRule, TrainLog, _topk, apply_rule, fit_loop, reference_stats,
+                                  split_held_out)
 from vlad.synthesis import DEFECT_KINDS, defect
 
 #: weight of the pixel AUROC next to the image AUROC in a candidate's rank
@@ -384,7 +385,7 @@ def train_and_select(scorer, step: Callable[[int], float], n_steps: int, desc: s
         _choose(scorer, tuner, train_log.best_step, train_log.stopped, bases, settings, desc, log)
     else:
         scorer.map_rule_, scorer.selection_ = scorer._map_rule(), None
-    scorer.selection_note_ = note if tuner is None else None
+    scorer.selection_note_ = note
     stats_from = data[torch.from_numpy(np.asarray(held_idx, dtype=np.int64))] \
         if len(held_idx) >= MIN_HELD_OUT_FOR_STATS else data
     scorer.stats_ = reference_stats(scorer._raw(stats_from))
@@ -491,6 +492,21 @@ class SelfTuned:
         if hit is None or hit[0] is not x:  # the memo holds x, so its id is never another tensor's
             hit = memo[key] = (x, compute())
         return hit[1]
+
+    def _held_out_canvas(self, references: list[LoadedImage]):
+        """``(canvas, boxes, train_idx, held_idx)``: the references on the canvas and the split of them that
+        ``selection="synthetic"`` trains on and makes synthetic defects from (scorers with a pretrained
+        backbone: :data:`VALIDATION_FRACTION`)."""
+        canvas, boxes = self._canvas(references)
+        return (canvas, boxes, *split_held_out(len(canvas), VALIDATION_FRACTION, self.random_state))
+
+    def _train_selected(self, step: Callable[[int], float], n_steps: int, desc: str, model: torch.nn.Module, log, *,
+                        canvas: torch.Tensor, boxes, train_idx: np.ndarray, held_idx: np.ndarray) -> None:
+        """:func:`train_and_select` for a scorer with a pretrained backbone, whose trained part is ``model``
+        and which judges training on synthetic defects only; sets ``loss_history_`` and ``interrupted_``."""
+        train_log = train_and_select(self, step, n_steps, desc, data=canvas, boxes=boxes, train_idx=train_idx,
+                                     held_idx=held_idx, loss_validate=None, log=log, model=model)
+        self.loss_history_, self.interrupted_ = train_log.losses, train_log.stopped == "interrupted"
 
     def _rule_predict(self, images: list[LoadedImage]):
         """Scores and maps of ``images`` through the chosen map rule (``_canvas``, ``_raw``, ``stats_``)."""

@@ -51,9 +51,8 @@ from vlad.rng import seeded
 from vlad.scorers.autoencoder import resolve_size, train_loop
 from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
-from vlad.scorers.scratch import MapRule, split_held_out
-from vlad.selftune import (VALIDATION_FRACTION, SelfTuned, no_selection_note, normalized, rules_for, stretched_canvas,
-                           train_and_select)
+from vlad.scorers.scratch import MapRule
+from vlad.selftune import SelfTuned, no_selection_note, normalized, rules_for, stretched_canvas
 
 logger = logging.getLogger(__name__)
 
@@ -240,8 +239,7 @@ class EfficientAD(SelfTuned, BaseScorer):
         bs = max(1, int(self.batch_size))
         synthetic = self.selection == "synthetic"
         if synthetic:  # the teacher and the student see the same canvas, as the synthetic defects are made on it
-            canvas, boxes = self._canvas(references)
-            train_idx, held_idx = split_held_out(len(canvas), VALIDATION_FRACTION, self.random_state)
+            canvas, boxes, train_idx, held_idx = self._held_out_canvas(references)
             train = canvas[torch.from_numpy(train_idx)]
             batches = [normalized(train[i : i + bs], self.teacher_.spec.preprocess, self.device_)
                        for i in range(0, len(train), bs)]
@@ -272,10 +270,8 @@ class EfficientAD(SelfTuned, BaseScorer):
             return loss.item()
 
         if synthetic:
-            log = train_and_select(self, step, int(self.train_steps), "EfficientAD training", data=canvas, boxes=boxes,
-                                   train_idx=train_idx, held_idx=held_idx, loss_validate=None, log=logger,
-                                   model=self.student_)
-            self.loss_history_, self.interrupted_ = log.losses, log.stopped == "interrupted"
+            self._train_selected(step, int(self.train_steps), "EfficientAD training", self.student_, logger,
+                                 canvas=canvas, boxes=boxes, train_idx=train_idx, held_idx=held_idx)
         else:
             self.loss_history_, self.interrupted_ = train_loop(step, int(self.train_steps), "EfficientAD training", logger)
             self.selection_note_ = no_selection_note(self, len(references))

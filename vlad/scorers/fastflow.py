@@ -50,9 +50,8 @@ from vlad.progress import track
 from vlad.rng import cpu_generator, init_module
 from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
-from vlad.scorers.scratch import MapRule, split_held_out
-from vlad.selftune import (VALIDATION_FRACTION, SelfTuned, no_selection_note, normalized, rules_for, stretched_canvas,
-                           train_and_select)
+from vlad.scorers.scratch import MapRule
+from vlad.selftune import SelfTuned, no_selection_note, normalized, rules_for, stretched_canvas
 
 logger = logging.getLogger(__name__)
 
@@ -321,8 +320,7 @@ class FastFlow(SelfTuned, BaseScorer):
     def _fit_selected(self, references: list[LoadedImage]) -> None:
         """``fit`` with ``selection="synthetic"``: the same training, one batch per step, judged on synthetic
         defects of held-out references (vlad.selftune)."""
-        canvas, boxes = self._canvas(references)
-        train_idx, held_idx = split_held_out(len(canvas), VALIDATION_FRACTION, self.random_state)
+        canvas, boxes, train_idx, held_idx = self._held_out_canvas(references)
         train = canvas[torch.from_numpy(train_idx)]
         bs = max(1, int(self.batch_size or 8))
         with torch.no_grad():
@@ -342,11 +340,9 @@ class FastFlow(SelfTuned, BaseScorer):
             return self._train_batch(opt, [s[order[i % per_epoch]] for s in stages])
 
         self.flows_.train()
-        log = train_and_select(self, step, epochs * per_epoch, "FastFlow training", data=canvas, boxes=boxes,
-                               train_idx=train_idx, held_idx=held_idx, loss_validate=None, log=logger,
-                               model=self.flows_)
+        self._train_selected(step, epochs * per_epoch, "FastFlow training", self.flows_, logger, canvas=canvas,
+                             boxes=boxes, train_idx=train_idx, held_idx=held_idx)
         self.flows_.eval()
-        self.loss_history_, self.interrupted_ = log.losses, log.stopped == "interrupted"
 
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.map_rule_ is not None:

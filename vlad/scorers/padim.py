@@ -37,8 +37,8 @@ from vlad.rng import cpu_generator
 from vlad.ops import preprocess_batch, resize_blur
 from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
-from vlad.scorers.scratch import MapRule, reference_stats, split_held_out
-from vlad.selftune import VALIDATION_FRACTION, SelfTuned, no_selection_note, normalized, rules_for, select_once, stretched_canvas
+from vlad.scorers.scratch import MapRule, reference_stats
+from vlad.selftune import SelfTuned, no_selection_note, normalized, rules_for, select_once, stretched_canvas
 from vlad.weights import get_spec
 
 logger = logging.getLogger(__name__)
@@ -157,14 +157,13 @@ class PaDiM(SelfTuned, BaseScorer):
     def _fit(self, references: list[LoadedImage] | None) -> None:
         assert references is not None
         if self.selection == "synthetic":
-            canvas, boxes = self._canvas(references)
+            canvas, boxes, train_idx, held_idx = self._held_out_canvas(references)
             feats = self._canvas_features(canvas)
-            train_idx, held_idx = split_held_out(len(canvas), VALIDATION_FRACTION, self.random_state)
             if len(held_idx):  # the Gaussians without the held-out references, to choose the rule
                 self._fit_gaussians(feats[torch.from_numpy(train_idx).to(feats.device)])
             select_once(self, "PaDiM", data=canvas, boxes=boxes, train_idx=train_idx, held_idx=held_idx, log=logger)
             self._fit_gaussians(feats)
-            self.stats_ = reference_stats(self._raw(canvas))
+            self.stats_ = reference_stats(self._raw_of(feats))  # the features of every reference, computed once
             return
         self.selection_note_ = no_selection_note(self, len(references))
         self._fit_gaussians(embed_all(references, self.backbone_, self.size_, self.device_, self.batch_size,
@@ -246,8 +245,11 @@ class PaDiM(SelfTuned, BaseScorer):
 
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
         """Raw maps ``(B, 1, H, W)`` of canvas images: the Mahalanobis distance at the input size."""
-        dist = self.mahalanobis(self._canvas_features(x))
-        return resize_blur(dist, (self.size_, self.size_), 0.0)[:, None].cpu()
+        return self._raw_of(self._canvas_features(x))
+
+    def _raw_of(self, feats: torch.Tensor) -> torch.Tensor:
+        """:meth:`_raw` of canvas features ``(B, d, h, w)``."""
+        return resize_blur(self.mahalanobis(feats), (self.size_, self.size_), 0.0)[:, None].cpu()
 
     def _predict_batch(self, images: list[LoadedImage]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.map_rule_ is not None:

@@ -38,9 +38,8 @@ from vlad.rng import init_module
 from vlad.scorers.autoencoder import resolve_size, train_loop
 from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
-from vlad.scorers.scratch import MapRule, split_held_out
-from vlad.selftune import (VALIDATION_FRACTION, SelfTuned, no_selection_note, normalized, rules_for, stretched_canvas,
-                           train_and_select)
+from vlad.scorers.scratch import MapRule
+from vlad.selftune import SelfTuned, no_selection_note, normalized, rules_for, stretched_canvas
 
 logger = logging.getLogger(__name__)
 
@@ -175,10 +174,10 @@ class STPM(SelfTuned, BaseScorer):
     def _raw(self, x: torch.Tensor) -> torch.Tensor:
         """Raw maps ``(B, L + 1, H, W)`` of canvas images: each layer's distance at the input size, and
         their product."""
-        out = []
+        out, bs = [], max(1, int(self.batch_size))
         with torch.inference_mode():
-            for i in range(0, x.shape[0], max(1, int(self.batch_size))):
-                xb = normalized(x[i : i + max(1, int(self.batch_size))], self.teacher_.spec.preprocess, self.device_)
+            for i in range(0, x.shape[0], bs):
+                xb = normalized(x[i : i + bs], self.teacher_.spec.preprocess, self.device_)
                 teacher = self._frozen(x, i, lambda: stage_outputs(self.teacher_, xb, self.precision))  # noqa: B023
                 dists = layer_distances(teacher, self.student_(xb))
                 up = [F.interpolate(d[:, None], size=self.size_, mode="bilinear", align_corners=False)[:, 0]
@@ -188,8 +187,7 @@ class STPM(SelfTuned, BaseScorer):
 
     def _fit(self, references: list[LoadedImage] | None) -> None:
         if self.selection == "synthetic":
-            canvas, boxes = self._canvas(references)
-            train_idx, held_idx = split_held_out(len(canvas), VALIDATION_FRACTION, self.random_state)
+            canvas, boxes, train_idx, held_idx = self._held_out_canvas(references)
             data = normalized(canvas[torch.from_numpy(train_idx)], self.teacher_.spec.preprocess, "cpu")
         else:
             data = self._inputs(references).cpu()
@@ -211,10 +209,8 @@ class STPM(SelfTuned, BaseScorer):
             return loss.item()
 
         if self.selection == "synthetic":
-            log = train_and_select(self, step, int(self.train_steps), "STPM training", data=canvas, boxes=boxes,
-                                   train_idx=train_idx, held_idx=held_idx, loss_validate=None, log=logger,
-                                   model=self.student_)
-            self.loss_history_, self.interrupted_ = log.losses, log.stopped == "interrupted"
+            self._train_selected(step, int(self.train_steps), "STPM training", self.student_, logger, canvas=canvas,
+                                 boxes=boxes, train_idx=train_idx, held_idx=held_idx)
         else:
             self.loss_history_, self.interrupted_ = train_loop(step, int(self.train_steps), "STPM training", logger)
             self.selection_note_ = no_selection_note(self, len(references))
