@@ -18,6 +18,7 @@ from vlad.scorers.scratch import (
     auto_steps,
     crop_regions,
     fit_loop,
+    optimizer_step,
     reference_stats,
     split_held_out,
     to_canvas,
@@ -165,6 +166,20 @@ def test_held_out_split_follows_the_seed():
     # 20% of 12 would be 2 parts, too few to choose on: from 12 references on at least 3 are held out
     assert [len(split_held_out(n, 0.2, seed=3)[1]) for n in (4, 8, 11, 12, 16)] == [1, 2, 2, 3, 3]
     assert len(split_held_out(40, 0.05, seed=3)[1]) == 3 and len(split_held_out(12, 0.0, seed=3)[1]) == 0
+
+
+def test_a_diverged_loss_stops_training_before_it_reaches_the_weights():
+    from vlad.errors import VladError
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert optimizer_step(opt, model(torch.ones(1, 2)).square().sum(), "FastFlow", 0.1) >= 0.0
+    stepped = [p.detach().clone() for p in model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, stepped))
+    with pytest.raises(VladError, match=r"FastFlow: the training loss became nan \(diverged\); lower lr \(now 0.1\)"):
+        optimizer_step(opt, model(torch.full((1, 2), float("nan"))).sum(), "FastFlow", 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(stepped, model.parameters()))
 
 
 def test_letterbox_keeps_a_defect_at_the_edge_of_a_wide_image():

@@ -50,7 +50,7 @@ from vlad.progress import track
 from vlad.rng import cpu_generator, init_module
 from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
-from vlad.scorers.scratch import MapRule
+from vlad.scorers.scratch import MapRule, optimizer_step
 from vlad.selftune import SelfTuned, no_selection_note, normalized, rules_for, stretched_canvas
 
 logger = logging.getLogger(__name__)
@@ -237,14 +237,7 @@ class FastFlow(SelfTuned, BaseScorer):
 
     def _train_batch(self, opt: torch.optim.Optimizer, stages: list[torch.Tensor]) -> float:
         """One optimisation step of the flows on a batch's stage features; its loss."""
-        _, loss = self._nll_maps(stages)
-        if not torch.isfinite(loss):
-            raise VladError(f"FastFlow: the training loss became {loss.item()} (diverged); lower lr "
-                            f"(now {self.lr}) or check the reference images")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return optimizer_step(opt, self._nll_maps(stages)[1], "FastFlow", self.lr)
 
     def _fit(self, references: list[LoadedImage] | None) -> None:
         assert references is not None

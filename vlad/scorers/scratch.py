@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlad.errors import InvalidParameterError
+from vlad.errors import InvalidParameterError, VladError
 from vlad.images import LoadedImage
 from vlad.ops import gaussian_blur, resize_blur
 from vlad.progress import track
@@ -66,6 +66,18 @@ def auto_steps(n_train: int, batch_size: int, epochs: float = 30.0, min_steps: i
 #: two held-out parts is noise (a 16-reference detector trains on 12: 2 held out gave MPDD 78.8 image
 #: AUROC for the autoencoder, 3 gave 89.0, 3 seeds)
 MIN_HELD_OUT = 3
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, who: str, lr: float) -> float:
+    """One optimisation step on ``loss``; its value. A non-finite loss raises (``who`` names the scorer)
+    instead of writing NaN into the weights."""
+    if not torch.isfinite(loss):
+        raise VladError(f"{who}: the training loss became {loss.item()} (diverged); lower lr "
+                        f"(now {lr}) or check the reference images")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
 
 
 def split_held_out(n: int, fraction: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:

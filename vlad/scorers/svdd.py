@@ -35,6 +35,7 @@ from vlad.progress import track
 from vlad.rng import cpu_generator, init_module
 from vlad import paramspec as ps
 from vlad.scorers.base import BaseScorer
+from vlad.scorers.scratch import optimizer_step
 
 logger = logging.getLogger(__name__)
 
@@ -176,13 +177,7 @@ class PatchSVDD(BaseScorer):
                 total, count = 0.0, 0
                 for idx in order.split(int(self.patch_batch)):
                     loss = (self.head_(patches[idx]) - self.center_).square().sum(1).mean()
-                    if not torch.isfinite(loss):
-                        raise VladError(f"PatchSVDD: the training loss became {loss.item()} (diverged); lower lr "
-                                        f"(now {self.lr}) or check the reference images")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += loss.item() * len(idx)
+                    total += optimizer_step(opt, loss, "PatchSVDD", self.lr) * len(idx)
                     count += len(idx)
                 self.loss_history_.append(total / count)
                 logger.debug("PatchSVDD epoch %d: loss %.5f", len(self.loss_history_), total / count)
