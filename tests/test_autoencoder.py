@@ -11,7 +11,7 @@ from conftest import textured, with_defect
 
 import vlad
 from vlad.errors import EmptyReferenceSetError, NotFittedError
-from vlad.scorers.autoencoder import aspect_size, ssim_map, train_loop
+from vlad.scorers.autoencoder import aspect_size, augment_batch, jitter, ssim_map, train_loop
 from vlad.scorers.scratch import (
     MapRule,
     apply_rule,
@@ -243,6 +243,36 @@ def test_errors():
         vlad.create_scorer("autoencoder", **{**PARAMS, "image_size": 70}).fit([textured(0)])
     with pytest.raises(ValueError, match="trained from scratch"):
         vlad.create_scorer("autoencoder", **{**PARAMS, "weights": "/some/path"}).fit([textured(0)])
+
+
+def test_jitter_moves_and_relights_a_part_but_never_mirrors_it():
+    # a bright square in the top-left quarter of every image: each view moves it a little, not across
+    x = torch.full((64, 3, 64, 64), 0.2)
+    x[:, :, 8:24, 8:24] = 0.9
+    y = jitter(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert torch.equal(y, jitter(x, torch.Generator().manual_seed(0)))  # the generator decides everything
+    moved = (y - x).abs().amax(dim=(1, 2, 3))
+    assert (moved > 0.05).all()  # every image changed
+    quarters = torch.stack([y[:, :, :32, :32], y[:, :, :32, 32:], y[:, :, 32:, :32], y[:, :, 32:, 32:]]).mean(dim=(2, 3, 4))
+    assert (quarters.argmax(dim=0) == 0).all()  # the square stayed where it was: a mirror would move it
+    means = y.mean(dim=(1, 2, 3))
+    assert 0.01 < float(means.std()) / float(means.mean()) < 0.1  # lit differently, within the jitter (+-6%)
+    # flips do mirror, and "flip+jitter" applies both
+    flipped = augment_batch(x, torch.Generator().manual_seed(0), "flip")
+    assert (flipped.mean(dim=1)[:, 16, 16] < 0.5).any()
+    assert torch.equal(augment_batch(x, torch.Generator().manual_seed(0), False), x)
+
+
+def test_augment_default_is_jitter_and_bad_values_are_refused():
+    ae = vlad.create_scorer("autoencoder", **PARAMS)
+    assert ae.augment == "jitter"
+    refs = [textured(i) for i in range(4)]
+    plain = vlad.create_scorer("autoencoder", **{**PARAMS, "augment": False}).fit(refs)
+    ae.fit(refs)
+    assert not all(torch.equal(a, b) for a, b in zip(ae.model_.state_dict().values(), plain.model_.state_dict().values()))
+    with pytest.raises(vlad.InvalidParameterError, match="augment"):
+        vlad.create_scorer("autoencoder", **{**PARAMS, "augment": "rotate"}).fit(refs)
 
 
 def test_train_loop_keeps_progress_on_keyboard_interrupt():
