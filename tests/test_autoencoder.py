@@ -254,13 +254,17 @@ def test_jitter_moves_and_relights_a_part_but_never_mirrors_it():
     assert torch.equal(y, jitter(x, torch.Generator().manual_seed(0)))  # the generator decides everything
     moved = (y - x).abs().amax(dim=(1, 2, 3))
     assert (moved > 0.05).all()  # every image changed
-    quarters = torch.stack([y[:, :, :32, :32], y[:, :, :32, 32:], y[:, :, 32:, :32], y[:, :, 32:, 32:]]).mean(dim=(2, 3, 4))
+    quarters = torch.stack([y[..., :32, :32], y[..., :32, 32:], y[..., 32:, :32], y[..., 32:, 32:]]).mean(dim=(2, 3, 4))
     assert (quarters.argmax(dim=0) == 0).all()  # the square stayed where it was: a mirror would move it
     means = y.mean(dim=(1, 2, 3))
     assert 0.01 < float(means.std()) / float(means.mean()) < 0.1  # lit differently, within the jitter (+-6%)
-    # flips do mirror, and "flip+jitter" applies both
+    # flips do mirror, "flip+jitter" applies both (flips first, from the same generator), False neither
     flipped = augment_batch(x, torch.Generator().manual_seed(0), "flip")
     assert (flipped.mean(dim=1)[:, 16, 16] < 0.5).any()
+    both_gen = torch.Generator().manual_seed(0)
+    both = augment_batch(x, both_gen, "flip+jitter")
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(both, jitter(augment_batch(x, gen, "flip"), gen))
     assert torch.equal(augment_batch(x, torch.Generator().manual_seed(0), False), x)
 
 
@@ -270,7 +274,8 @@ def test_augment_default_is_jitter_and_bad_values_are_refused():
     refs = [textured(i) for i in range(4)]
     plain = vlad.create_scorer("autoencoder", **{**PARAMS, "augment": False}).fit(refs)
     ae.fit(refs)
-    assert not all(torch.equal(a, b) for a, b in zip(ae.model_.state_dict().values(), plain.model_.state_dict().values()))
+    trained, untouched = ae.model_.state_dict().values(), plain.model_.state_dict().values()
+    assert not all(torch.equal(a, b) for a, b in zip(trained, untouched))
     with pytest.raises(vlad.InvalidParameterError, match="augment"):
         vlad.create_scorer("autoencoder", **{**PARAMS, "augment": "rotate"}).fit(refs)
 
