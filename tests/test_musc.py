@@ -18,7 +18,15 @@ from scipy.ndimage import distance_transform_edt
 from test_contract import MARGIN_PX, synthetic_defect
 
 import vlad
-from vlad.memory.mutual import image_nn_distances, iter_image_nn_distances, plan_blocks
+from vlad.memory.knn import InvalidSearchError
+from vlad.memory.mutual import (
+    TF32_COSINE_ERROR,
+    image_nn_distances,
+    iter_image_nn_distances,
+    lowest_mean_distances,
+    plan_blocks,
+    round_to_tf32,
+)
 from vlad.scorers.musc import (
     InsufficientBatchError,
     MuSc,
@@ -104,6 +112,74 @@ def test_memory_bound_plans_small_blocks_and_gives_the_same_result():
     starts = [s for s, _ in iter_image_nn_distances(z, z, max_bytes=4 * 100)]
     assert starts == list(range(6))  # one query image per block under a 400-byte bound
     torch.testing.assert_close(mutual_patch_scores(z, max_bytes=4 * 100), mutual_patch_scores(z), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_bytes", [4 * 7 * 7, 4 * 14 * 14, 4 * 21 * 21, 64 * 2**20])
+def test_each_pair_of_images_once_equals_the_naive_search(max_bytes):
+    # blocks of 1, 2, 3 and all 9 images (7 patches each): the table's row and column maxima
+    z = unit(9, 7, 16, seed=11)
+    want = naive_msm(z)
+    got = lowest_mean_distances(z, z, lowest_count(8, 0.3), exclude_self=True, max_bytes=max_bytes)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    walked = lowest_mean_distances(z, z, lowest_count(8, 0.3), exclude_self=True, max_bytes=max_bytes,
+                                   table_max_bytes=0)  # the table does not fit: the one-sided walk
+    torch.testing.assert_close(walked, got, rtol=0, atol=2e-6)
+
+
+def _clear_nearest_patches(z: torch.Tensor, pool: torch.Tensor) -> bool:
+    """Whether every query patch's nearest patch in every pool image wins by more than TF32 can blur."""
+    sims = torch.einsum("ipd,jqd->ipjq", z.double(), pool.double())
+    top2 = sims.topk(2, dim=3).values
+    return bool((top2[..., 0] - top2[..., 1] > 2 * TF32_COSINE_ERROR).all())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_tf32_candidates_keep_exact_float32_distances(device):
+    g = torch.Generator().manual_seed(12)  # aligned parts: patch a of every image near one prototype
+    parts = torch.randn(1, 10, 32, generator=g)
+    z = F.normalize(parts + 0.3 * torch.randn(8, 10, 32, generator=g), dim=-1).to(device)
+    pool = F.normalize(parts + 0.3 * torch.randn(5, 10, 32, generator=g), dim=-1).flip(1).to(device)
+    assert _clear_nearest_patches(z, z)  # the fixture's premise: TF32 picks the same patches
+    k = lowest_count(7, 0.3)
+    exact = lowest_mean_distances(z, z, k, exclude_self=True, precision="fp32")
+    fast = lowest_mean_distances(z, z, k, exclude_self=True, precision="tf32")
+    torch.testing.assert_close(fast, exact, rtol=0, atol=1e-6)
+    walked = lowest_mean_distances(z, z, k, exclude_self=True, precision="tf32", table_max_bytes=0)
+    torch.testing.assert_close(walked, exact, rtol=0, atol=1e-6)
+    assert _clear_nearest_patches(z, pool)  # other images of the same parts, listed in another order
+    torch.testing.assert_close(lowest_mean_distances(z, pool, 2, precision="tf32"),
+                               lowest_mean_distances(z, pool, 2, precision="fp32"), rtol=0, atol=1e-6)
+    # the candidates alone (TF32 similarities turned into distances) are further off: the recomputation counts
+    rounded = round_to_tf32(z.cpu())
+    assert (rounded != z.cpu()).any()
+    sims = torch.einsum("ipd,jqd->ipjq", rounded, rounded).amax(dim=3)
+    sims[torch.arange(8), :, torch.arange(8)] = -float("inf")
+    candidate = (2 - 2 * sims.topk(k, dim=2).values).clamp(min=0).sqrt().mean(dim=2)
+    assert (candidate - exact.cpu()).abs().max() > 1e-5
+
+
+def test_tf32_candidates_among_near_ties_stay_within_the_bound():
+    base = unit(6, 9, 24, seed=14)
+    z = F.normalize(base.repeat(1, 2, 1) + 1e-4 * torch.randn(6, 18, 24, generator=torch.Generator().manual_seed(15)),
+                    dim=-1)  # every patch has a twin 1e-4 away: TF32 cannot tell which is nearer
+    exact = lowest_mean_distances(z, z, 2, exclude_self=True, precision="fp32")
+    fast = lowest_mean_distances(z, z, 2, exclude_self=True, precision="tf32")
+    # a kept distance is to a patch at most 2 x TF32_COSINE_ERROR less similar than the nearest
+    worst = (torch.sqrt(exact**2 + 4 * TF32_COSINE_ERROR) - exact).max()
+    assert (fast - exact).abs().max() <= worst
+    assert (fast >= exact - 1e-6).all()  # never nearer than the nearest
+
+
+def test_search_precision_auto_is_exact_on_the_cpu_and_bad_values_are_refused():
+    z = unit(5, 6, 8, seed=16)
+    auto = lowest_mean_distances(z, z, 1, exclude_self=True, precision="auto")
+    assert torch.equal(auto, lowest_mean_distances(z, z, 1, exclude_self=True, precision="fp32"))
+    with pytest.raises(InvalidSearchError, match="'auto'"):
+        lowest_mean_distances(z, z, 1, exclude_self=True, precision="fp16")
+    with pytest.raises(InvalidSearchError, match="between 1 and 4"):
+        lowest_mean_distances(z, z, 5, exclude_self=True)
+    with pytest.raises(InvalidSearchError, match="against itself"):
+        lowest_mean_distances(z, z[:3], 1, exclude_self=True)
 
 
 def test_lowest_fraction_counts_at_least_one_image():
@@ -229,7 +305,8 @@ def test_one_image_without_a_pool_is_refused_with_the_fix(scorer):
 
 
 @pytest.mark.parametrize("bad", [dict(degrees=(2,)), dict(lowest_fraction=0.0), dict(rscin_windows=(0,)),
-                                 dict(pool_size=1), dict(layers=(0, 9))])
+                                 dict(pool_size=1), dict(layers=(0, 9)), dict(search_precision="bf16"),
+                                 dict(search_precision=None)])
 def test_bad_parameters_are_refused_at_fit(bad):
     with pytest.raises(vlad.VladError):
         MuSc(**{**TINY, **bad}).fit()

@@ -164,7 +164,11 @@ def _musc(args: argparse.Namespace) -> str:
     _sync(args.device)
     total = time.perf_counter() - t0
     mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device.startswith("cuda") else ""
-    return f"musc      N = {args.musc_n}, {s.backbone}: {total:.1f} s ({1000 * total / args.musc_n:.0f} ms/img){mem}"
+    from vlad.memory.mutual import resolve_search_precision
+
+    search = resolve_search_precision(s.search_precision, s.device_)
+    return (f"musc      N = {args.musc_n}, {s.backbone}, {search} search: {total:.1f} s "
+            f"({1000 * total / args.musc_n:.0f} ms/img){mem}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,9 @@ most other images of the batch is anomalous. No prompts, no references, no train
   score is the mean over the windows.
 
 The all-pairs search (``N^2 P^2`` distances) runs blocked with bounded memory in
-:mod:`vlad.memory.mutual`; exact (the same minima as a dense ``cdist``).
+:mod:`vlad.memory.mutual`, each pair of images once. On the CPU it is exact (the same minima as a dense
+``cdist``); on a GPU (``search_precision="auto"``) TF32 tensor cores pick the nearest patches and the
+kept distances are recomputed in float32 (``search_precision="fp32"`` makes it exact there too).
 
 **Unlabeled pool.** ``add_unlabeled(images)`` stores images (their layer-normed tokens, not their
 scores) in a pool of at most ``pool_size`` images (the rule: first in, first out, the oldest images
@@ -80,7 +82,7 @@ import torch.nn.functional as F
 
 from vlad.errors import InvalidParameterError, VladError
 from vlad.images import LoadedImage, load_images
-from vlad.memory.mutual import iter_image_nn_distances
+from vlad.memory.mutual import SEARCH_PRECISIONS, lowest_mean_distances
 from vlad.ops import resize_maps, to_batch
 from vlad.precision import to_float32
 from vlad import paramspec as ps
@@ -149,11 +151,6 @@ def lnamd(tokens: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
 
-def _lowest_mean(dist: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean of the ``k`` smallest values along the last axis of ``(..., n)``."""
-    return dist.topk(k, dim=-1, largest=False).values.mean(dim=-1)
-
-
 def lowest_count(n_others: int, fraction: float) -> int:
     """How many of the per-image scores MSM averages: ``max(1, int(fraction * n_others))``."""
     return max(1, int(n_others * fraction))
@@ -161,7 +158,7 @@ def lowest_count(n_others: int, fraction: float) -> int:
 
 def mutual_patch_scores(
     features: torch.Tensor, fraction: float = 0.3, query_block: int | None = None, pool_block: int | None = None,
-    max_bytes: int | None = None,
+    max_bytes: int | None = None, precision: str = "fp32",
 ) -> torch.Tensor:
     """MSM of a batch against itself: each patch's mean of its lowest ``fraction`` of nearest-patch
     distances to the other images.
@@ -169,26 +166,22 @@ def mutual_patch_scores(
     Args:
         features: unit rows ``(N, P, D)``, N >= 2.
         fraction: share of the N - 1 other images averaged (the paper's 0.3).
-        query_block, pool_block, max_bytes: blocking (:func:`vlad.memory.mutual.iter_image_nn_distances`);
+        query_block, pool_block, max_bytes: blocking (:func:`vlad.memory.mutual.lowest_mean_distances`);
             the result does not depend on them.
+        precision: ``"fp32"``, ``"tf32"`` or ``"auto"`` (:func:`vlad.memory.mutual.lowest_mean_distances`).
 
     Returns:
         ``(N, P)`` float32.
     """
-    n, p, _ = features.shape
-    k = lowest_count(n - 1, fraction)
-    out = features.new_empty((n, p), dtype=torch.float32)
     kwargs = {} if max_bytes is None else {"max_bytes": max_bytes}
-    for start, dist in iter_image_nn_distances(features, features, query_block, pool_block, **kwargs):
-        rows = torch.arange(dist.shape[0], device=dist.device)
-        dist[rows, :, start + rows] = float("inf")  # an image is not scored against itself
-        out[start : start + dist.shape[0]] = _lowest_mean(dist, k)
-    return out
+    k = lowest_count(features.shape[0] - 1, fraction)
+    return lowest_mean_distances(features, features, k, exclude_self=True, query_block=query_block,
+                                 pool_block=pool_block, precision=precision, **kwargs)
 
 
 def pool_patch_scores(
     queries: torch.Tensor, pool: torch.Tensor, fraction: float = 0.3, query_block: int | None = None,
-    pool_block: int | None = None, max_bytes: int | None = None,
+    pool_block: int | None = None, max_bytes: int | None = None, precision: str = "fp32",
 ) -> torch.Tensor:
     """MSM of new images against a pool of N images: each query's patch scores as inside a batch of
     the pool plus that query (N other images).
@@ -200,12 +193,10 @@ def pool_patch_scores(
     Returns:
         ``(M, P)`` float32.
     """
-    k = lowest_count(pool.shape[0], fraction)
-    out = queries.new_empty(queries.shape[:2], dtype=torch.float32)
     kwargs = {} if max_bytes is None else {"max_bytes": max_bytes}
-    for start, dist in iter_image_nn_distances(queries, pool, query_block, pool_block, **kwargs):
-        out[start : start + dist.shape[0]] = _lowest_mean(dist, k)
-    return out
+    k = lowest_count(pool.shape[0], fraction)
+    return lowest_mean_distances(queries, pool, k, query_block=query_block, pool_block=pool_block,
+                                 precision=precision, **kwargs)
 
 
 def rscin(scores: torch.Tensor, embeddings: torch.Tensor, windows: Sequence[int] = (1, 2, 3),
@@ -356,6 +347,11 @@ class MuSc(BaseScorer):
             switches re-scoring off).
         pool_size: most images the unlabeled pool keeps (first in, first out).
         max_bytes: bound on the similarity block of the mutual search (memory, not results).
+        search_precision: ``"auto"`` (default: the TF32 candidate pass on a GPU, float32 on the CPU),
+            ``"fp32"`` (every product of the mutual search in float32) or ``"tf32"``: TF32 tensor-core
+            products pick each nearest patch and the distances that are kept are recomputed in float32
+            (:mod:`vlad.memory.mutual`; a kept distance can be to a patch whose similarity is within 2e-3
+            of the nearest, far less in practice).
         random_state: seed of the backbone's initialisation with ``weights="random"`` (nothing else in
             MuSc is random).
         precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the pretrained backbone's forwards run
@@ -378,6 +374,8 @@ class MuSc(BaseScorer):
         "lowest_fraction": ps.Number(0, 1, lo_open=True).explain("the paper uses 0.3"),
         "rscin_windows": ps.Seq(ps.Int(1, 1024), 0, 16, example="(1, 2, 3); () switches re-scoring off"),
         "pool_size": ps.Int(2, 1_000_000),
+        "search_precision": ps.Choice(*SEARCH_PRECISIONS).explain(
+            "'auto' uses TF32 candidates on a GPU and float32 on the CPU"),
         "random_state": ps.SEED,
         "tile_size": ps.Choice(None, 0).explain(
             "musc scores whole images against each other, so it cannot score tiles; leave tile_size unset for "
@@ -397,6 +395,7 @@ class MuSc(BaseScorer):
         rscin_windows: tuple[int, ...] = (1, 2, 3),
         pool_size: int = 200,
         max_bytes: int = 64 * 2**20,
+        search_precision: str = "auto",
         random_state: int = 0,
         precision: str = "fp32",
     ) -> None:
@@ -411,6 +410,7 @@ class MuSc(BaseScorer):
         self.rscin_windows = rscin_windows
         self.pool_size = pool_size
         self.max_bytes = max_bytes
+        self.search_precision = search_precision
         self.random_state = random_state
         self.precision = precision
 
@@ -496,13 +496,14 @@ class MuSc(BaseScorer):
         """Mean over degrees and layers of the MSM patch scores ``(N, P)``."""
         total = None
         frac = float(self.lowest_fraction)
+        search = {"max_bytes": self.max_bytes, "precision": self.search_precision}
         for r in self.degrees:
             for li, t in enumerate(tokens):
                 z = lnamd(t, self.grid_, int(r))
                 if pool is None:
-                    s = mutual_patch_scores(z, frac, max_bytes=self.max_bytes)
+                    s = mutual_patch_scores(z, frac, **search)
                 else:
-                    s = pool_patch_scores(z, lnamd(pool[li], self.grid_, int(r)), frac, max_bytes=self.max_bytes)
+                    s = pool_patch_scores(z, lnamd(pool[li], self.grid_, int(r)), frac, **search)
                 total = s if total is None else total.add_(s)
         return total / (len(self.degrees) * len(tokens))
 
