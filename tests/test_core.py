@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -70,6 +72,27 @@ def test_save_load_round_trip(tmp_path, good_images, defect_image):
     loaded = vlad.scorers.base.load_scorer(tmp_path / "m")
     assert type(loaded) is Brightness and loaded.get_params() == s.get_params()
     np.testing.assert_array_equal(loaded.predict(defect_image).anomaly_maps, s.predict(defect_image).anomaly_maps)
+
+
+def test_a_directly_built_scorer_saves_under_its_registered_name(tmp_path, good_images, monkeypatch):
+    from vlad.scorers.patchcore import PatchCore
+
+    # a fresh process: the built-in class was never looked up by name, so it carries no name yet
+    monkeypatch.setattr(PatchCore, "scorer_name", "")
+    s = PatchCore(weights="tiny", image_size=64).fit(good_images)
+    folder = s.save(tmp_path / "pc")
+    assert json.loads((folder / "config.json").read_text())["scorer"] == "patchcore"
+    assert type(vlad.load(folder)) is PatchCore
+
+
+def test_an_unregistered_scorer_is_refused_at_save_not_at_load(tmp_path, good_images):
+    class Unnamed(Brightness):  # a subclass does not borrow its parent's name: it would load as the parent
+        pass
+
+    s = Unnamed().fit(good_images)
+    with pytest.raises(vlad.UnknownScorerError, match="Unnamed is not a registered scorer.*register_scorer"):
+        s.save(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
 
 
 def test_result_concatenate_and_validation():

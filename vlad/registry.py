@@ -66,6 +66,21 @@ def get_scorer_class(name: str) -> type:
     return cls
 
 
+def registered_name(cls: type) -> str | None:
+    """The name ``cls`` itself is registered under (a subclass does not inherit its parent's), or None.
+
+    A built-in class built directly (``MuSc(...)``, not ``create_scorer("musc")``) has its name here
+    too, so what it saves loads again."""
+    for name, plugin in _PLUGINS.items():
+        if plugin is cls:
+            return name
+    where = f"{cls.__module__}:{cls.__qualname__}"
+    for name, path in _BUILTIN.items():
+        if path == where:
+            return name
+    return None
+
+
 def parameter_names(cls: type) -> list[str]:
     """The parameters a scorer class accepts (scikit-learn's ``_get_param_names``), sorted."""
     get_names = getattr(cls, "_get_param_names", None)

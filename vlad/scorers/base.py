@@ -349,16 +349,18 @@ class BaseScorer(ParamsMixin):
 
         Raises:
             NotFittedError: nothing to save yet.
+            UnknownScorerError: the class is not registered, so the folder could not be loaded again.
             VladError: the folder cannot be written.
         """
         self._check_fitted()
+        name = self._registered_name()
         folder = make_folder(path)
         tensors, meta = self._get_state()
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         save_safetensors(tensors, folder / STATE_FILE)
         config = {
             "format_version": FORMAT_VERSION,
-            "scorer": self.scorer_name,
+            "scorer": name,
             "params": to_jsonable(self.get_params(deep=False), f"{self.scorer_name} parameters"),
             "n_references": int(getattr(self, "n_references_", 0)),
             "meta": to_jsonable(meta, f"{self.scorer_name} metadata"),
@@ -368,6 +370,18 @@ class BaseScorer(ParamsMixin):
             config["tile_groups"] = to_jsonable(self.tile_groups_, f"{self.scorer_name} tile groups")
         write_json(folder / CONFIG_FILE, config)
         return folder
+
+    def _registered_name(self) -> str:
+        """The registry's name of this scorer's own class (what :func:`vlad.load` finds it by)."""
+        from vlad.registry import registered_name
+
+        name = registered_name(type(self))
+        if name is None:
+            raise errors.UnknownScorerError(
+                f"{type(self).__name__} is not a registered scorer, so a saved copy could not be loaded "
+                f"again; register the class first with @vlad.register_scorer('a_name')"
+            )
+        return name
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, precision: str | None = None) -> BaseScorer:
