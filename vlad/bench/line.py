@@ -13,7 +13,8 @@ GPU), the plain backbone forward at the same batch size beside it:
 * ``anomalydino``: 8 references x 8 rotations at 448 px, batch 1 and 16, against DINOv2 ViT-S/14;
 * ``detector``: the default detector at real size, 8 references, ``--size`` images, batch ``--batch``;
 * ``musc``: N = 200 images scored against each other with CLIP ViT-L/14-336 at 518 px (the paper's
-  setting; on by default on a GPU only: on 2 CPU cores it takes hours).
+  setting; on by default on a GPU only: on 2 CPU cores it takes hours); ``--musc-search fp32`` times
+  the exact float32 search instead of the default TF32 candidates.
 
 The header names the machine, the device, the precision and the threads. ``--rows`` picks rows.
 """
@@ -155,7 +156,7 @@ def _musc(args: argparse.Namespace) -> str:
     import vlad
     from vlad.bench._util import synthetic_images
 
-    s = vlad.create_scorer("musc", weights="random", **_opts(args)).fit()
+    s = vlad.create_scorer("musc", weights="random", search_precision=args.musc_search, **_opts(args)).fit()
     imgs = synthetic_images(args.musc_n, 518, seed=2)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -181,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="image side of the detector rows (default 1024)")
     parser.add_argument("--around-images", type=int, default=8, help="images per call of the 'around' row")
     parser.add_argument("--musc-n", type=int, default=200)
+    parser.add_argument("--musc-search", default="auto", choices=("auto", "fp32", "tf32"),
+                        help="MuSc's search_precision (auto: TF32 candidates on a GPU, float32 on the CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
