@@ -95,6 +95,25 @@ def test_an_unregistered_scorer_is_refused_at_save_not_at_load(tmp_path, good_im
     assert not (tmp_path / "m").exists()
 
 
+def test_bad_arguments_to_the_public_helpers_are_vlad_errors():
+    from vlad import metrics, visualize
+
+    cases = [
+        lambda: vlad.AnomalyResult(np.array([1.0, 2.0]), np.zeros((1, 4, 4))),
+        lambda: metrics.auroc([0.1, float("nan")], [0, 1]),
+        lambda: metrics.auroc([0.1, 0.2], [0, 2]),
+        lambda: metrics.aupro([np.zeros((4, 4))], [np.zeros((4, 4)), np.zeros((4, 4))]),
+        lambda: metrics.rate_with_ci(5, 3),
+        lambda: visualize.colorize(np.zeros((4, 4)), cmap="nope"),
+        lambda: visualize.overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4)), alpha=2.0),
+        lambda: vlad.register_scorer("patchcore")(Brightness),
+    ]
+    for make in cases:
+        with pytest.raises(vlad.InvalidArgumentError) as info:
+            make()
+        assert isinstance(info.value, (vlad.VladError, ValueError))  # old `except ValueError` still holds
+
+
 def test_result_concatenate_and_validation():
     a = vlad.AnomalyResult(np.array([1.0]), np.zeros((1, 4, 4)))
     b = vlad.AnomalyResult(np.array([2.0]), [np.zeros((5, 5))])

@@ -234,6 +234,11 @@ def test_check_references_flags_a_defective_one():
     assert det.check_references() == {"toyfew_d": ["<array>"]}
     det.remove_reference(5)
     assert det.check_references() == {"toyfew_d": []}
+    for bad in (float("nan"), "3", -1.0, 0, True):  # NaN would flag nothing, in silence
+        with pytest.raises(vlad.InvalidParameterError, match="z_threshold must be a positive finite number"):
+            det.check_references(bad)
+        with pytest.raises(vlad.InvalidParameterError, match="z_threshold"):
+            det.scorers["toyfew_d"].check_references(bad)
 
 
 def test_remove_last_reference_few_shot_goes_idle():

@@ -234,3 +234,15 @@ def test_cli_tile_option(tmp_path, capsys):
                  "--tile", "64,16"]) == 0
     assert main(["score", str(path), "--detector", "winclip", "--weights", "tiny", "--tile", "64,40"]) == 2
     assert "tile_overlap" in capsys.readouterr().err
+
+
+def test_checking_references_of_a_tiled_scorer_says_it_cannot(caplog):
+    refs = [textured(i, 96) for i in range(4)]
+    scorer = vlad.create_scorer("patchcore", weights="tiny", tile_size=64).fit(refs)
+    with pytest.raises(vlad.UnsupportedOperationError, match="not available with tiling.*without tile_size"):
+        scorer.check_references()
+    det = vlad.create_detector("patchcore", weights="tiny", tile_size=64).fit(refs)
+    with caplog.at_level("WARNING"):
+        assert det.check_references() == {}
+    assert "patchcore: its references were not checked" in caplog.text  # not a silent "nothing suspicious"
+

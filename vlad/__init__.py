@@ -14,6 +14,7 @@ from typing import Any
 from vlad.errors import (
     EmptyReferenceSetError,
     IntegrityError,
+    InvalidArgumentError,
     SelectionUnavailableError,
     InvalidDeviceError,
     InvalidImageError,
@@ -21,6 +22,7 @@ from vlad.errors import (
     NonFiniteScoreError,
     UnknownBackboneError,
     UnknownScorerError,
+    UnsupportedOperationError,
     VladError,
     WeightsNotAvailableError,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "EmptyReferenceSetError",
     "ImageFailure",
     "IntegrityError",
+    "InvalidArgumentError",
     "SelectionUnavailableError",
     "InvalidDeviceError",
     "InvalidImageError",
@@ -50,6 +53,7 @@ __all__ = [
     "NotFittedError",
     "UnknownBackboneError",
     "UnknownScorerError",
+    "UnsupportedOperationError",
     "VladError",
     "WeightsNotAvailableError",
     "create_detector",

@@ -46,6 +46,17 @@ class InvalidParameterError(VladError, ValueError, TypeError):
     outside what it accepts (the message lists what it does accept)."""
 
 
+class InvalidArgumentError(VladError, ValueError):
+    """A function was given an argument it cannot use: the wrong shape, count, type or range (a metric's
+    scores and labels, a map to draw, an :class:`~vlad.types.AnomalyResult`'s arrays); the message says
+    what it expects."""
+
+
+class UnsupportedOperationError(VladError, NotImplementedError):
+    """A scorer was asked for something it does not offer, or not in its configuration (e.g. checking
+    references of a scorer that scores tiles); the message says why and what to do instead."""
+
+
 class InvalidDeviceError(VladError, ValueError):
     """A device string torch does not understand, or a device that is not available on this machine."""
 

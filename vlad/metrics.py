@@ -42,6 +42,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage, stats
 
+from vlad.errors import InvalidArgumentError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
@@ -61,18 +63,18 @@ def _as_scores(scores, what: str) -> np.ndarray:
     arr = arr.reshape(-1)
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
-        raise ValueError(f"{what}: expected finite values, got {bad} NaN/inf of {arr.size}; check the scorer output")
+        raise InvalidArgumentError(f"{what}: expected finite values, got {bad} NaN/inf of {arr.size}; check the scorer output")
     return arr
 
 
 def _as_labels(labels, n: int, what: str) -> np.ndarray:
     arr = np.asarray(labels).reshape(-1)
     if arr.size != n:
-        raise ValueError(f"{what}: expected {n} labels (one per score), got {arr.size}")
+        raise InvalidArgumentError(f"{what}: expected {n} labels (one per score), got {arr.size}")
     if arr.dtype != np.bool_:
         uniq = np.unique(arr)
         if not np.isin(uniq, (0, 1)).all():
-            raise ValueError(f"{what}: labels must be 0/1 or bool, got values {uniq[:10].tolist()}")
+            raise InvalidArgumentError(f"{what}: labels must be 0/1 or bool, got values {uniq[:10].tolist()}")
         arr = arr.astype(bool)
     return arr
 
@@ -157,12 +159,12 @@ def _map_list(maps, what: str) -> list[np.ndarray]:
         if arr.ndim == 2:
             return [arr]
         if arr.ndim != 3:
-            raise ValueError(f"{what}: expected (N, H, W) or a list of (H, W) arrays, got shape {arr.shape}")
+            raise InvalidArgumentError(f"{what}: expected (N, H, W) or a list of (H, W) arrays, got shape {arr.shape}")
         return list(arr)
     out = [np.asarray(m) for m in maps]
     for i, m in enumerate(out):
         if m.ndim != 2:
-            raise ValueError(f"{what}[{i}]: expected an (H, W) array, got shape {m.shape}")
+            raise InvalidArgumentError(f"{what}[{i}]: expected an (H, W) array, got shape {m.shape}")
     return out
 
 
@@ -170,10 +172,10 @@ def _gather_pixels(maps, masks) -> tuple[list[np.ndarray], list[np.ndarray]]:
     map_list = _map_list(maps, "maps")
     mask_list = _map_list(masks, "masks")
     if len(map_list) != len(mask_list):
-        raise ValueError(f"expected one mask per map, got {len(map_list)} maps and {len(mask_list)} masks")
+        raise InvalidArgumentError(f"expected one mask per map, got {len(map_list)} maps and {len(mask_list)} masks")
     for i, (m, g) in enumerate(zip(map_list, mask_list)):
         if m.shape != g.shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"map {i} is {m.shape} but its mask is {g.shape}; resize the masks to the map resolution "
                 "(nearest neighbour, e.g. vlad.data.load_mask(path, size=map.shape)) first"
             )
@@ -202,7 +204,7 @@ def _aupro(map_list, mask_list, fpr_limit, neg_sorted) -> float:
 def _aupro_at(curve: tuple[np.ndarray, np.ndarray] | None, fpr_limit: float) -> float:
     """The PRO curve's area up to ``fpr_limit``, divided by ``fpr_limit``; NaN for no curve."""
     if not 0.0 < fpr_limit <= 1.0:
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+        raise InvalidArgumentError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     if curve is None:
         return math.nan
     xs, ys = curve
@@ -318,7 +320,7 @@ def evaluate(
     if maps is not None and masks is not None:
         n_scores, n_maps = np.asarray(scores).reshape(-1).size, len(maps)
         if n_maps != n_scores:
-            raise ValueError(f"expected one map per image score, got {n_maps} maps for {n_scores} scores")
+            raise InvalidArgumentError(f"expected one map per image score, got {n_maps} maps for {n_scores} scores")
         result.update(pixel_metrics(maps, masks, fpr_limit))
     return result
 
@@ -337,7 +339,7 @@ def rate_with_ci(count: int, n: int, confidence: float = 0.95) -> tuple[float, f
     """
     count, n = int(count), int(n)
     if not 0 <= count <= n:
-        raise ValueError(f"expected 0 <= count <= n, got count={count}, n={n}")
+        raise InvalidArgumentError(f"expected 0 <= count <= n, got count={count}, n={n}")
     if n == 0:
         return math.nan, math.nan, math.nan
     ci = stats.binomtest(count, n).proportion_ci(confidence_level=confidence, method="exact")
@@ -347,10 +349,10 @@ def rate_with_ci(count: int, n: int, confidence: float = 0.95) -> tuple[float, f
 def _as_decisions(values, n: int, what: str) -> np.ndarray:
     arr = np.asarray(values).reshape(-1)
     if arr.size != n:
-        raise ValueError(f"{what}: expected {n} values, got {arr.size}")
+        raise InvalidArgumentError(f"{what}: expected {n} values, got {arr.size}")
     if arr.dtype != np.bool_:
         if not np.isin(np.unique(arr), (0, 1)).all():
-            raise ValueError(f"{what}: expected bool or 0/1 decisions, got values {np.unique(arr)[:10].tolist()}")
+            raise InvalidArgumentError(f"{what}: expected bool or 0/1 decisions, got values {np.unique(arr)[:10].tolist()}")
         arr = arr.astype(bool)
     return arr
 
@@ -408,6 +410,6 @@ def decision_metrics(pred_labels, labels, pred_masks=None, masks=None, confidenc
     if pred_masks is not None and masks is not None:
         n_masks = len(pred_masks)
         if n_masks != truth.size:
-            raise ValueError(f"expected one predicted mask per image, got {n_masks} masks for {truth.size} labels")
+            raise InvalidArgumentError(f"expected one predicted mask per image, got {n_masks} masks for {truth.size} labels")
         out["seg_f1"] = seg_f1(pred_masks, masks)
     return out

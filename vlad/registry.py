@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from vlad.errors import UnknownScorerError
+from vlad.errors import InvalidArgumentError, UnknownScorerError
 from vlad.params import unknown_parameter
 
 # Built-in scorers, imported on first use so `import vlad` stays fast.
@@ -32,12 +32,13 @@ def register_scorer(name: str) -> Callable[[type], type]:
     """Class decorator that registers a scorer under ``name``.
 
     Raises:
-        ValueError: the name is already taken.
+        InvalidArgumentError: the name is already taken (a ``ValueError`` too).
     """
 
     def decorator(cls: type) -> type:
         if name in _BUILTIN or name in _PLUGINS:
-            raise ValueError(f"a scorer named {name!r} is already registered")
+            raise InvalidArgumentError(f"a scorer named {name!r} is already registered; choose another name "
+                                       f"(taken: {', '.join(list_scorers())})")
         _PLUGINS[name] = cls
         cls.scorer_name = name
         return cls

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
 import numpy as np
 
-from .errors import NonFiniteScoreError
+from .errors import InvalidArgumentError, NonFiniteScoreError
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +80,7 @@ class AnomalyResult:
         if isinstance(maps, np.ndarray):
             maps = maps.astype(np.float32, copy=False)
             if maps.ndim != 3:
-                raise ValueError(f"anomaly_maps must be (B, H, W), got shape {maps.shape}")
+                raise InvalidArgumentError(f"anomaly_maps must be (B, H, W), got shape {maps.shape}")
         else:
             maps = [np.asarray(m, dtype=np.float32) for m in maps]
             if maps and all(m.shape == maps[0].shape for m in maps):
@@ -89,7 +89,7 @@ class AnomalyResult:
                 maps = np.zeros((0, 0, 0), dtype=np.float32)
         object.__setattr__(self, "anomaly_maps", maps)
         if len(maps) != len(scores):
-            raise ValueError(f"{len(scores)} image scores but {len(maps)} anomaly maps")
+            raise InvalidArgumentError(f"{len(scores)} image scores but {len(maps)} anomaly maps")
 
     def __len__(self) -> int:
         """The number of images scored (``failures`` not counted)."""
@@ -117,7 +117,7 @@ class AnomalyResult:
         """Join the results of several batches, in order (labels, masks, components and failures
         included; a failure's ``index`` counts the inputs of the batches before its own)."""
         if not results:
-            raise ValueError("nothing to concatenate")
+            raise InvalidArgumentError("nothing to concatenate")
         failures, offset = [], 0
         for r in results:
             failures.extend(replace(f, index=f.index + offset) for f in r.failures)

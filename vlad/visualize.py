@@ -12,6 +12,8 @@ import logging
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlad.errors import InvalidArgumentError
+
 logger = logging.getLogger(__name__)
 
 _LUT_SIZE = 256
@@ -38,7 +40,7 @@ def _as_map(amap) -> np.ndarray:
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
-        raise ValueError(f"expected an anomaly map of shape (H, W), got {arr.shape}")
+        raise InvalidArgumentError(f"expected an anomaly map of shape (H, W), got {arr.shape}")
     return arr
 
 
@@ -51,13 +53,13 @@ def _as_rgb_uint8(image) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise ValueError(f"expected an (H, W, 3) image, got shape {arr.shape}")
+        raise InvalidArgumentError(f"expected an (H, W, 3) image, got shape {arr.shape}")
     arr = arr[..., :3]
     if arr.dtype == np.uint8:
         return arr
     if np.issubdtype(arr.dtype, np.floating):
         return (np.clip(np.nan_to_num(arr), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    raise ValueError(f"expected a uint8 image or floats in [0, 1], got dtype {arr.dtype}")
+    raise InvalidArgumentError(f"expected a uint8 image or floats in [0, 1], got dtype {arr.dtype}")
 
 
 def value_range(amap, vmin: float | None = None, vmax: float | None = None) -> tuple[float, float]:
@@ -80,7 +82,7 @@ def colorize(amap, vmin: float | None = None, vmax: float | None = None, cmap: s
         cmap: ``"jet"`` (blue = normal, red = anomalous) or ``"gray"``.
     """
     if cmap not in COLORMAPS:
-        raise ValueError(f"unknown colormap {cmap!r}; available: {sorted(COLORMAPS)}")
+        raise InvalidArgumentError(f"unknown colormap {cmap!r}; available: {sorted(COLORMAPS)}")
     arr = _as_map(amap)
     lo, hi = value_range(arr, vmin, vmax)
     scale = (hi - lo) if hi > lo else 1.0
@@ -110,7 +112,7 @@ def overlay(image, amap, vmin: float | None = None, vmax: float | None = None, a
         cmap: see :func:`colorize`.
     """
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise InvalidArgumentError(f"alpha must be in [0, 1], got {alpha}")
     rgb = _as_rgb_uint8(image)
     arr = _resize_map(_as_map(amap), rgb.shape[:2])
     color = colorize(arr, vmin, vmax, cmap).astype(np.float32)

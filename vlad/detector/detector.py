@@ -91,7 +91,7 @@ from vlad.images import LoadedImage, as_image_list, load_images, load_readable
 from vlad.paramspec import Choice, Int, MappingOf, Number, Spec, check_values
 from vlad.precision import check_precision_value
 from vlad.registry import parameter_names
-from vlad.scorers.base import check_finite, reference_index
+from vlad.scorers.base import check_finite, check_z_threshold, reference_index
 from vlad.ops import resize_maps, shared_device_copies
 from vlad.progress import track
 from vlad.types import AnomalyResult, ImagesLike, WorkingResult
@@ -391,15 +391,17 @@ class Detector:
     def check_references(self, z_threshold: float = 3.5) -> dict[str, list[str]]:
         """Suspicious references per incremental scorer (``FewShotMixin.check_references``: a robust
         z-score of the leave-one-out score above ``z_threshold``; needs >= 3 references). Remove a
-        flagged one with :meth:`remove_reference`."""
+        flagged one with :meth:`remove_reference`. A scorer that cannot check its references (one that
+        scores tiles) is left out of the answer, with a warning that says so."""
+        check_z_threshold(z_threshold)
         self._check_fitted()
         out = {}
         for name, scorer in self.scorers.items():
             if self.active_[name] and type(scorer).incremental:
                 try:
                     out[name] = scorer.check_references(z_threshold)
-                except NotImplementedError:
-                    continue
+                except errors.UnsupportedOperationError as exc:
+                    logger.warning("%s: its references were not checked: %s", name, exc)
         return out
 
     # -- the unlabeled tier ----------------------------------------------------------------

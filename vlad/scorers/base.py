@@ -74,6 +74,7 @@ import copy
 import functools
 import inspect
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -498,6 +499,20 @@ def reference_index(names: Sequence[str], which: Any) -> int:
     return int(which) % len(names)
 
 
+def check_z_threshold(z_threshold: Any) -> float:
+    """``check_references``'s threshold as a float: a positive finite number (NaN would flag nothing).
+
+    Raises:
+        InvalidParameterError: anything else.
+    """
+    ok = isinstance(z_threshold, (int, float, np.integer, np.floating)) and not isinstance(z_threshold, (bool, np.bool_))
+    if not ok or not math.isfinite(float(z_threshold)) or float(z_threshold) <= 0:
+        raise errors.InvalidParameterError(
+            f"z_threshold must be a positive finite number of robust standard deviations (3.5 by default; "
+            f"lower flags more references), got {z_threshold!r}")
+    return float(z_threshold)
+
+
 class FewShotMixin:
     """Reference bookkeeping for scorers whose memory grows incrementally (``incremental = True``).
 
@@ -608,19 +623,30 @@ class FewShotMixin:
 
         Raises:
             VladError: fewer than two references.
+            UnsupportedOperationError: the scorer does not implement it.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement leave_one_out_scores")
+        raise errors.UnsupportedOperationError(
+            f"{type(self).__name__} does not implement leave_one_out_scores, so its references cannot be "
+            "checked; check them with a scorer that does (patchcore, anomalydino, winclip)")
 
     def check_references(self, z_threshold: float = 3.5) -> list[str]:
         """Names of references whose leave-one-out score is an outlier (robust z-score above
         ``z_threshold``, from median and MAD): likely defective or mislabelled references.
 
         Needs at least 3 references; with fewer, returns an empty list.
+
+        Raises:
+            InvalidParameterError: ``z_threshold`` is not a positive finite number.
+            UnsupportedOperationError: the scorer scores tiles (``tile_size``), where a reference's own
+                sibling tiles would stand in for it.
         """
+        check_z_threshold(z_threshold)
         self._check_fitted()
         if hasattr(self, "tile_groups_"):
-            raise NotImplementedError(f"{type(self).__name__}.check_references is not available with tiling: "
-                                      "a reference's sibling tiles would stand in for it")
+            raise errors.UnsupportedOperationError(
+                f"{type(self).__name__}.check_references is not available with tiling (tile_size="
+                f"{getattr(self, 'tile_size', None)!r}): a reference's sibling tiles would stand in for it; check "
+                "the references with the same scorer built without tile_size")
         if len(self.reference_names_) < 3:
             return []
         scores = np.asarray(self.leave_one_out_scores(), dtype=np.float64)
