@@ -176,8 +176,9 @@ def test_search_precision_auto_is_exact_on_the_cpu_and_bad_values_are_refused():
     assert torch.equal(auto, lowest_mean_distances(z, z, 1, exclude_self=True, precision="fp32"))
     with pytest.raises(InvalidSearchError, match="'auto'"):
         lowest_mean_distances(z, z, 1, exclude_self=True, precision="fp16")
-    with pytest.raises(InvalidSearchError, match="between 1 and 4"):
-        lowest_mean_distances(z, z, 5, exclude_self=True)
+    for bad_k in (5, 0, None, 2.5, True):
+        with pytest.raises(InvalidSearchError, match="between 1 and 4"):
+            lowest_mean_distances(z, z, bad_k, exclude_self=True)
     with pytest.raises(InvalidSearchError, match="against itself"):
         lowest_mean_distances(z, z[:3], 1, exclude_self=True)
 

@@ -45,6 +45,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from vlad.memory.knn import DEFAULT_MAX_BYTES, InvalidSearchError
@@ -334,7 +335,7 @@ def lowest_mean_distances(
         raise InvalidSearchError(f"exclude_self scores a batch against itself, but got {n_q} query images "
                                  f"and {n_p} pool images of another shape ({tuple(pool.shape)})")
     available = n_p - 1 if exclude_self else n_p
-    if isinstance(k, bool) or not 1 <= int(k) <= available:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= available:
         raise InvalidSearchError(f"k must be between 1 and {available} (the pool images each query patch is "
                                  f"compared with), got {k!r}")
     out = queries.new_empty((n_q, p), dtype=torch.float32)
