@@ -48,7 +48,9 @@ Differences from the paper / reference code, and why:
   centre-crops, which cuts off the border of non-square images), so maps cover the whole image. For
   CLIP, the positional embedding is resized bicubically to the grid (as open_clip does when loading
   weights at another size).
-* float32 throughout (the reference runs the backbone and LNAMD under CUDA autocast).
+* float32 throughout (the reference runs the backbone and LNAMD under CUDA autocast), except that on a
+  GPU, by default, TF32 products choose each nearest patch; the distances kept are float32
+  (``search_precision``).
 * Lowest fraction: at least one image (``max(1, int(0.3 (N - 1)))``); the reference takes the mean of
   an empty set (NaN) for batches of 4 images or fewer.
 * RsCIN is applied to the raw MSM scores, not to their min-max normalisation over the batch: it is a
