@@ -108,6 +108,18 @@ def _asgi(app, path="/v1/score"):
     return start["status"], dict(start["headers"]), body
 
 
+def test_the_proxy_gets_time_to_start_on_a_busy_machine_unless_the_user_chose(monkeypatch):
+    from vlad.serve import _ray as R
+
+    monkeypatch.delenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", raising=False)
+    monkeypatch.delenv("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", raising=False)
+    env = R._controller_env()
+    assert env[R._CALLBACK_ENV] == R._CALLBACK
+    assert float(env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]) > 5  # Serve's own 5 s failed under load
+    monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "7")
+    assert R._controller_env()["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "7"  # the user's value is kept
+
+
 def test_proxy_middleware_turns_a_lost_request_into_a_retryable_503():
     import json
 

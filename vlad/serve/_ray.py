@@ -35,6 +35,16 @@ REPLICA_HEADER = "x-vlad-replica"
 INSTALL = 'pip install "vlad-inspect[serve-ray]"'
 _CALLBACK = "vlad.serve._ray.proxy_middlewares"
 _CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+#: Serve's controller gives a starting HTTP proxy 5 s to answer, and a running one 10 s per health check,
+#: before it kills it; a machine busy with the replicas' own start (2 cores, a backbone loading per
+#: replica) can miss both, and the server then fails to start. vlad's own defaults, unless set already.
+_PROXY_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+def _controller_env() -> dict[str, str]:
+    """Environment of Serve's controller (its proxies inherit it): the proxy callback, and the proxies'
+    timeouts (this process's values where it sets them, also for a cluster started elsewhere)."""
+    return {_CALLBACK_ENV: _CALLBACK, **{k: os.environ.get(k, v) for k, v in _PROXY_PATIENCE.items()}}
 
 
 def require_ray_serve() -> None:
@@ -280,12 +290,21 @@ def start(path: str, host: str, port: int, *, replicas: int, gpus_per_replica: f
     require_ray_serve()
     from ray import serve
 
+    from ray.exceptions import RayError
+
     started = connect(address, num_cpus)
     try:
         # the controller starts the proxies, which inherit its environment: the middleware of _ReplicaLost
-        serve.start(http_options={"host": host, "port": port, "request_timeout_s": options.timeout_s + 10,
-                                  "keep_alive_timeout_s": 30},
-                    controller_options={"runtime_env": {"env_vars": {_CALLBACK_ENV: _CALLBACK}}})
+        try:
+            serve.start(http_options={"host": host, "port": port, "request_timeout_s": options.timeout_s + 10,
+                                      "keep_alive_timeout_s": 30},
+                        controller_options={"runtime_env": {"env_vars": _controller_env()}})
+        except (RayError, TimeoutError) as exc:
+            raise VladError(
+                f"Ray Serve could not start its HTTP proxy on {host}:{port} ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else 'no detail'}); if the machine is "
+                "busy, retry when it is quieter, or give the proxy more time with "
+                "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S (seconds, vlad's default 60)") from exc
         app = build_deployment(path, replicas=replicas, gpus_per_replica=gpus_per_replica,
                                cpus_per_replica=cpus_per_replica, device=device, precision=precision,
                                options=options, max_pixels=max_pixels, access_log=access_log)
