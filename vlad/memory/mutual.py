@@ -204,14 +204,18 @@ def _iter_nearest(
             sim = buf[: qb.shape[0] * mem.shape[0]].view(qb.shape[0], mem.shape[0])
             with _tf32_products(tf32, qb.device):
                 torch.mm(qb, mem.T, out=sim)
-            per_image = sim.view(qb.shape[0], pe - ps, q)
-            if where is None:
-                best[:, ps:pe] = per_image.amax(dim=2)
-            else:
-                values, index = per_image.max(dim=2)
-                best[:, ps:pe] = values
+            best[:, ps:pe], index = _nearest(sim.view(qb.shape[0], pe - ps, q), 2, tf32)
+            if index is not None:
                 where[:, ps:pe] = index
         yield qs, best.view(-1, p, np_), None if where is None else where.view(-1, p, np_)
+
+
+def _nearest(sim: torch.Tensor, dim: int, with_index: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Largest similarity along ``dim``, and where it is when ``with_index`` (the TF32 candidates)."""
+    if with_index:
+        values, index = sim.max(dim=dim)
+        return values, index
+    return sim.amax(dim=dim), None
 
 
 def _candidate_rows(x: torch.Tensor, tf32: bool) -> torch.Tensor:
@@ -253,17 +257,15 @@ def _nearest_table(features: torch.Tensor, max_bytes: int, tf32: bool) -> tuple[
             sim = buf[: bi * p * bj * p].view(bi * p, bj * p)
             with _tf32_products(tf32, rows.device):
                 torch.mm(a, rows[j0 * p : j1 * p].T, out=sim)
-            across = sim.view(bi * p, bj, p)  # I's patches against each image of J
-            down = sim.view(bi, p, bj * p)  # J's patches (columns) against each image of I
-            if where is None:
-                sims[i0:i1, :, j0:j1] = across.amax(dim=2).view(bi, p, bj)
-                sims[j0:j1, :, i0:i1] = down.amax(dim=1).view(bi, bj, p).permute(1, 2, 0)
-            else:
-                values, index = across.max(dim=2)
-                sims[i0:i1, :, j0:j1] = values.view(bi, p, bj)
+            # I's patches against each image of J (maxima along rows) ...
+            values, index = _nearest(sim.view(bi * p, bj, p), 2, tf32)
+            sims[i0:i1, :, j0:j1] = values.view(bi, p, bj)
+            if index is not None:
                 where[i0:i1, :, j0:j1] = index.view(bi, p, bj)
-                values, index = down.max(dim=1)
-                sims[j0:j1, :, i0:i1] = values.view(bi, bj, p).permute(1, 2, 0)
+            # ... and J's patches against each image of I (maxima down the columns)
+            values, index = _nearest(sim.view(bi, p, bj * p), 1, tf32)
+            sims[j0:j1, :, i0:i1] = values.view(bi, bj, p).permute(1, 2, 0)
+            if index is not None:
                 where[j0:j1, :, i0:i1] = index.view(bi, bj, p).permute(1, 2, 0)
     return sims, where
 

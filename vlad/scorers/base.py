@@ -74,7 +74,6 @@ import copy
 import functools
 import inspect
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -93,7 +92,7 @@ from vlad.errors import (
 )
 from vlad.images import LoadedImage, load_images
 from vlad.params import ParamsMixin
-from vlad.paramspec import COMMON_SPECS, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, Spec, check_values  # noqa: F401 (sides: re-exported)
+from vlad.paramspec import COMMON_SPECS, MAX_IMAGE_SIDE, MIN_IMAGE_SIDE, Number, Spec, check_values  # noqa: F401 (sides: re-exported)
 from vlad.precision import autocast, check_precision
 from vlad.progress import track
 from vlad.registry import parameter_names
@@ -362,13 +361,13 @@ class BaseScorer(ParamsMixin):
         config = {
             "format_version": FORMAT_VERSION,
             "scorer": name,
-            "params": to_jsonable(self.get_params(deep=False), f"{self.scorer_name} parameters"),
+            "params": to_jsonable(self.get_params(deep=False), f"{name} parameters"),
             "n_references": int(getattr(self, "n_references_", 0)),
-            "meta": to_jsonable(meta, f"{self.scorer_name} metadata"),
+            "meta": to_jsonable(meta, f"{name} metadata"),
             "sha256": {STATE_FILE: sha256_file(folder / STATE_FILE)},
         }
         if hasattr(self, "tile_groups_"):
-            config["tile_groups"] = to_jsonable(self.tile_groups_, f"{self.scorer_name} tile groups")
+            config["tile_groups"] = to_jsonable(self.tile_groups_, f"{name} tile groups")
         write_json(folder / CONFIG_FILE, config)
         return folder
 
@@ -499,18 +498,18 @@ def reference_index(names: Sequence[str], which: Any) -> int:
     return int(which) % len(names)
 
 
-def check_z_threshold(z_threshold: Any) -> float:
-    """``check_references``'s threshold as a float: a positive finite number (NaN would flag nothing).
+#: ``check_references``'s threshold: a finite number above 0 (NaN would flag nothing)
+Z_THRESHOLD = Number(0, None, lo_open=True).explain(
+    "in robust standard deviations: 3.5 by default, lower flags more references")
+
+
+def check_z_threshold(z_threshold: Any) -> None:
+    """Refuse a ``check_references`` threshold that is not a finite number above 0.
 
     Raises:
         InvalidParameterError: anything else.
     """
-    ok = isinstance(z_threshold, (int, float, np.integer, np.floating)) and not isinstance(z_threshold, (bool, np.bool_))
-    if not ok or not math.isfinite(float(z_threshold)) or float(z_threshold) <= 0:
-        raise errors.InvalidParameterError(
-            f"z_threshold must be a positive finite number of robust standard deviations (3.5 by default; "
-            f"lower flags more references), got {z_threshold!r}")
-    return float(z_threshold)
+    check_values("check_references", {"z_threshold": Z_THRESHOLD}, {"z_threshold": z_threshold})
 
 
 class FewShotMixin:

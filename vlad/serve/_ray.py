@@ -289,7 +289,6 @@ def start(path: str, host: str, port: int, *, replicas: int, gpus_per_replica: f
     """
     require_ray_serve()
     from ray import serve
-
     from ray.exceptions import RayError
 
     started = connect(address, num_cpus)
