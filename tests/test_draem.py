@@ -8,8 +8,10 @@ import torch
 from conftest import textured, with_defect
 
 import vlad
-from vlad.errors import EmptyReferenceSetError
-from vlad.scorers.draem import focal_loss
+from vlad.errors import EmptyReferenceSetError, InvalidParameterError
+from vlad.scorers.autoencoder import AutoEncoder
+from vlad.scorers.draem import DRAEM, focal_loss
+from vlad.scorers.scratch import to_canvas
 
 PARAMS = dict(weights="tiny", image_size=64, train_steps=12, batch_size=4, random_state=0)
 
@@ -35,10 +37,73 @@ def test_predict_finite_maps_at_image_size(fitted):
     assert all(np.isfinite(m).all() for m in res.anomaly_maps)
 
 
-def test_raw_maps_are_probabilities(fitted):
-    raw, boxes = fitted.raw_error_maps([textured(53), textured(54, size=80)[:, :40]])
-    assert raw.shape == (2, 1, 64, 64) and raw.min() >= 0.0 and raw.max() <= 1.0
+def test_raw_maps_are_the_probability_and_the_reconstruction_error(fitted):
+    images = [textured(53), textured(54, size=80)[:, :40]]
+    raw, boxes = fitted.raw_error_maps(images)
+    assert fitted.TERMS == ("prob", "ssim", "l2") and raw.shape == (2, 3, 64, 64)
+    assert raw[:, 0].min() >= 0.0 and raw[:, 0].max() <= 1.0
     assert boxes[0] == (0, 0, 64, 64) and boxes[1] == (0, 16, 64, 32)  # the narrow image, letterboxed
+    # terms 1 and 2 are the reconstructive network's error, as the autoencoder measures its own
+    x, _ = to_canvas(vlad.images.load_images(images), fitted.size_)
+    with torch.inference_mode():
+        dssim, sq = AutoEncoder._error_terms(x, fitted.model_.reconstructive(x))
+    torch.testing.assert_close(raw[:, 1], dssim, rtol=1e-4, atol=1e-5)  # batch of 2 vs one at a time
+    torch.testing.assert_close(raw[:, 2], sq, rtol=1e-4, atol=1e-5)
+    assert sq.max() > 0
+
+
+@pytest.fixture(scope="module")
+def eight():
+    return [textured(i) for i in range(8)]
+
+
+def test_the_line_chooses_which_maps_it_scores(eight):
+    # None searches the probability, the reconstruction error and both; a given value is the only choice
+    searched = vlad.create_scorer("draem", **PARAMS).fit(eight)
+    assert {c.terms for c in searched._candidates()} == {(0,), (1, 2), (0, 1, 2)}
+    assert searched.map_rule_.terms in {(0,), (1, 2), (0, 1, 2)}
+    assert {r.split()[-1] for r in (c["rule"] for c in searched.selection_report().candidates)} == {
+        "prob", "ssim+l2", "prob+ssim+l2"}
+    # how long it trains is judged by the probability's candidates alone (DRAEM.JUDGED_TERMS)
+    assert all(label.endswith(" prob") for _, _, label in searched.selection_report().curve)
+    for name, terms in DRAEM.TERM_CHOICES.items():
+        fixed = vlad.create_scorer("draem", **PARAMS, error_terms=name).fit(eight)
+        assert fixed.map_rule_.terms == terms and {c.terms for c in fixed._candidates()} == {terms}
+    # without a selection (too few references) the paper's map, or the one given
+    assert vlad.create_scorer("draem", **PARAMS).fit(eight[:3]).map_rule_.terms == (0,)
+    assert vlad.create_scorer("draem", **PARAMS, error_terms="ssim+l2").fit(eight[:3]).map_rule_.terms == (1, 2)
+
+
+@pytest.mark.parametrize("bad", ["ssim", "l2", "prob+l2", "", 3])
+def test_bad_error_terms_are_refused(bad):
+    with pytest.raises(InvalidParameterError, match="error_terms"):
+        vlad.create_scorer("draem", **PARAMS, error_terms=bad)
+
+
+def test_a_draem_saved_with_the_probability_alone_still_loads(fitted, tmp_path):
+    # before the reconstruction error was a candidate, a DRAEM saved the statistics of one raw map: it
+    # loads and scores as it did (its rule uses the probability alone)
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from vlad.serialization import sha256_file
+
+    scorer = vlad.create_scorer("draem", **PARAMS, error_terms="prob").fit([textured(i) for i in range(4)])
+    imgs = [textured(62), with_defect(textured(63))]
+    before = scorer.predict(imgs)
+    folder = scorer.save(tmp_path / "draem")
+    files = list(folder.glob("*.safetensors"))
+    assert len(files) == 1
+    tensors = load_file(files[0])
+    save_file({k: (v[:1].contiguous() if k in ("stats.mean", "stats.var", "stats.global") else v)
+               for k, v in tensors.items()}, files[0])
+    config = json.loads((folder / "config.json").read_text())
+    config["sha256"][files[0].name] = sha256_file(files[0])  # as that older vlad recorded its own file
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = vlad.scorers.base.load_scorer(folder)
+    assert loaded.stats_["mean"].shape[0] == 1
+    np.testing.assert_array_equal(loaded.predict(imgs).image_scores, before.image_scores)
 
 
 def test_early_stopping_on_held_out_references():

@@ -86,6 +86,34 @@ def test_rank_rules_prefers_the_rule_that_separates():
     assert 0.2 < ranked[1].image_auroc < 0.8
 
 
+def test_training_is_judged_by_the_judged_terms_and_the_rule_chosen_among_all():
+    # term 1 separates the defects, term 0 does not: the curve training is judged by follows term 0's best
+    # candidate, the chosen rule is term 1's (DRAEM: the probability judges, the reconstruction may win)
+    held = _canvas(4)
+    validation = st.make_validation_set(held, [(0, 0, 64, 64)] * 4, seed=1)
+    bad_ids = {id(validation.defective)}
+
+    def raw(x: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(int(x.shape[0]))
+        noise = torch.rand(x.shape[0], 1, 64, 64, generator=gen)
+        signal = (validation.masks[:, None].float() * 5.0 if id(x) in bad_ids else torch.zeros_like(noise))
+        return torch.cat([noise, noise + signal], dim=1)
+
+    rules = [MapRule("global", 2.0, 0.0, (0,)), MapRule("global", 2.0, 0.0, (1,))]
+    judged = st.SelfTuner(raw, _canvas(3), validation, rules, ("a", "b"), judged_terms=(0,))
+    judged.evaluate(10)
+    assert judged.curve[0][2] == "global s2 max a" and judged.curve[0][1] < 1.0
+    rule, report = judged.report(10, st.SyntheticSettings(), 4, "budget")
+    assert rule.terms == (1,) and report.rule == "global s2 max b"
+    free = st.SelfTuner(raw, _canvas(3), validation, rules, ("a", "b"))
+    free.evaluate(10)
+    assert free.curve[0][2] == "global s2 max b" and free.curve[0][1] > judged.curve[0][1]
+    # judged terms that no candidate uses alone (the user fixed the terms): every candidate judges
+    only_b = st.SelfTuner(raw, _canvas(3), validation, rules[1:], ("a", "b"), judged_terms=(0,))
+    only_b.evaluate(10)
+    assert only_b.curve[0][2] == "global s2 max b"
+
+
 def test_rules_for_keeps_what_the_user_fixed():
     all_rules = st.rules_for(None, None, None, None, [(0,)])
     assert len(all_rules) == 3 * 3 * 3

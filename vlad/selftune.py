@@ -21,7 +21,9 @@ defects are not known when it is set up. What is known are its good images. So a
    clean images) and a pixel AUROC (defect pixels against all others). The candidates are ranked by
    ``image AUROC + PIXEL_WEIGHT x pixel AUROC``.
 3. Training is judged by the best candidate's figure averaged over the last ``SMOOTHING`` evaluations
-   (a single lucky evaluation of a barely trained model does not win). It keeps the weights at the end
+   (a single lucky evaluation of a barely trained model does not win); a scorer may judge it by the
+   candidates of some of its error terms only (``JUDGED_TERMS``: DRAEM's probability map, which needs
+   the training, and not its reconstruction error, which separates defects almost untrained). It keeps the weights at the end
    of the best such stretch and stops when ``patience`` evaluations in a row have not beaten it by
    ``MIN_DELTA``, never before ``MIN_FRACTION`` of the budget: the held-out loss of a handful of images
    is too noisy a yardstick, a separation measured on dozens of images with and without defects is the
@@ -227,9 +229,9 @@ class SelectionReport:
 
     ``rule``: the chosen map rule's label; ``step``: the training step whose weights were kept;
     ``candidates``: every candidate at that step, best first (rule, image and pixel AUROC in percent);
-    ``curve``: ``(step, best rank key, best rule)`` at each evaluation; ``settings``: how the synthetic
-    defects were made; ``n_clean`` / ``n_defective``: validation images; ``n_held_out``: references
-    held out of training to make them.
+    ``curve``: ``(step, best rank key, best rule)`` at each evaluation, among the candidates that judge
+    training; ``settings``: how the synthetic defects were made; ``n_clean`` / ``n_defective``:
+    validation images; ``n_held_out``: references held out of training to make them.
     """
 
     rule: str
@@ -277,14 +279,19 @@ class SelfTuner:
         validation: the synthetic validation set.
         rules: the candidates.
         term_names: names of the raw maps' terms (for labels).
+        judged_terms: training is judged by the best candidate that uses only these terms (None: any);
+            the rule is still chosen among every candidate at the kept weights.
     """
 
     def __init__(self, raw: Callable[[torch.Tensor], torch.Tensor], stats_images: torch.Tensor,
-                 validation: ValidationSet, rules: Sequence[MapRule], term_names: Sequence[str] | None = None):
+                 validation: ValidationSet, rules: Sequence[MapRule], term_names: Sequence[str] | None = None,
+                 judged_terms: Sequence[int] | None = None):
         if not rules:
             raise ValueError("no candidate map rules")
         self.raw, self.stats_images, self.validation = raw, stats_images, validation
         self.rules, self.term_names = list(rules), term_names
+        judged = set(judged_terms) if judged_terms is not None else None
+        self.judged = [r for r in self.rules if judged is None or set(r.terms) <= judged] or self.rules
         self.history: dict[int, list[Candidate]] = {}
         self.curve: list[list] = []
 
@@ -294,7 +301,8 @@ class SelfTuner:
         v = self.validation
         ranked = rank_rules(self.raw(v.clean), self.raw(v.defective), v.masks, v.boxes, stats, self.rules)
         self.history[int(step)] = ranked
-        self.curve.append([int(step), round(ranked[0].rank_key, 5), ranked[0].rule.label(self.term_names)])
+        best = next(c for c in ranked if c.rule in self.judged)
+        self.curve.append([int(step), round(best.rank_key, 5), best.rule.label(self.term_names)])
         return float(np.mean([c[1] for c in self.curve[-SMOOTHING:]]))
 
     def report(self, step: int | None, settings: SyntheticSettings, n_held_out: int, stopped: str,
@@ -418,7 +426,8 @@ def _start_tuner(scorer, data: torch.Tensor, boxes, train_idx: np.ndarray, held_
     bases, tuner_stats = validation_split(data, hold, train)
     validation = make_validation_set(data[bases], [tuple(boxes[i]) for i in bases.tolist()], seed + 31, settings,
                                      textures=data[train])
-    return SelfTuner(scorer._raw, tuner_stats, validation, scorer._candidates(), scorer.TERMS), bases, settings
+    return SelfTuner(scorer._raw, tuner_stats, validation, scorer._candidates(), scorer.TERMS,
+                     getattr(scorer, "JUDGED_TERMS", None)), bases, settings
 
 
 def _choose(scorer, tuner: SelfTuner, step, stopped: str, bases, settings: SyntheticSettings, desc: str, log) -> None:

@@ -50,18 +50,26 @@ from vlad.bench._util import add_device_option, use_device
 logger = logging.getLogger("vlad.bench.quality")
 
 DEFAULT_SETS = ("ksdd", "mpdd", "mvtec_bottle")
-#: bumped when a cell's meaning changes (0.3: the scorers choose their own rule on synthetic defects)
-CELL_VERSION = 3
-TERM_NAMES = {"autoencoder": ("ssim", "l2"), "draem": ("prob",)}
+#: bumped when a cell's meaning changes (3: the scorers choose their own rule on synthetic defects; 4: DRAEM's
+#: raw maps carry its reconstruction error beside the probability)
+CELL_VERSION = 4
+
+
+def _scorer_class(scorer: str) -> Any:
+    from vlad.registry import get_scorer_class
+
+    return get_scorer_class(scorer)
+
+
+def term_names(scorer: str) -> tuple[str, ...]:
+    """The names of the scorer's raw error terms (its ``TERMS``)."""
+    return tuple(_scorer_class(scorer).TERMS)
 
 
 def candidate_rules(scorer: str) -> list[Any]:
-    """The map rules the protocol chooses among: the search space of the scorers' own selection
-    (:func:`vlad.selftune.rules_for`; the 0.1 rule, ``global s4 max``, is among them)."""
-    from vlad.selftune import rules_for
-
-    terms = [(0, 1), (0,), (1,)] if scorer == "autoencoder" else [(0,)]
-    return rules_for(None, None, None, None, terms)
+    """The map rules the protocol chooses among: the search space of the scorer's own selection at its
+    defaults (its ``_candidates()``; the 0.1 rule, ``global s4 max``, is among them)."""
+    return _scorer_class(scorer)()._candidates()
 
 
 def _rule_key(rule: Any) -> str:
@@ -351,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.loso:
             continue
         chosen = leave_one_set_out(records, scorer, sets)
-        names = TERM_NAMES[scorer]
+        names = term_names(scorer)
         print(f"\n== {scorer}: leave-one-set-out (rule chosen on the other two sets; percent, mean±std over "
               f"{args.seeds} seeds; fit s = mean seconds per fit on this machine) ==")
         header = f"{'set':14s} {'shots':>5s} {'n':>2s} {'I-AUROC':>11s} {'P-AUROC':>11s} {'AUPRO':>11s} {'fit s':>7s} " \
@@ -413,7 +421,7 @@ def _self_tuned_table(scorer: str, records: list[dict[str, Any]], sets: Sequence
                       cats: dict[str, Any], cache: Path, seeds: int) -> list[dict[str, Any]]:
     """Each cell scored with the rule its own line chose on synthetic defects (nothing chosen on real
     defects of any set), the synthetic prediction beside the real figure."""
-    names = TERM_NAMES[scorer]
+    names = term_names(scorer)
     print(f"\n== {scorer}: each line's own choice on synthetic defects of its references (percent, mean±std "
           f"over {seeds} seeds; synth = the chosen rule's image AUROC on the synthetic defects, a prediction) ==")
     print(f"{'set':14s} {'shots':>5s} {'n':>2s} {'I-AUROC':>11s} {'synth':>11s} {'P-AUROC':>11s} {'AUPRO':>11s} "
