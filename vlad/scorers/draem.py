@@ -16,8 +16,8 @@ per position or globally, smoothed, pooled: see :mod:`vlad.scorers.scratch`) and
 train are chosen by each line at ``fit`` on synthetic defects pasted into held-out references
 (:mod:`vlad.selftune`, ``selection_report()``); a parameter given a value is kept. The training length is
 judged by the probability's candidates alone (:data:`DRAEM.JUDGED_TERMS`). The probability alone can miss
-what the discriminative network never learnt to segment (KolektorSDD's thin cracks, 16 references: image
-AUROC 74.7 with the probability alone, 80.9 with the choice; docs/benchmarks.md). With fewer than 4
+what the discriminative network never learnt to segment (16 references, image AUROC, probability alone ->
+choice: KolektorSDD's thin cracks 72.2 -> 74.4, MVTec bottle 84.2 -> 89.1; docs/benchmarks.md). With fewer than 4
 references: the probability, normalised per position, ``sigma=2`` px, the map's max.
 
 Reduced for a CPU (documented departures from the paper): the paper's widths are 128 (reconstructive) and 64
