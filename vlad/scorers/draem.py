@@ -17,8 +17,8 @@ train are chosen by each line at ``fit`` on synthetic defects pasted into held-o
 (:mod:`vlad.selftune`, ``selection_report()``); a parameter given a value is kept. The training length is
 judged by the probability's candidates alone (:data:`DRAEM.JUDGED_TERMS`). The probability alone can miss
 what the discriminative network never learnt to segment (16 references, image AUROC, probability alone ->
-choice: KolektorSDD's thin cracks 72.2 -> 74.4, MVTec bottle 84.2 -> 89.1; docs/benchmarks.md). With fewer than 4
-references: the probability, normalised per position, ``sigma=2`` px, the map's max.
+choice: KolektorSDD's thin cracks 72.2 -> 74.4, MVTec bottle 84.2 -> 89.1; docs/benchmarks.md). With
+fewer than 4 references: the probability, normalised per position, ``sigma=2`` px, the map's max.
 
 Reduced for a CPU (documented departures from the paper): the paper's widths are 128 (reconstructive) and 64
 (discriminative) with 700 epochs on 256 px images and DTD textures; here the reconstructive network is vlad's
