@@ -291,7 +291,7 @@ class SelfTuner:
         self.raw, self.stats_images, self.validation = raw, stats_images, validation
         self.rules, self.term_names = list(rules), term_names
         judged = set(judged_terms) if judged_terms is not None else None
-        self.judged = [r for r in self.rules if judged is None or set(r.terms) <= judged] or self.rules
+        self.judged = {r for r in self.rules if judged is None or set(r.terms) <= judged} or set(self.rules)
         self.history: dict[int, list[Candidate]] = {}
         self.curve: list[list] = []
 
@@ -488,6 +488,19 @@ class SelfTuned:
                                             f"Fit it on 4 or more references with selection='synthetic'{held} "
                                             "for one")
         return SelectionReport.from_meta(self.selection_)
+
+    def _terms(self) -> list[tuple[int, ...]]:
+        """The error-term choices, as indices into ``TERMS``: the one the user's ``error_terms`` names
+        (a key of the scorer's ``TERM_CHOICES``), or every one searched when it is None."""
+        from vlad.errors import InvalidParameterError
+
+        choices = self.TERM_CHOICES
+        if self.error_terms is None:
+            return list(choices.values())
+        if self.error_terms not in choices:
+            raise InvalidParameterError(f"error_terms must be one of {', '.join(map(repr, choices))} or None, "
+                                        f"got {self.error_terms!r}")
+        return [choices[self.error_terms]]
 
     def _frozen(self, x: torch.Tensor, start: int, compute: Callable[[], object]):
         """``compute()``: the output of a frozen network (a pretrained teacher or backbone) for the batch

@@ -299,6 +299,8 @@ class AutoEncoder(SelfTuned, BaseScorer):
 
     requires_references = True
     TERMS = ("ssim", "l2")
+    #: the ``error_terms`` choices, as indices into TERMS (None searches them all, in this order)
+    TERM_CHOICES = {"ssim+l2": (0, 1), "ssim": (0,), "l2": (1,)}
 
     #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
     _param_specs = {
@@ -306,7 +308,7 @@ class AutoEncoder(SelfTuned, BaseScorer):
         "base_channels": ps.WIDTH,
         "latent_channels": ps.WIDTH,
         "ssim_weight": ps.Number(0, 1),
-        "error_terms": ps.Choice(None, "ssim+l2", "ssim", "l2").explain(ps.SEARCHED),
+        "error_terms": ps.Choice(None, *TERM_CHOICES).explain(ps.SEARCHED),
         "augment": ps.Choice(*AUGMENT_MODES),
         **ps.map_rule_specs(NORMALIZE_MODES, SELECTION_MODES),
     }
@@ -373,15 +375,6 @@ class AutoEncoder(SelfTuned, BaseScorer):
         seed = 0 if self.random_state is None else int(self.random_state)
         self.model_ = init_module(lambda: ConvAutoEncoder(width, latent), self.device_, seed)
         self.model_.eval()
-
-    def _terms(self) -> list[tuple[int, ...]]:
-        """The error-term choices: the user's, or every one searched."""
-        if self.error_terms is None:
-            return [(0, 1), (0,), (1,)]
-        names = str(self.error_terms).split("+")
-        if not names or any(n not in self.TERMS for n in names):
-            raise InvalidParameterError(f"error_terms must be 'ssim+l2', 'ssim' or 'l2', got {self.error_terms!r}")
-        return [tuple(self.TERMS.index(n) for n in names)]
 
     def _map_rule(self) -> MapRule:
         """The rule without a selection: the user's values, the rest from :data:`FALLBACK_RULE`."""

@@ -263,15 +263,6 @@ class DRAEM(SelfTuned, BaseScorer):
                                   self.device_, 0 if self.random_state is None else int(self.random_state))
         self.model_.eval()
 
-    def _terms(self) -> list[tuple[int, ...]]:
-        """The error-term choices: the user's, or every one searched."""
-        if self.error_terms is None:
-            return list(self.TERM_CHOICES.values())
-        if self.error_terms not in self.TERM_CHOICES:
-            raise InvalidParameterError(f"error_terms must be one of {', '.join(map(repr, self.TERM_CHOICES))} "
-                                        f"or None, got {self.error_terms!r}")
-        return [self.TERM_CHOICES[self.error_terms]]
-
     def _map_rule(self) -> MapRule:
         """The rule without a selection: the user's values, the rest from :data:`FALLBACK_RULE`."""
         terms = FALLBACK_RULE.terms if self.error_terms is None else self._terms()[0]
