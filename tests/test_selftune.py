@@ -114,6 +114,31 @@ def test_training_is_judged_by_the_judged_terms_and_the_rule_chosen_among_all():
     assert only_b.curve[0][2] == "global s2 max b"
 
 
+def test_one_lucky_first_evaluation_is_not_a_stretch():
+    # the first evaluation separates the defects (a lucky barely trained model), then a later stretch of
+    # three does as well: training is judged by the stretch, so the later weights are kept
+    held = _canvas(4)
+    validation = st.make_validation_set(held, [(0, 0, 64, 64)] * 4, seed=1)
+    separating = iter([True, False, False, True, True, True])
+    state = {}
+
+    def raw(x: torch.Tensor) -> torch.Tensor:
+        if x is validation.clean:  # one evaluation: stats images, clean, then defective images
+            state["now"] = next(separating)
+        noise = torch.rand(x.shape[0], 1, 64, 64, generator=torch.Generator().manual_seed(int(x.shape[0])))
+        if x is validation.defective and state["now"]:
+            return noise + validation.masks[:, None].float() * 5.0
+        return noise
+
+    tuner = st.SelfTuner(raw, _canvas(3), validation, [MapRule("global", 2.0, 0.0, (0,))], ("a",))
+    figures = [-tuner.evaluate(step) for step in (10, 20, 30, 40, 50, 60)]
+    keys = [key for _, key, _ in tuner.curve]
+    assert keys[0] == keys[3] == keys[5] > keys[1] + 0.2  # a separation of 1.25 against about chance
+    assert figures[0] == pytest.approx(-(keys[0] + 2 * st.CHANCE_KEY) / 3)  # the two not made count at chance
+    assert figures[5] == pytest.approx(-keys[5]) and figures[5] < min(figures[:5])
+    assert st.smoothed([0.9]) < st.smoothed([0.9, 0.9, 0.9]) == pytest.approx(0.9)
+
+
 def test_rules_for_keeps_what_the_user_fixed():
     all_rules = st.rules_for(None, None, None, None, [(0,)])
     assert len(all_rules) == 3 * 3 * 3

@@ -20,8 +20,9 @@ defects are not known when it is set up. What is known are its good images. So a
    terms: those the user did not fix), and each candidate gets an image AUROC (defective copies against
    clean images) and a pixel AUROC (defect pixels against all others). The candidates are ranked by
    ``image AUROC + PIXEL_WEIGHT x pixel AUROC``.
-3. Training is judged by the best candidate's figure averaged over the last ``SMOOTHING`` evaluations
-   (a single lucky evaluation of a barely trained model does not win); a scorer may judge it by the
+3. Training is judged by the best candidate's figure averaged over the last ``SMOOTHING`` evaluations,
+   those not yet made counting at chance (a single lucky evaluation of a barely trained model does not
+   win); a scorer may judge it by the
    candidates of some of its error terms only (``JUDGED_TERMS``: DRAEM's probability map, which needs
    the training, and not its reconstruction error, which separates defects almost untrained). It keeps the weights at the end
    of the best such stretch and stops when ``patience`` evaluations in a row have not beaten it by
@@ -77,6 +78,19 @@ MAX_BASES = 16
 MAX_STATS = 32
 #: negatives sampled for the pixel AUROC (all defect pixels are kept)
 MAX_NEGATIVE_PIXELS = 40_000
+
+
+#: the rank key of a candidate that separates nothing (image and pixel AUROC 0.5)
+CHANCE_KEY = 0.5 * (1.0 + PIXEL_WEIGHT)
+
+
+def smoothed(keys: Sequence[float]) -> float:
+    """The figure training is judged by after the evaluations ``keys``: the mean of the last ``SMOOTHING``,
+    where evaluations not yet made count at chance (:data:`CHANCE_KEY`) -- so the first evaluation or two
+    of a barely trained model, however lucky, are not a stretch of good ones and their weights are not
+    kept over a later stretch that is as good."""
+    last = list(keys[-SMOOTHING:])
+    return float(np.mean(last + [CHANCE_KEY] * (SMOOTHING - len(last))))
 
 
 @dataclass(frozen=True)
@@ -303,7 +317,7 @@ class SelfTuner:
         self.history[int(step)] = ranked
         best = next(c for c in ranked if c.rule in self.judged)
         self.curve.append([int(step), round(best.rank_key, 5), best.rule.label(self.term_names)])
-        return float(np.mean([c[1] for c in self.curve[-SMOOTHING:]]))
+        return smoothed([c[1] for c in self.curve])
 
     def report(self, step: int | None, settings: SyntheticSettings, n_held_out: int, stopped: str,
                fixed: dict | None = None) -> tuple[MapRule, SelectionReport]:
