@@ -107,6 +107,22 @@ def test_run_eval_end_to_end(dataset, tmp_path):
     assert "metal_plate" in table and "AUPRO" in table and "100.0±0.0" in table
 
 
+def test_overlay_colours_start_at_the_typical_pixel():
+    from vlad.evaluation import _overlay_range
+
+    # a z-scored map: most pixels near 1, a few far below, one defect at 5, a NaN from a hostile file
+    rng = np.random.default_rng(0)
+    maps = [1.0 + 0.1 * rng.standard_normal((32, 32)) for _ in range(3)]
+    maps[0][:2] = -6.0
+    maps[1][5, 5] = 5.0
+    maps[2][0, 0] = np.nan
+    lo, hi = _overlay_range(maps)
+    assert 0.9 < lo < 1.1 and hi == pytest.approx(5.0)  # not -6: the typical surface is the coldest colour
+    assert _overlay_range([np.full((4, 4), np.nan)]) == (0.0, 1.0)
+    lo, hi = _overlay_range([np.zeros((4, 4))])
+    assert lo == 0.0 and hi > lo
+
+
 def test_run_eval_is_honest_about_bad_maps(dataset):
     # an inverted scorer must score badly: the evaluation really uses the predictions
     res = run_eval(dataset, scorer="test_pixelstat", shots=[1], categories=["metal_plate"], weights="tiny",

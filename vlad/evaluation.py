@@ -221,8 +221,7 @@ def _save_overlays(cat: Category, scores, maps, masks, folder: Path, n: int) -> 
     from vlad.visualize import panel
 
     folder.mkdir(parents=True, exist_ok=True)
-    vmin = float(min(m.min() for m in maps))
-    vmax = float(max(m.max() for m in maps))
+    vmin, vmax = _overlay_range(maps)
     written = []
     for i in _overlay_indices(cat, n):
         path = cat.test_paths[i]
@@ -233,6 +232,24 @@ def _save_overlays(cat: Category, scores, maps, masks, folder: Path, n: int) -> 
         panel(pixels, maps[i], mask, title=title, vmin=vmin, vmax=vmax).save(out)
         written.append(str(out))
     return written
+
+
+def _overlay_range(maps, sample: int = 4096) -> tuple[float, float]:
+    """The colour range shared by a category's overlays: from the median pixel of its test maps (the
+    typical surface shows as the coldest colour, so a map whose values sit just under its maximum does
+    not look hot everywhere) to their largest finite value. The median is taken on up to ``sample``
+    evenly spaced pixels of each map."""
+    typical, top = [], []
+    for m in maps:
+        flat = np.asarray(m, dtype=np.float32).reshape(-1)
+        flat = flat[np.isfinite(flat)]
+        if flat.size:
+            typical.append(flat[np.linspace(0, flat.size - 1, min(sample, flat.size)).astype(np.int64)])
+            top.append(float(flat.max()))
+    if not top:
+        return 0.0, 1.0
+    lo, hi = float(np.median(np.concatenate(typical))), max(top)
+    return lo, (hi if hi > lo else lo + 1e-6)
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float | int]:

@@ -160,5 +160,5 @@ def panel(image, amap, mask=None, title: str | None = None, vmin: float | None =
     for i, tile in enumerate(tiles):
         canvas.paste(Image.fromarray(tile), (i * (w + gap), header))
     if title is not None:
-        ImageDraw.Draw(canvas).text((2, 2), f"{title}   [map {lo:.3g} .. {hi:.3g}]", fill=(0, 0, 0))
+        ImageDraw.Draw(canvas).text((2, 2), f"{title}   [colours {lo:.3g} .. {hi:.3g}]", fill=(0, 0, 0))
     return canvas
