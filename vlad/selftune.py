@@ -22,13 +22,12 @@ defects are not known when it is set up. What is known are its good images. So a
    ``image AUROC + PIXEL_WEIGHT x pixel AUROC``.
 3. Training is judged by the best candidate's figure averaged over the last ``SMOOTHING`` evaluations,
    those not yet made counting at chance (a single lucky evaluation of a barely trained model does not
-   win); a scorer may judge it by the
-   candidates of some of its error terms only (``JUDGED_TERMS``: DRAEM's probability map, which needs
-   the training, and not its reconstruction error, which separates defects almost untrained). It keeps the weights at the end
-   of the best such stretch and stops when ``patience`` evaluations in a row have not beaten it by
-   ``MIN_DELTA``, never before ``MIN_FRACTION`` of the budget: the held-out loss of a handful of images
-   is too noisy a yardstick, a separation measured on dozens of images with and without defects is the
-   one that matters.
+   win); a scorer may judge it by the candidates of some of its error terms only (``JUDGED_TERMS``:
+   DRAEM's probability map, which needs the training, and not its reconstruction error, which separates
+   defects almost untrained). It keeps the weights at the end of the best such stretch and stops when
+   ``patience`` evaluations in a row have not beaten it by ``MIN_DELTA``, never before ``MIN_FRACTION``
+   of the budget: the held-out loss of a handful of images is too noisy a yardstick, a separation
+   measured on dozens of images with and without defects is the one that matters.
 4. The best candidate at the kept weights becomes the scorer's map rule. What was chosen, every
    candidate's figures there, the curve over training and the synthetic settings are saved with the
    model: :class:`SelectionReport`, through the scorer's ``selection_report()``.
