@@ -77,13 +77,14 @@ class Gated:
 class Server:
     """An app from ``create_app`` served by uvicorn in a thread."""
 
-    def __init__(self, detector, **options) -> None:
+    def __init__(self, detector, wrap=None, **options) -> None:
         from vlad.serve import create_app
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = create_app(detector, **options)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        served = wrap(self.app) if wrap is not None else self.app  # e.g. the Ray Serve proxy's middleware
+        config = uvicorn.Config(served, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -458,3 +459,81 @@ def test_metrics_text(server):
                  "vlad_serve_request_seconds_bucket", "vlad_serve_queue_images", "vlad_serve_ready 1.0"):
         assert name in text, name
     assert json.loads(server.client.get("/readyz").text)["detector"] == "patchcore"
+
+
+# -- behind the Ray Serve proxy's middleware (vlad.serve._ray._ReplicaLost), without Ray -----------------
+
+class BodyTakenByALostReplica:
+    """The hop from Ray Serve's proxy to a replica, when the replica the request was first sent to died
+    after it had taken the body from the proxy's queue: the request reaches the app with its scope, and a
+    ``receive`` whose body is gone (it answers only the client's disconnect)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        message = await receive()  # the lost replica read the body
+        while message["type"] == "http.request" and message.get("more_body"):
+            message = await receive()
+
+        async def emptied():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return message
+
+        await self.app(scope, emptied, send)
+
+
+def test_a_request_rerouted_after_a_lost_replica_still_has_its_body(detector):
+    from vlad.serve._ray import _ReplicaLost
+
+    image = textured(21, 64)
+    expected = detector.predict([image])
+    srv = Server(detector, wrap=lambda app: _ReplicaLost(BodyTakenByALostReplica(app)), timeout_s=5,
+                 decode_threads=2)
+    try:
+        r = srv.client.post("/v1/score", content=png(image), headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text
+        assert abs(r.json()["results"][0]["score"] - float(expected.image_scores[0])) <= 1e-6
+        assert srv.client.get("/readyz").status_code == 200  # requests without a body pass unchanged
+    finally:
+        srv.close()
+    # without the proxy reading the body whole, the rerouted request waits for it until the timeout
+    bare = Server(detector, wrap=BodyTakenByALostReplica, timeout_s=1, decode_threads=2)
+    try:
+        r = bare.client.post("/v1/score", content=png(image), headers={"Content-Type": "image/png"})
+        assert r.status_code == 504 and r.json()["error"]["kind"] == "timeout"
+    finally:
+        bare.close()
+
+
+def test_the_proxy_middleware_keeps_the_body_limits(detector):
+    from vlad.serve._ray import _ReplicaLost
+
+    limit = 64 * 1024
+    srv = Server(detector, wrap=lambda app: _ReplicaLost(app, max_body_bytes=limit, timeout_s=1), timeout_s=30,
+                 max_body_mb=limit / 2**20, decode_threads=2)
+    try:
+        big = os.urandom(3 * limit)
+        for content in (big, iter([big[i:i + 8192] for i in range(0, len(big), 8192)])):  # declared, streamed
+            r = srv.client.post("/v1/score", content=content, headers={"Content-Type": "image/png"})
+            assert r.status_code == 413 and r.json()["error"]["kind"] == "body_too_large", r.text
+        one = png(textured(7, 32))
+        raw_request(srv.port, one[: len(one) // 2], declared=len(one)).close()  # left mid-upload
+        stalled = raw_request(srv.port, one[: len(one) // 2], declared=len(one))  # the rest never comes
+        answer = ""
+        try:
+            while "}" not in answer:  # the head, then the JSON body
+                chunk = stalled.recv(4096).decode("latin-1")
+                assert chunk, f"the connection closed after {answer!r}"
+                answer += chunk
+        finally:
+            stalled.close()
+        assert answer.startswith("HTTP/1.1 504") and '"timeout"' in answer, answer
+        r = srv.client.post("/v1/score", content=one, headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text
+    finally:
+        srv.close()

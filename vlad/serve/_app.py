@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlad.errors import ImageTooLargeError, InvalidImageError, VladError
 from vlad.serve._batcher import MicroBatcher
-from vlad.serve._body import MULTIPART, RAW_TYPES, BodyError, Part, media_type, split_multipart
+from vlad.serve._body import BODY_SCOPE_KEY, MULTIPART, RAW_TYPES, BodyError, Part, media_type, split_multipart
 from vlad.serve._metrics import PATHS, Metrics
 
 logger = logging.getLogger("vlad.serve")
@@ -144,13 +144,20 @@ class ServerState:
 
 async def _read_body(request, limit: int) -> bytes:
     """The body, refused (413) as soon as it is over ``limit`` bytes: by its Content-Length before any byte
-    is read, else while it streams in."""
+    is read, else while it streams in. A body the Ray Serve proxy read whole comes in the request's scope
+    (``BODY_SCOPE_KEY``), not from the stream."""
     from starlette.requests import ClientDisconnect
 
     declared = request.headers.get("content-length")
     if declared is not None and declared.strip().isdigit() and int(declared) > limit:
         raise ApiError(413, "body_too_large", f"the body has {int(declared)} bytes, over the limit of {limit} bytes "
                        "per request (the server's --max-body-mb)")
+    carried = request.scope.pop(BODY_SCOPE_KEY, None)  # popped: the caller's ``del`` then frees it
+    if isinstance(carried, bytes):  # read whole by the Ray Serve proxy (vlad.serve._ray)
+        if len(carried) > limit:
+            raise ApiError(413, "body_too_large", f"the body has {len(carried)} bytes, over the limit of {limit} "
+                           "bytes per request (the server's --max-body-mb)")
+        return carried
     body = bytearray()
     try:
         async for chunk in request.stream():

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 RAW_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/bmp", "image/x-ms-bmp", "image/tiff", "image/webp",
              "image/x-portable-anymap", "application/octet-stream")
 MULTIPART = "multipart/form-data"
+#: the ASGI scope key of a body read whole before the app (by the Ray Serve proxy's middleware, which sends
+#: it to the replica with the request); the app reads it instead of the request's body stream
+BODY_SCOPE_KEY = "vlad.body"
 
 
 class BodyError(Exception):

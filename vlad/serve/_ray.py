@@ -12,6 +12,12 @@ handed to it go to another replica; one it was scoring is lost with it: the prox
 proxy-side middleware (:func:`proxy_middlewares`, installed through Ray Serve's
 ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` in the Serve controller's environment) turns into
 ``503 replica_lost`` with ``Retry-After: 1``, so clients retry it as they retry ``queue_full``.
+
+The same middleware reads each request's body whole at the proxy and sends it to the replica inside the
+request (:data:`vlad.serve._body.BODY_SCOPE_KEY`). Ray Serve otherwise hands a body over from a queue in
+the proxy that the first replica to read it empties: when that replica died after reading the body but
+before the proxy heard that it took the request, the proxy sent the request to another replica, which
+waited for a body that never came until the server's timeout (504).
 docs/serve.md, "Scale out with Ray Serve".
 """
 
@@ -41,10 +47,30 @@ _CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 _PROXY_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
-def _controller_env() -> dict[str, str]:
-    """Environment of Serve's controller (its proxies inherit it): the proxy callback, and the proxies'
-    timeouts (this process's values where it sets them, also for a cluster started elsewhere)."""
-    return {_CALLBACK_ENV: _CALLBACK, **{k: os.environ.get(k, v) for k, v in _PROXY_PATIENCE.items()}}
+#: the proxy middleware's limits on the bodies it reads whole (the app's --max-body-mb and --timeout)
+_BODY_LIMIT_ENV = "VLAD_SERVE_PROXY_MAX_BODY_BYTES"
+_BODY_TIMEOUT_ENV = "VLAD_SERVE_PROXY_TIMEOUT_S"
+_DEFAULT_BODY_LIMIT = 64 * 1024 * 1024
+_DEFAULT_BODY_TIMEOUT_S = 60.0
+
+
+def _controller_env(options=None) -> dict[str, str]:
+    """Environment of Serve's controller (its proxies inherit it): the proxy callback, the limits of the
+    bodies it reads (``options``: a :class:`~vlad.serve.ServeOptions`), and the proxies' timeouts (this
+    process's values where it sets them, also for a cluster started elsewhere)."""
+    env = {_CALLBACK_ENV: _CALLBACK, **{k: os.environ.get(k, v) for k, v in _PROXY_PATIENCE.items()}}
+    if options is not None:
+        env[_BODY_LIMIT_ENV] = str(options.max_body_bytes)
+        env[_BODY_TIMEOUT_ENV] = repr(float(options.timeout_s))
+    return env
+
+
+def _env_number(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if math.isfinite(value) and value > 0 else default
 
 
 def require_ray_serve() -> None:
@@ -104,20 +130,44 @@ def replica_device(device: str | None, gpus: float) -> str | None:
     return "cuda"
 
 
-# -- the proxy side: a replica lost mid-request -> 503 the client can retry ----------------------------------
+# -- the proxy side: bodies read whole; a replica lost mid-request -> 503 the client can retry ---------------
 
 class _ReplicaLost:
-    """ASGI middleware on Ray Serve's proxy. When the replica scoring a request dies, the proxy ends the
-    request without an answer (its HTTP server would then send a bare ``500 Internal Server Error``); this
-    answers ``503 replica_lost`` with ``Retry-After: 1`` and the app's JSON error body instead, so that
-    clients retry it. Every answer a replica (or the proxy) started passes unchanged."""
+    """ASGI middleware on Ray Serve's proxy.
 
-    def __init__(self, app) -> None:
+    - It reads a request's body whole (up to ``max_body_bytes``, within ``timeout_s``) and puts it in the
+      request's scope, which Ray Serve sends to the replica with the request, so every replica the request
+      is routed to has the body (see the module's docstring). A body over the limit streams through as
+      before (the replica answers 413); a client that leaves mid-upload gets no answer.
+    - When the replica scoring a request dies, the proxy ends the request without an answer (its HTTP
+      server would then send a bare ``500 Internal Server Error``); this answers ``503 replica_lost`` with
+      ``Retry-After: 1`` and the app's JSON error body instead, so that clients retry it. Every answer a
+      replica (or the proxy) started passes unchanged.
+
+    ``max_body_bytes`` and ``timeout_s`` default to the values :func:`start` put in the proxy's
+    environment (else 64 MiB and 60 s).
+    """
+
+    def __init__(self, app, max_body_bytes: int | None = None, timeout_s: float | None = None) -> None:
         self.app = app
+        self.max_body_bytes = int(max_body_bytes or _env_number(_BODY_LIMIT_ENV, _DEFAULT_BODY_LIMIT))
+        self.timeout_s = float(timeout_s or _env_number(_BODY_TIMEOUT_ENV, _DEFAULT_BODY_TIMEOUT_S))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            import asyncio
+
+            try:
+                read = await asyncio.wait_for(_read_whole_body(scope, receive, self.max_body_bytes), self.timeout_s)
+            except asyncio.TimeoutError:
+                await _send_error(send, 504, "timeout", f"the request's body did not arrive within {self.timeout_s:g} "
+                                  "s (the server's --timeout); retry on a faster link, or send a smaller body")
+                return
+            if read is None:  # the client left mid-upload: nobody to answer
+                return
+            scope, receive = read
         started = False
 
         async def watched_send(message):
@@ -139,15 +189,57 @@ class _ReplicaLost:
             await _send_replica_lost(send)
 
 
-async def _send_replica_lost(send) -> None:
+async def _read_whole_body(scope, receive, limit: int):
+    """``(scope, receive)`` for the rest of the proxy: the body read whole into ``scope[BODY_SCOPE_KEY]``,
+    and a ``receive`` that gives one empty body message, then the client's own messages (its disconnect).
+    A body over ``limit`` (declared or read): ``receive`` replays what was read, then streams the rest.
+    None when the client disconnected before its body was complete."""
+    from vlad.serve._body import BODY_SCOPE_KEY
+
+    declared = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-length"), b"")
+    if declared.strip().isdigit() and int(declared) > limit:
+        return scope, receive
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            return None
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        more = message.get("more_body", False)
+        if size > limit:
+            return scope, _replaying(receive, {"type": "http.request", "body": b"".join(chunks), "more_body": more})
+        if not more:
+            break
+    return ({**scope, BODY_SCOPE_KEY: b"".join(chunks)},
+            _replaying(receive, {"type": "http.request", "body": b"", "more_body": False}))
+
+
+def _replaying(receive, first: dict):
+    """A ``receive`` that answers ``first`` once, then whatever ``receive`` answers."""
+    pending = [first]
+
+    async def replay():
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+async def _send_error(send, status: int, kind: str, message: str, headers: tuple = ()) -> None:
     import json
 
-    body = json.dumps({"error": {"kind": "replica_lost", "message": "the replica scoring this request stopped "
-                                 "before it answered (Ray Serve restarts it); retry the request"}}).encode()
-    await send({"type": "http.response.start", "status": 503,
-                "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1"),
+    body = json.dumps({"error": {"kind": kind, "message": message}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), *headers,
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _send_replica_lost(send) -> None:
+    await _send_error(send, 503, "replica_lost", "the replica scoring this request stopped before it answered (Ray "
+                      "Serve restarts it); retry the request", ((b"retry-after", b"1"),))
 
 
 def proxy_middlewares() -> list:
@@ -297,7 +389,7 @@ def start(path: str, host: str, port: int, *, replicas: int, gpus_per_replica: f
         try:
             serve.start(http_options={"host": host, "port": port, "request_timeout_s": options.timeout_s + 10,
                                       "keep_alive_timeout_s": 30},
-                        controller_options={"runtime_env": {"env_vars": _controller_env()}})
+                        controller_options={"runtime_env": {"env_vars": _controller_env(options)}})
         except (RayError, TimeoutError) as exc:
             raise VladError(
                 f"Ray Serve could not start its HTTP proxy on {host}:{port} ({type(exc).__name__}: "
