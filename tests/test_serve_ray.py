@@ -3,8 +3,10 @@
 One local Ray (2 CPUs) per module serves a tiny saved PatchCore detector with 2 replicas: both answer the
 scores of ``Detector.predict``; a replica killed while requests stream in loses no request (each is
 answered, or answered 503 ``replica_lost`` with ``Retry-After`` and succeeds when retried), and once
-Ray Serve has replaced it every request succeeds. The checks of options, the CLI and the proxy middleware
-run without Ray. Skipped without Ray Serve (``pip install -e ".[serve-ray]"``); in CI its absence fails.
+Ray Serve has replaced it every request succeeds; a replica that dies after reading a request's body but
+before the proxy heard that it took the request (made certain by ``ray_race_replica.py``) costs that request
+nothing. The checks of options, the CLI and the proxy middleware run without Ray. Skipped without Ray
+Serve (``pip install -e ".[serve-ray]"``); in CI its absence fails.
 """
 
 from __future__ import annotations
@@ -120,6 +122,22 @@ def test_the_proxy_gets_time_to_start_on_a_busy_machine_unless_the_user_chose(mo
     assert R._controller_env()["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == "7"  # the user's value is kept
 
 
+def test_the_proxy_reads_bodies_within_the_servers_limits(monkeypatch):
+    from vlad.serve import ServeOptions
+    from vlad.serve import _ray as R
+
+    env = R._controller_env(ServeOptions(max_body_mb=2, timeout_s=7))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    middleware = R._ReplicaLost(app=None)
+    assert middleware.max_body_bytes == 2 * 2**20 and middleware.timeout_s == 7
+    monkeypatch.setenv(R._BODY_LIMIT_ENV, "nonsense")
+    monkeypatch.delenv(R._BODY_TIMEOUT_ENV)
+    middleware = R._ReplicaLost(app=None)  # Serve started elsewhere, by hand: vlad's defaults
+    defaults = ServeOptions()
+    assert middleware.max_body_bytes == defaults.max_body_bytes and middleware.timeout_s == defaults.timeout_s
+
+
 def test_proxy_middleware_turns_a_lost_request_into_a_retryable_503():
     import json
 
@@ -155,12 +173,20 @@ def detector_dir(tmp_path_factory, one_thread):
 
 
 @pytest.fixture(scope="module")
-def cluster(detector_dir):
-    """Two replicas behind Ray Serve's proxy on a free loopback port; yields its URL."""
+def race_dir(tmp_path_factory):
+    """Where tests arm the replicas of ``tests/ray_race_replica.py`` (and find whether one died)."""
+    return tmp_path_factory.mktemp("race")
+
+
+@pytest.fixture(scope="module")
+def cluster(detector_dir, race_dir):
+    """Two replicas behind Ray Serve's proxy on a free loopback port; yields its URL. The replicas are
+    ``ray_race_replica.RaceReplica`` (``VladReplica`` until a test arms them) where this Ray allows it."""
     if not HAVE_RAY_SERVE:
         pytest.skip('Ray Serve is not installed: pip install "vlad-inspect[serve-ray]"')
     import ray
 
+    import ray_race_replica
     from vlad.serve import ServeOptions
     from vlad.serve import _ray as R
 
@@ -172,8 +198,14 @@ def cluster(detector_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    started = R.start(str(detector_dir), "127.0.0.1", port, replicas=2, gpus_per_replica=0, cpus_per_replica=1,
-                      device="cpu", precision=None, options=options, num_cpus=2)
+    with pytest.MonkeyPatch.context() as mp:  # Ray's workers inherit this environment from ray.init
+        if ray_race_replica.patchable():
+            mp.setattr(R, "VladReplica", ray_race_replica.RaceReplica)
+        mp.setenv("VLAD_TEST_RACE_DIR", str(race_dir))
+        here = os.path.dirname(os.path.abspath(__file__))
+        mp.setenv("PYTHONPATH", os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])]))
+        started = R.start(str(detector_dir), "127.0.0.1", port, replicas=2, gpus_per_replica=0,
+                          cpus_per_replica=1, device="cpu", precision=None, options=options, num_cpus=2)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -185,6 +217,19 @@ def _replica_actors() -> list[str]:
 
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["name"].startswith("SERVE_REPLICA::") and "VladReplica" in a["name"])
+
+
+def _wait_two_replicas(gone: str | None, since: float) -> None:
+    """Until two replicas run again, ``gone`` not among them (at most 90 s after ``since``)."""
+    from ray import serve
+
+    while True:
+        names = _replica_actors()
+        if gone not in names and len(names) == 2:
+            if str(serve.status().applications["vlad"].status).endswith("RUNNING"):
+                return
+        assert time.monotonic() - since < 90, f"no replacement replica after 90 s: {names}"
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
@@ -244,11 +289,6 @@ def test_killed_replica_loses_no_request(cluster):
                         tries.append(type(exc).__name__)
                         break
                     tries.append(r.status_code)
-                    if r.status_code == 504 and tries.count(504) == 1:
-                        # no answer within the server's timeout: the API says retry later. Seen once in
-                        # 1293 requests around the kill on a loaded 2-core machine (cause not yet found);
-                        # retried once, and counted below
-                        continue
                     if r.status_code != 503 or time.monotonic() > give_up:
                         break
                     assert r.headers.get("retry-after"), r.headers
@@ -265,18 +305,8 @@ def test_killed_replica_loses_no_request(cluster):
     victims = _replica_actors()
     assert len(victims) == 2, victims
     ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
-    killed_at = time.monotonic()
     # Ray Serve notices and starts a replacement; wait for two live replicas again, under load
-    while True:
-        names = _replica_actors()
-        if victims[0] not in names and len(names) == 2:
-            from ray import serve
-
-            status = serve.status().applications["vlad"]
-            if str(status.status).endswith("RUNNING"):
-                break
-        assert time.monotonic() - killed_at < 90, f"no replacement replica after 90 s: {names}"
-        time.sleep(0.5)
+    _wait_two_replicas(victims[0], time.monotonic())
     time.sleep(1.0)
     stop.set()
     for t in threads:
@@ -285,11 +315,8 @@ def test_killed_replica_loses_no_request(cluster):
     print(f"first answers around the kill: {dict(first_statuses)}")  # e.g. {200: 300, 503: 4} (pytest -s)
     failed = [o for o in outcomes if o[-1] != 200]
     assert not failed, f"requests lost: {failed[:5]} ({len(failed)} of {len(outcomes)}); first answers {first_statuses}"
-    # every first answer was a score, a retryable 503 or, rarely, a timeout; never a bare 500 or a dropped
-    # connection
-    assert set(first_statuses) <= {200, 503, 504}, first_statuses
-    timeouts = sum(o.count(504) for o in outcomes)
-    assert timeouts <= max(1, len(outcomes) // 100), f"{timeouts} timeouts in {len(outcomes)} requests"
+    # every first answer was a score or a retryable 503; never a bare 500, a timeout or a dropped connection
+    assert set(first_statuses) <= {200, 503}, first_statuses
     # after recovery: every request answered, by both replicas
     with httpx.Client(base_url=cluster, timeout=60) as client:
         replicas = collections.Counter()
@@ -298,3 +325,34 @@ def test_killed_replica_loses_no_request(cluster):
             assert r.status_code == 200, r.text
             replicas[r.headers["x-vlad-replica"]] += 1
         assert victims[0].rsplit("#", 1)[-1] not in replicas
+
+
+@pytest.mark.slow
+@needs_ray_serve
+def test_a_request_whose_replica_died_after_reading_its_body_is_scored_by_another(cluster, race_dir):
+    """The race behind a rare 504 around a killed replica (1 in about 1,300 requests on a busy machine),
+    made certain: the replica took the request and read its body, but died before the proxy's router heard
+    that it had taken it, so the router sent the request to the other replica. Ray Serve hands a body
+    over only once; the proxy's middleware carries it with the request, so the other replica scores it."""
+    import ray_race_replica
+
+    if not ray_race_replica.patchable():
+        pytest.skip("this Ray Serve has no Replica.handle_request_with_rejection to hold back")
+    body = png(textured(31, 64))
+    with httpx.Client(base_url=cluster, timeout=90) as client:
+        before = _replica_actors()
+        (race_dir / "armed").touch()
+        try:
+            t0 = time.monotonic()
+            r = client.post("/v1/score", content=body, headers={"Content-Type": "image/png"})
+            took = time.monotonic() - t0
+        finally:
+            (race_dir / "armed").unlink()
+        assert (race_dir / "died").exists(), "no replica took the armed request"
+        assert r.status_code == 200, r.text
+        assert took < 30, f"answered after {took:.0f} s"
+        since = time.monotonic()
+        while set(before) <= set(_replica_actors()):
+            assert time.monotonic() - since < 90, "the replica that died is still listed"
+            time.sleep(0.2)
+        _wait_two_replicas(next(n for n in before if n not in _replica_actors()), since)
