@@ -537,3 +537,27 @@ def test_the_proxy_middleware_keeps_the_body_limits(detector):
         assert r.status_code == 200, r.text
     finally:
         srv.close()
+
+
+def test_the_timeout_counts_from_the_arrival_at_the_proxy(gated):
+    """Behind the Ray Serve proxy, the time spent there (reading the body) counts toward --timeout."""
+    from vlad.serve._body import ARRIVED_SCOPE_KEY
+
+    def arrived_long_ago(app):
+        async def wrapped(scope, receive, send):
+            if scope["type"] == "http" and scope["method"] == "POST":
+                scope = {**scope, ARRIVED_SCOPE_KEY: time.time() - 29.5}
+            await app(scope, receive, send)
+
+        return wrapped
+
+    srv = Server(gated, wrap=arrived_long_ago, timeout_s=30, decode_threads=2)
+    try:
+        gated.open.clear()  # the model is busy: only the timeout answers
+        t0 = time.monotonic()
+        r = srv.client.post("/v1/score", content=png(textured(8, 32)), headers={"Content-Type": "image/png"})
+        assert r.status_code == 504 and r.json()["error"]["kind"] == "timeout", r.text
+        assert time.monotonic() - t0 < 10  # 0.5 s were left of 30, not 30
+    finally:
+        gated.open.set()
+        srv.close()

@@ -21,7 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlad.errors import ImageTooLargeError, InvalidImageError, VladError
 from vlad.serve._batcher import MicroBatcher
-from vlad.serve._body import BODY_SCOPE_KEY, MULTIPART, RAW_TYPES, BodyError, Part, media_type, split_multipart
+from vlad.serve._body import (ARRIVED_SCOPE_KEY, BODY_SCOPE_KEY, MULTIPART, RAW_TYPES, BodyError, Part, media_type,
+                              split_multipart)
 from vlad.serve._metrics import PATHS, Metrics
 
 logger = logging.getLogger("vlad.serve")
@@ -184,6 +185,16 @@ def _decode(part: Part):
         raise ApiError(422, "invalid_image", f"{part.name}: cannot be decoded ({type(exc).__name__}: {exc})") from None
 
 
+def _time_left(scope, timeout_s: float) -> float:
+    """Seconds left of ``timeout_s`` for a request: all of it, less the time since it reached the Ray Serve
+    proxy where that put its arrival in the scope (``ARRIVED_SCOPE_KEY``; a clock that disagrees by more
+    than the timeout counts as none elapsed, or all)."""
+    arrived = scope.get(ARRIVED_SCOPE_KEY)
+    if not isinstance(arrived, float):
+        return timeout_s
+    return timeout_s - min(max(time.time() - arrived, 0.0), timeout_s)
+
+
 async def _wait_disconnect(receive) -> None:
     """Returns when the client closes the connection (called once the body has been read)."""
     while True:
@@ -284,7 +295,7 @@ def create_app(detector, options=None, **kwargs):
         t0 = time.perf_counter()
         state.check_token(request.headers.get("authorization"))
         try:
-            answer = await asyncio.wait_for(_score(request), options.timeout_s)
+            answer = await asyncio.wait_for(_score(request), _time_left(request.scope, options.timeout_s))
         except asyncio.TimeoutError:
             raise ApiError(504, "timeout", f"no answer within {options.timeout_s:g} s (the server's --timeout); "
                            "the server is busy: retry later, or send fewer images per request") from None

@@ -11,6 +11,9 @@ MULTIPART = "multipart/form-data"
 #: the ASGI scope key of a body read whole before the app (by the Ray Serve proxy's middleware, which sends
 #: it to the replica with the request); the app reads it instead of the request's body stream
 BODY_SCOPE_KEY = "vlad.body"
+#: the ASGI scope key of the wall-clock time (``time.time()``) the request reached that proxy: the app's
+#: timeout counts from it, so the time spent reading the body there counts too
+ARRIVED_SCOPE_KEY = "vlad.arrived"
 
 
 class BodyError(Exception):

@@ -138,7 +138,8 @@ class _ReplicaLost:
     - It reads a request's body whole (up to ``max_body_bytes``, within ``timeout_s``) and puts it in the
       request's scope, which Ray Serve sends to the replica with the request, so every replica the request
       is routed to has the body (see the module's docstring). A body over the limit streams through as
-      before (the replica answers 413); a client that leaves mid-upload gets no answer.
+      before (the replica answers 413); a client that leaves mid-upload gets no answer. The scope also
+      carries the time the request arrived, from which the replica counts its timeout.
     - When the replica scoring a request dies, the proxy ends the request without an answer (its HTTP
       server would then send a bare ``500 Internal Server Error``); this answers ``503 replica_lost`` with
       ``Retry-After: 1`` and the app's JSON error body instead, so that clients retry it. Every answer a
@@ -158,7 +159,11 @@ class _ReplicaLost:
             return await self.app(scope, receive, send)
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             import asyncio
+            import time
 
+            from vlad.serve._body import ARRIVED_SCOPE_KEY
+
+            scope = {**scope, ARRIVED_SCOPE_KEY: time.time()}
             try:
                 read = await asyncio.wait_for(_read_whole_body(scope, receive, self.max_body_bytes), self.timeout_s)
             except asyncio.TimeoutError:
