@@ -461,7 +461,7 @@ def test_metrics_text(server):
     assert json.loads(server.client.get("/readyz").text)["detector"] == "patchcore"
 
 
-# -- behind the Ray Serve proxy's middleware (vlad.serve._ray._ReplicaLost), without Ray -----------------
+# -- behind the Ray Serve proxy's middleware (vlad.serve._ray._ProxyMiddleware), without Ray -----------------
 
 class BodyTakenByALostReplica:
     """The hop from Ray Serve's proxy to a replica, when the replica the request was first sent to died
@@ -488,11 +488,11 @@ class BodyTakenByALostReplica:
 
 
 def test_a_request_rerouted_after_a_lost_replica_still_has_its_body(detector):
-    from vlad.serve._ray import _ReplicaLost
+    from vlad.serve._ray import _ProxyMiddleware
 
     image = textured(21, 64)
     expected = detector.predict([image])
-    srv = Server(detector, wrap=lambda app: _ReplicaLost(BodyTakenByALostReplica(app)), timeout_s=5,
+    srv = Server(detector, wrap=lambda app: _ProxyMiddleware(BodyTakenByALostReplica(app)), timeout_s=5,
                  decode_threads=2)
     try:
         r = srv.client.post("/v1/score", content=png(image), headers={"Content-Type": "image/png"})
@@ -511,10 +511,10 @@ def test_a_request_rerouted_after_a_lost_replica_still_has_its_body(detector):
 
 
 def test_the_proxy_middleware_keeps_the_body_limits(detector):
-    from vlad.serve._ray import _ReplicaLost
+    from vlad.serve._ray import _ProxyMiddleware
 
     limit = 64 * 1024
-    srv = Server(detector, wrap=lambda app: _ReplicaLost(app, max_body_bytes=limit, timeout_s=1), timeout_s=30,
+    srv = Server(detector, wrap=lambda app: _ProxyMiddleware(app, max_body_bytes=limit, timeout_s=1), timeout_s=30,
                  max_body_mb=limit / 2**20, decode_threads=2)
     try:
         big = os.urandom(3 * limit)

@@ -129,11 +129,11 @@ def test_the_proxy_reads_bodies_within_the_servers_limits(monkeypatch):
     env = R._controller_env(ServeOptions(max_body_mb=2, timeout_s=7))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    middleware = R._ReplicaLost(app=None)
+    middleware = R._ProxyMiddleware(app=None)
     assert middleware.max_body_bytes == 2 * 2**20 and middleware.timeout_s == 7
     monkeypatch.setenv(R._BODY_LIMIT_ENV, "nonsense")
     monkeypatch.delenv(R._BODY_TIMEOUT_ENV)
-    middleware = R._ReplicaLost(app=None)  # Serve started elsewhere, by hand: vlad's defaults
+    middleware = R._ProxyMiddleware(app=None)  # Serve started elsewhere, by hand: vlad's defaults
     defaults = ServeOptions()
     assert middleware.max_body_bytes == defaults.max_body_bytes and middleware.timeout_s == defaults.timeout_s
 
@@ -141,7 +141,7 @@ def test_the_proxy_reads_bodies_within_the_servers_limits(monkeypatch):
 def test_proxy_middleware_turns_a_lost_request_into_a_retryable_503():
     import json
 
-    from vlad.serve._ray import _ReplicaLost
+    from vlad.serve._ray import _ProxyMiddleware
 
     async def lost(scope, receive, send):  # the proxy when the replica died: returns without an answer
         return None
@@ -154,10 +154,10 @@ def test_proxy_middleware_turns_a_lost_request_into_a_retryable_503():
         await send({"type": "http.response.body", "body": b'{"error": {"kind": "internal"}}'})
 
     for inner in (lost, raising):
-        status, headers, body = _asgi(_ReplicaLost(inner))
+        status, headers, body = _asgi(_ProxyMiddleware(inner))
         assert status == 503 and headers[b"retry-after"] == b"1"
         assert json.loads(body)["error"]["kind"] == "replica_lost"
-    status, headers, body = _asgi(_ReplicaLost(answered))
+    status, headers, body = _asgi(_ProxyMiddleware(answered))
     assert status == 500 and b"internal" in body
 
 

@@ -132,7 +132,7 @@ def replica_device(device: str | None, gpus: float) -> str | None:
 
 # -- the proxy side: bodies read whole; a replica lost mid-request -> 503 the client can retry ---------------
 
-class _ReplicaLost:
+class _ProxyMiddleware:
     """ASGI middleware on Ray Serve's proxy.
 
     - It reads a request's body whole (up to ``max_body_bytes``, within ``timeout_s``) and puts it in the
@@ -251,7 +251,7 @@ def proxy_middlewares() -> list:
     """The middlewares Ray Serve's HTTP proxy applies (named by ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``)."""
     from starlette.middleware import Middleware
 
-    return [Middleware(_ReplicaLost)]
+    return [Middleware(_ProxyMiddleware)]
 
 
 # -- the replicas ---------------------------------------------------------------------------------------------
@@ -390,7 +390,7 @@ def start(path: str, host: str, port: int, *, replicas: int, gpus_per_replica: f
 
     started = connect(address, num_cpus)
     try:
-        # the controller starts the proxies, which inherit its environment: the middleware of _ReplicaLost
+        # the controller starts the proxies, which inherit its environment: _ProxyMiddleware and its limits
         try:
             serve.start(http_options={"host": host, "port": port, "request_timeout_s": options.timeout_s + 10,
                                       "keep_alive_timeout_s": 30},
