@@ -23,16 +23,21 @@ docs/serve.md, "Scale out with Ray Serve".
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import json
 import logging
 import math
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from vlad.errors import InvalidParameterError, VladError
+from vlad.serve import ServeOptions
+from vlad.serve._body import ARRIVED_SCOPE_KEY, BODY_SCOPE_KEY
 
 logger = logging.getLogger("vlad.serve")
 
@@ -50,8 +55,6 @@ _PROXY_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PRO
 #: the proxy middleware's limits on the bodies it reads whole (the app's --max-body-mb and --timeout)
 _BODY_LIMIT_ENV = "VLAD_SERVE_PROXY_MAX_BODY_BYTES"
 _BODY_TIMEOUT_ENV = "VLAD_SERVE_PROXY_TIMEOUT_S"
-_DEFAULT_BODY_LIMIT = 64 * 1024 * 1024
-_DEFAULT_BODY_TIMEOUT_S = 60.0
 
 
 def _controller_env(options=None) -> dict[str, str]:
@@ -146,23 +149,19 @@ class _ProxyMiddleware:
       replica (or the proxy) started passes unchanged.
 
     ``max_body_bytes`` and ``timeout_s`` default to the values :func:`start` put in the proxy's
-    environment (else 64 MiB and 60 s).
+    environment (else those of :class:`~vlad.serve.ServeOptions`).
     """
 
     def __init__(self, app, max_body_bytes: int | None = None, timeout_s: float | None = None) -> None:
         self.app = app
-        self.max_body_bytes = int(max_body_bytes or _env_number(_BODY_LIMIT_ENV, _DEFAULT_BODY_LIMIT))
-        self.timeout_s = float(timeout_s or _env_number(_BODY_TIMEOUT_ENV, _DEFAULT_BODY_TIMEOUT_S))
+        defaults = ServeOptions()
+        self.max_body_bytes = int(max_body_bytes or _env_number(_BODY_LIMIT_ENV, defaults.max_body_bytes))
+        self.timeout_s = float(timeout_s or _env_number(_BODY_TIMEOUT_ENV, defaults.timeout_s))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if scope.get("method") in ("POST", "PUT", "PATCH"):
-            import asyncio
-            import time
-
-            from vlad.serve._body import ARRIVED_SCOPE_KEY
-
             scope = {**scope, ARRIVED_SCOPE_KEY: time.time()}
             try:
                 read = await asyncio.wait_for(_read_whole_body(scope, receive, self.max_body_bytes), self.timeout_s)
@@ -199,8 +198,6 @@ async def _read_whole_body(scope, receive, limit: int):
     and a ``receive`` that gives one empty body message, then the client's own messages (its disconnect).
     A body over ``limit`` (declared or read): ``receive`` replays what was read, then streams the rest.
     None when the client disconnected before its body was complete."""
-    from vlad.serve._body import BODY_SCOPE_KEY
-
     declared = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-length"), b"")
     if declared.strip().isdigit() and int(declared) > limit:
         return scope, receive
@@ -233,8 +230,6 @@ def _replaying(receive, first: dict):
 
 
 async def _send_error(send, status: int, kind: str, message: str, headers: tuple = ()) -> None:
-    import json
-
     body = json.dumps({"error": {"kind": kind, "message": message}}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), *headers,
@@ -414,8 +409,6 @@ def start(path: str, host: str, port: int, *, replicas: int, gpus_per_replica: f
 
 def _wait_running(stop_event: threading.Event | None = None, timeout_s: float = 3600.0) -> None:
     """Until the application is RUNNING; raises VladError when it fails to deploy (a replica's error)."""
-    import time
-
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
