@@ -179,6 +179,9 @@ def test_quality_bench_prints_each_lines_choice_beside_the_real_figure(tmp_path,
     for row in rows:
         assert 0.0 <= row["synthetic_image_auroc"][0] <= 1.0 and 0.0 <= row["metrics"]["image_auroc"][0] <= 1.0
         assert row["rules"][0]  # the rule the line chose, by name
+        # the ceiling of the choice: the best of the line's own candidates on the real defects, never below it
+        assert row["metrics"]["image_auroc"][0] <= row["hindsight_image_auroc"][0] <= 1.0
+    assert "hindsight" in text
 
 
 def test_selection_bench_runs(capsys):
