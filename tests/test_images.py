@@ -51,6 +51,28 @@ def test_gray_rgba_palette_16bit(tmp_path):
     np.testing.assert_allclose(load_image(deep).pixels[..., 0], deep / 65535, atol=1e-6)
 
 
+def _pgm(path, samples: np.ndarray, maxval: int) -> None:
+    """A binary netpbm greyscale file, as a machine-vision camera writes it (big-endian above 8 bits)."""
+    dtype = ">u2" if maxval > 255 else np.uint8
+    header = b"P5\n%d %d\n%d\n" % (samples.shape[1], samples.shape[0], maxval)
+    path.write_bytes(header + samples.astype(dtype).tobytes())
+
+
+def test_netpbm_files_keep_their_bit_depth(tmp_path):
+    # a dim 16-bit frame (every sample under 256) is not an 8-bit one: 200 is 200/65535, not 200/255
+    dim = np.full((12, 16), 200)
+    dim[0, 0] = 100
+    _pgm(tmp_path / "dim16.pgm", dim, 65535)
+    np.testing.assert_allclose(load_image(tmp_path / "dim16.pgm").pixels[..., 0], dim / 65535, atol=1e-6)
+    # a 12-bit camera's file (maxval 4095): full scale is 1
+    twelve = np.tile(np.array([0, 100, 2048, 4095]), (12, 4))
+    _pgm(tmp_path / "twelve.pgm", twelve, 4095)
+    np.testing.assert_allclose(load_image(tmp_path / "twelve.pgm").pixels[..., 1], twelve / 4095, atol=1e-4)
+    eight = (np.arange(12 * 16).reshape(12, 16) % 256)
+    _pgm(tmp_path / "eight.pgm", eight, 255)
+    np.testing.assert_allclose(load_image(tmp_path / "eight.pgm").pixels[..., 2], eight / 255, atol=1e-6)
+
+
 def test_jpeg_exif_rotation(tmp_path):
     arr = np.zeros((20, 40, 3), np.uint8)
     arr[:, :20] = 255  # left half white
@@ -160,6 +182,11 @@ def test_folders(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png"]
     assert len(expand_paths([tmp_path, tmp_path / "b.png"])) == 3
+    # the formats machine-vision cameras write are found in a folder too, and read
+    for name in ("c.pgm", "d.ppm", "e.gif"):
+        Image.fromarray(_rgb()).convert("L" if name.endswith(".pgm") else "RGB").save(tmp_path / name)
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png", "c.pgm", "d.ppm", "e.gif"]
+    assert all(i.pixels.shape == (20, 30, 3) for i in load_images(list_images(tmp_path)))
     with pytest.raises(InvalidImageError, match="no image files"):
         list_images(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else tmp_path)
     with pytest.raises(InvalidImageError, match="is a folder"):

@@ -206,6 +206,17 @@ def test_answers_equal_predict(server, detector):
     assert "map" not in server.client.post("/v1/score", content=png(imgs[0])).json()["results"][0]
 
 
+def test_a_twelve_bit_netpbm_body_is_scored_as_the_library_scores_the_file(server, detector, tmp_path):
+    # machine-vision cameras write netpbm, 12-bit ones with maxval 4095: the server takes it under its own
+    # content type and scores the same pixels as Detector.predict on the file
+    grey = textured(13, 64)[..., 0].astype(np.int64) * 16  # 8-bit samples spread over 12 bits
+    body = b"P5\n64 64\n4095\n" + grey.astype(">u2").tobytes()
+    (tmp_path / "frame.pgm").write_bytes(body)
+    r = server.client.post("/v1/score", content=body, headers={"Content-Type": "image/x-portable-graymap"})
+    assert r.status_code == 200, r.text
+    check_rows(r.json()["results"], detector.predict([str(tmp_path / "frame.pgm")]), ["body"])
+
+
 def test_requests_arriving_together_share_a_batch(server, gate, detector):
     imgs = images()
     answers = {}

@@ -34,7 +34,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageTooLargeError, InvalidImageError
 from .types import ImageFailure
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+#: what a folder is searched for: the common formats, the netpbm family that machine-vision cameras write
+#: (8 to 16 bits), and GIF (its first frame)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm", ".pbm", ".gif")
 MIN_SIZE = 8  # smaller images cannot give a meaningful map from any backbone
 #: environment variable setting the pixel limit for files (whole number of pixels; 0 = no limit)
 MAX_PIXELS_ENV = "VLAD_MAX_IMAGE_PIXELS"
@@ -74,7 +76,10 @@ def _pil_to_array(img: Image.Image, name: str) -> np.ndarray:
         img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        # Pillow spreads a netpbm file's samples over 0..65535 whenever its maxval is above 255 (12-bit
+        # cameras write 4095), so a dim one with every sample under 256 is still 16-bit, not 8-bit
+        sixteen = img.mode.startswith("I;16") or img.format == "PPM"
+        peak = 65535.0 if sixteen or arr.max() > 255 else 255.0
         arr = np.clip(arr / peak, 0.0, 1.0)[..., None].repeat(3, axis=2)
         return arr.astype(np.float32)
     if img.mode == "F":

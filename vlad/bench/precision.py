@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from vlad.bench._util import machine_line
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+from vlad.images import IMAGE_SUFFIXES
 
 
 def _images(folder: Path) -> list[Path]:

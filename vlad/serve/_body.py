@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 #: raw bodies holding one image file (the decoder recognises the format from the bytes, not from this)
 RAW_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/bmp", "image/x-ms-bmp", "image/tiff", "image/webp",
-             "image/x-portable-anymap", "application/octet-stream")
+             "image/x-portable-anymap", "image/x-portable-graymap", "image/x-portable-pixmap",
+             "image/x-portable-bitmap", "image/gif", "application/octet-stream")
 MULTIPART = "multipart/form-data"
 #: the ASGI scope key of a body read whole before the app (by the Ray Serve proxy's middleware, which sends
 #: it to the replica with the request); the app reads it instead of the request's body stream
