@@ -139,6 +139,35 @@ def test_one_lucky_first_evaluation_is_not_a_stretch():
     assert st.smoothed([0.9]) < st.smoothed([0.9, 0.9, 0.9]) == pytest.approx(0.9)
 
 
+def test_training_can_be_judged_by_the_image_auroc_alone():
+    # the autoencoder judges how long to train by the synthetic image AUROC alone (JUDGE_PIXEL_WEIGHT = 0):
+    # the curve carries the best candidate by that figure, and evaluations not yet made count at 0.5
+    held = _canvas(4)
+    validation = st.make_validation_set(held, [(0, 0, 64, 64)] * 4, seed=1)
+
+    def raw(x: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(int(x.shape[0]))
+        noise = torch.rand(x.shape[0], 2, 64, 64, generator=gen)
+        if x is validation.defective:  # term a: the whole image brighter; term b: the defect, faintly
+            noise[:, 0] += 0.3
+            noise[:, 1] += 1.0 * validation.masks.float()
+        return noise
+
+    rules = [MapRule("global", 2.0, k, (t,)) for t in (0, 1) for k in (0.0, 0.05)]
+    by_image = st.SelfTuner(raw, _canvas(3), validation, rules, ("a", "b"), judge_pixel_weight=0.0)
+    figure = -(-by_image.evaluate(10))
+    ranked = by_image.history[10]
+    best = max(ranked, key=lambda c: c.image_auroc)
+    assert by_image.curve[0][1] == pytest.approx(best.image_auroc, abs=1e-5)
+    assert by_image.curve[0][2] == best.rule.label(("a", "b"))
+    assert figure == pytest.approx((best.image_auroc + 2 * 0.5) / 3, abs=1e-5)
+    by_rank = st.SelfTuner(raw, _canvas(3), validation, rules, ("a", "b"))
+    by_rank.evaluate(10)
+    assert by_rank.curve[0][1] == pytest.approx(by_rank.history[10][0].rank_key, abs=1e-5)
+    # the two figures disagree on which candidate is best here, so the test tells them apart
+    assert by_rank.curve[0][2] != by_image.curve[0][2]
+
+
 def test_rules_for_keeps_what_the_user_fixed():
     all_rules = st.rules_for(None, None, None, None, [(0,)])
     assert len(all_rules) == 3 * 3 * 3
@@ -164,6 +193,9 @@ def test_scorer_chooses_its_rule_and_reports_it(name, refs, tmp_path):
     keys = [c["image_auroc"] + st.PIXEL_WEIGHT * c["pixel_auroc"] for c in report.candidates]
     assert all(a >= b - 0.01 for a, b in zip(keys, keys[1:]))  # best first (figures rounded to 0.01)
     assert report.step in [s for s, *_ in report.curve]
+    if name == "autoencoder":  # its training is judged by the image AUROC alone (JUDGE_PIXEL_WEIGHT = 0)
+        judged_at = {s: key for s, key, _ in report.curve}[report.step]
+        assert judged_at == pytest.approx(max(c["image_auroc"] for c in report.candidates) / 100, abs=1e-4)
     assert "held-out references" in report.describe()
     # saved and loaded: the same rule, report and scores
     imgs = [textured(40), with_defect(textured(41))]

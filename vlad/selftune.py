@@ -24,10 +24,13 @@ defects are not known when it is set up. What is known are its good images. So a
    those not yet made counting at chance (a single lucky evaluation of a barely trained model does not
    win); a scorer may judge it by the candidates of some of its error terms only (``JUDGED_TERMS``:
    DRAEM's probability map, which needs the training, and not its reconstruction error, which separates
-   defects almost untrained). It keeps the weights at the end of the best such stretch and stops when
-   ``patience`` evaluations in a row have not beaten it by ``MIN_DELTA``, never before ``MIN_FRACTION``
-   of the budget: the held-out loss of a handful of images is too noisy a yardstick, a separation
-   measured on dozens of images with and without defects is the one that matters.
+   defects almost untrained), and may weigh the pixel AUROC differently there (``JUDGE_PIXEL_WEIGHT``:
+   the autoencoder judges by the image AUROC alone, as its error's pixel AUROC keeps rising with sharper
+   reconstructions whether or not its image scores separate better). It keeps the weights at the end of
+   the best such stretch and stops when ``patience`` evaluations in a row have not beaten it by
+   ``MIN_DELTA``, never before ``MIN_FRACTION`` of the budget: the held-out loss of a handful of images
+   is too noisy a yardstick, a separation measured on dozens of images with and without defects is the
+   one that matters.
 4. The best candidate at the kept weights becomes the scorer's map rule. What was chosen, every
    candidate's figures there, the curve over training and the synthetic settings are saved with the
    model: :class:`SelectionReport`, through the scorer's ``selection_report()``.
@@ -83,13 +86,13 @@ MAX_NEGATIVE_PIXELS = 40_000
 CHANCE_KEY = 0.5 * (1.0 + PIXEL_WEIGHT)
 
 
-def smoothed(keys: Sequence[float]) -> float:
+def smoothed(keys: Sequence[float], chance: float = CHANCE_KEY) -> float:
     """The figure training is judged by after the evaluations ``keys``: the mean of the last ``SMOOTHING``,
-    where evaluations not yet made count at chance (:data:`CHANCE_KEY`) -- so the first evaluation or two
-    of a barely trained model, however lucky, are not a stretch of good ones and their weights are not
-    kept over a later stretch that is as good."""
+    where evaluations not yet made count at ``chance`` (the key of a candidate that separates nothing) --
+    so the first evaluation or two of a barely trained model, however lucky, are not a stretch of good ones
+    and their weights are not kept over a later stretch that is as good."""
     last = list(keys[-SMOOTHING:])
-    return float(np.mean(last + [CHANCE_KEY] * (SMOOTHING - len(last))))
+    return float(np.mean(last + [chance] * (SMOOTHING - len(last))))
 
 
 @dataclass(frozen=True)
@@ -294,17 +297,20 @@ class SelfTuner:
         term_names: names of the raw maps' terms (for labels).
         judged_terms: training is judged by the best candidate that uses only these terms (None: any);
             the rule is still chosen among every candidate at the kept weights.
+        judge_pixel_weight: the weight of the pixel AUROC in the figure training is judged by
+            (``image AUROC + judge_pixel_weight x pixel AUROC``); the rule is still chosen by the rank key.
     """
 
     def __init__(self, raw: Callable[[torch.Tensor], torch.Tensor], stats_images: torch.Tensor,
                  validation: ValidationSet, rules: Sequence[MapRule], term_names: Sequence[str] | None = None,
-                 judged_terms: Sequence[int] | None = None):
+                 judged_terms: Sequence[int] | None = None, judge_pixel_weight: float = PIXEL_WEIGHT):
         if not rules:
             raise ValueError("no candidate map rules")
         self.raw, self.stats_images, self.validation = raw, stats_images, validation
         self.rules, self.term_names = list(rules), term_names
         judged = set(judged_terms) if judged_terms is not None else None
         self.judged = {r for r in self.rules if judged is None or set(r.terms) <= judged} or set(self.rules)
+        self.judge_pixel_weight = float(judge_pixel_weight)
         self.history: dict[int, list[Candidate]] = {}
         self.curve: list[list] = []
 
@@ -314,9 +320,14 @@ class SelfTuner:
         v = self.validation
         ranked = rank_rules(self.raw(v.clean), self.raw(v.defective), v.masks, v.boxes, stats, self.rules)
         self.history[int(step)] = ranked
-        best = next(c for c in ranked if c.rule in self.judged)
-        self.curve.append([int(step), round(best.rank_key, 5), best.rule.label(self.term_names)])
-        return smoothed([c[1] for c in self.curve])
+        key, best = max(((self._judge_key(c), -i), c) for i, c in enumerate(ranked) if c.rule in self.judged)
+        self.curve.append([int(step), round(key[0], 5), best.rule.label(self.term_names)])
+        return smoothed([c[1] for c in self.curve], 0.5 * (1.0 + self.judge_pixel_weight))
+
+    def _judge_key(self, c: Candidate) -> float:
+        pa = 0.5 if math.isnan(c.pixel_auroc) else c.pixel_auroc
+        ia = 0.5 if math.isnan(c.image_auroc) else c.image_auroc
+        return ia + self.judge_pixel_weight * pa
 
     def report(self, step: int | None, settings: SyntheticSettings, n_held_out: int, stopped: str,
                fixed: dict | None = None) -> tuple[MapRule, SelectionReport]:
@@ -440,7 +451,8 @@ def _start_tuner(scorer, data: torch.Tensor, boxes, train_idx: np.ndarray, held_
     validation = make_validation_set(data[bases], [tuple(boxes[i]) for i in bases.tolist()], seed + 31, settings,
                                      textures=data[train])
     return SelfTuner(scorer._raw, tuner_stats, validation, scorer._candidates(), scorer.TERMS,
-                     getattr(scorer, "JUDGED_TERMS", None)), bases, settings
+                     getattr(scorer, "JUDGED_TERMS", None),
+                     getattr(scorer, "JUDGE_PIXEL_WEIGHT", PIXEL_WEIGHT)), bases, settings
 
 
 def _choose(scorer, tuner: SelfTuner, step, stopped: str, bases, settings: SyntheticSettings, desc: str, log) -> None:

@@ -16,7 +16,8 @@ AUROC over 6 seeds), a budget that grows with the references (``train_steps=None
 ``1 - SSIM`` (11 x 11 Gaussian window, sigma 1.5) and the squared error. How they become a map and a score (error
 terms, normalisation per position or global, smoothing, top-k pooling: :mod:`vlad.scorers.scratch`) and how
 long the model trains are chosen by each line at ``fit``, on synthetic defects pasted into the held-out
-references (:mod:`vlad.selftune`; ``selection_report()`` says what was chosen); a parameter given a value is
+references (:mod:`vlad.selftune`; ``selection_report()`` says what was chosen; the training length by the
+synthetic image AUROC alone, :attr:`AutoEncoder.JUDGE_PIXEL_WEIGHT`); a parameter given a value is
 kept as given. With fewer than 4 references nothing can be held out and the rule is ``1 - SSIM`` in units of
 its references' mean, smoothed with ``sigma=2`` px, scored by the mean of its top 5%. The working size and
 budget were fixed for a shared 2-core CPU (figures: ``python -m vlad.bench quality``).
@@ -301,6 +302,10 @@ class AutoEncoder(SelfTuned, BaseScorer):
     TERMS = ("ssim", "l2")
     #: the ``error_terms`` choices, as indices into TERMS (None searches them all, in this order)
     TERM_CHOICES = {"ssim+l2": (0, 1), "ssim": (0,), "l2": (1,)}
+    #: how long to train is judged by the synthetic image AUROC alone: the pixel AUROC of a reconstruction
+    #: error keeps rising as the reconstructions sharpen everywhere, which does not make the image score
+    #: separate better (vlad.selftune; docs/benchmarks.md)
+    JUDGE_PIXEL_WEIGHT = 0.0
 
     #: what each parameter accepts (see vlad.paramspec; device, batch_size, ... are BaseScorer's)
     _param_specs = {
