@@ -245,8 +245,9 @@ class SelectionReport:
 
     ``rule``: the chosen map rule's label; ``step``: the training step whose weights were kept;
     ``candidates``: every candidate at that step, best first (rule, image and pixel AUROC in percent);
-    ``curve``: ``(step, best rank key, best rule)`` at each evaluation, among the candidates that judge
-    training; ``settings``: how the synthetic defects were made; ``n_clean`` / ``n_defective``:
+    ``curve``: ``(step, best figure, best rule)`` at each evaluation, among the candidates that judge
+    training, by the figure training is judged by (the rank key, or for a scorer with its own
+    ``JUDGE_PIXEL_WEIGHT``, image AUROC plus that weight times the pixel AUROC); ``settings``: how the synthetic defects were made; ``n_clean`` / ``n_defective``:
     validation images; ``n_held_out``: references held out of training to make them.
     """
 
@@ -315,7 +316,7 @@ class SelfTuner:
         self.curve: list[list] = []
 
     def evaluate(self, step: int) -> float:
-        """Rank every candidate with the current model; returns the best rank key (higher is better)."""
+        """Rank every candidate with the current model; returns the smoothed figure training is judged by (higher is better)."""
         stats = reference_stats(self.raw(self.stats_images))
         v = self.validation
         ranked = rank_rules(self.raw(v.clean), self.raw(v.defective), v.masks, v.boxes, stats, self.rules)
