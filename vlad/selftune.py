@@ -316,7 +316,8 @@ class SelfTuner:
         self.curve: list[list] = []
 
     def evaluate(self, step: int) -> float:
-        """Rank every candidate with the current model; returns the smoothed figure training is judged by (higher is better)."""
+        """Rank every candidate with the current model; returns the smoothed figure training is judged by
+        (higher is better)."""
         stats = reference_stats(self.raw(self.stats_images))
         v = self.validation
         ranked = rank_rules(self.raw(v.clean), self.raw(v.defective), v.masks, v.boxes, stats, self.rules)
