@@ -141,7 +141,8 @@ def test_one_lucky_first_evaluation_is_not_a_stretch():
 
 def test_training_can_be_judged_by_the_image_auroc_alone():
     # the autoencoder judges how long to train by the synthetic image AUROC alone (JUDGE_PIXEL_WEIGHT = 0):
-    # the curve carries the best candidate by that figure, and evaluations not yet made count at 0.5
+    # the curve carries the best candidate by that figure; evaluations not yet made count at 0.5, or not at
+    # all where the first evaluations are judged as they are
     held = _canvas(4)
     validation = st.make_validation_set(held, [(0, 0, 64, 64)] * 4, seed=1)
 
@@ -155,7 +156,7 @@ def test_training_can_be_judged_by_the_image_auroc_alone():
 
     rules = [MapRule("global", 2.0, k, (t,)) for t in (0, 1) for k in (0.0, 0.05)]
     by_image = st.SelfTuner(raw, _canvas(3), validation, rules, ("a", "b"), judge_pixel_weight=0.0)
-    figure = -(-by_image.evaluate(10))
+    figure = by_image.evaluate(10)
     ranked = by_image.history[10]
     best = max(ranked, key=lambda c: c.image_auroc)
     assert by_image.curve[0][1] == pytest.approx(best.image_auroc, abs=1e-5)
@@ -166,6 +167,17 @@ def test_training_can_be_judged_by_the_image_auroc_alone():
     assert by_rank.curve[0][1] == pytest.approx(by_rank.history[10][0].rank_key, abs=1e-5)
     # the two figures disagree on which candidate is best here, so the test tells them apart
     assert by_rank.curve[0][2] != by_image.curve[0][2]
+    # first evaluations judged as they are (the autoencoder: FIRST_EVALUATIONS_AT_CHANCE = False)
+    as_is = st.SelfTuner(raw, _canvas(3), validation, rules, ("a", "b"), judge_pixel_weight=0.0,
+                         first_at_chance=False)
+    judged_as_is = as_is.evaluate(10)
+    assert judged_as_is == pytest.approx(best.image_auroc, abs=1e-5) and judged_as_is > figure
+    assert st.smoothed([0.9, 0.7], None) == pytest.approx(0.8)
+    from vlad.scorers.autoencoder import AutoEncoder
+    from vlad.scorers.draem import DRAEM
+
+    assert AutoEncoder.FIRST_EVALUATIONS_AT_CHANCE is False
+    assert getattr(DRAEM, "FIRST_EVALUATIONS_AT_CHANCE", True) is True
 
 
 def test_rules_for_keeps_what_the_user_fixed():

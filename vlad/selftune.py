@@ -26,11 +26,13 @@ defects are not known when it is set up. What is known are its good images. So a
    DRAEM's probability map, which needs the training, and not its reconstruction error, which separates
    defects almost untrained), and may weigh the pixel AUROC differently there (``JUDGE_PIXEL_WEIGHT``:
    the autoencoder judges by the image AUROC alone, as its error's pixel AUROC keeps rising with sharper
-   reconstructions whether or not its image scores separate better). It keeps the weights at the end of
-   the best such stretch and stops when ``patience`` evaluations in a row have not beaten it by
-   ``MIN_DELTA``, never before ``MIN_FRACTION`` of the budget: the held-out loss of a handful of images
-   is too noisy a yardstick, a separation measured on dozens of images with and without defects is the
-   one that matters.
+   reconstructions whether or not its image scores separate better), and may judge its first evaluations
+   as they are (``FIRST_EVALUATIONS_AT_CHANCE = False``: the autoencoder, whose barely trained model is a
+   fair detector, a local-variance filter, where a barely trained discriminator is a lucky one). It keeps
+   the weights at the end of the best such stretch and stops when ``patience`` evaluations in a row have
+   not beaten it by ``MIN_DELTA``, never before ``MIN_FRACTION`` of the budget: the held-out loss of a
+   handful of images is too noisy a yardstick, a separation measured on dozens of images with and
+   without defects is the one that matters.
 4. The best candidate at the kept weights becomes the scorer's map rule. What was chosen, every
    candidate's figures there, the curve over training and the synthetic settings are saved with the
    model: :class:`SelectionReport`, through the scorer's ``selection_report()``.
@@ -86,13 +88,15 @@ MAX_NEGATIVE_PIXELS = 40_000
 CHANCE_KEY = 0.5 * (1.0 + PIXEL_WEIGHT)
 
 
-def smoothed(keys: Sequence[float], chance: float = CHANCE_KEY) -> float:
+def smoothed(keys: Sequence[float], chance: float | None = CHANCE_KEY) -> float:
     """The figure training is judged by after the evaluations ``keys``: the mean of the last ``SMOOTHING``,
     where evaluations not yet made count at ``chance`` (the key of a candidate that separates nothing) --
     so the first evaluation or two of a barely trained model, however lucky, are not a stretch of good ones
-    and their weights are not kept over a later stretch that is as good."""
+    and their weights are not kept over a later stretch that is as good. ``chance=None``: the mean of the
+    evaluations made (for a scorer whose barely trained model is a fair detector, not a lucky one)."""
     last = list(keys[-SMOOTHING:])
-    return float(np.mean(last + [chance] * (SMOOTHING - len(last))))
+    pad = [] if chance is None else [chance] * (SMOOTHING - len(last))
+    return float(np.mean(last + pad))
 
 
 @dataclass(frozen=True)
@@ -300,11 +304,14 @@ class SelfTuner:
             the rule is still chosen among every candidate at the kept weights.
         judge_pixel_weight: the weight of the pixel AUROC in the figure training is judged by
             (``image AUROC + judge_pixel_weight x pixel AUROC``); the rule is still chosen by the rank key.
+        first_at_chance: while fewer than ``SMOOTHING`` evaluations are made, the missing ones count at
+            chance (:func:`smoothed`); False: the first evaluations are judged as they are.
     """
 
     def __init__(self, raw: Callable[[torch.Tensor], torch.Tensor], stats_images: torch.Tensor,
                  validation: ValidationSet, rules: Sequence[MapRule], term_names: Sequence[str] | None = None,
-                 judged_terms: Sequence[int] | None = None, judge_pixel_weight: float = PIXEL_WEIGHT):
+                 judged_terms: Sequence[int] | None = None, judge_pixel_weight: float = PIXEL_WEIGHT,
+                 first_at_chance: bool = True):
         if not rules:
             raise ValueError("no candidate map rules")
         self.raw, self.stats_images, self.validation = raw, stats_images, validation
@@ -312,6 +319,7 @@ class SelfTuner:
         judged = set(judged_terms) if judged_terms is not None else None
         self.judged = {r for r in self.rules if judged is None or set(r.terms) <= judged} or set(self.rules)
         self.judge_pixel_weight = float(judge_pixel_weight)
+        self.first_at_chance = bool(first_at_chance)
         self.history: dict[int, list[Candidate]] = {}
         self.curve: list[list] = []
 
@@ -324,7 +332,8 @@ class SelfTuner:
         self.history[int(step)] = ranked
         key, best = max(((self._judge_key(c), -i), c) for i, c in enumerate(ranked) if c.rule in self.judged)
         self.curve.append([int(step), round(key[0], 5), best.rule.label(self.term_names)])
-        return smoothed([c[1] for c in self.curve], 0.5 * (1.0 + self.judge_pixel_weight))
+        chance = 0.5 * (1.0 + self.judge_pixel_weight) if self.first_at_chance else None
+        return smoothed([c[1] for c in self.curve], chance)
 
     def _judge_key(self, c: Candidate) -> float:
         pa = 0.5 if math.isnan(c.pixel_auroc) else c.pixel_auroc
@@ -454,7 +463,8 @@ def _start_tuner(scorer, data: torch.Tensor, boxes, train_idx: np.ndarray, held_
                                      textures=data[train])
     return SelfTuner(scorer._raw, tuner_stats, validation, scorer._candidates(), scorer.TERMS,
                      getattr(scorer, "JUDGED_TERMS", None),
-                     getattr(scorer, "JUDGE_PIXEL_WEIGHT", PIXEL_WEIGHT)), bases, settings
+                     getattr(scorer, "JUDGE_PIXEL_WEIGHT", PIXEL_WEIGHT),
+                     getattr(scorer, "FIRST_EVALUATIONS_AT_CHANCE", True)), bases, settings
 
 
 def _choose(scorer, tuner: SelfTuner, step, stopped: str, bases, settings: SyntheticSettings, desc: str, log) -> None:
