@@ -251,8 +251,9 @@ class SelectionReport:
     ``candidates``: every candidate at that step, best first (rule, image and pixel AUROC in percent);
     ``curve``: ``(step, best figure, best rule)`` at each evaluation, among the candidates that judge
     training, by the figure training is judged by (the rank key, or for a scorer with its own
-    ``JUDGE_PIXEL_WEIGHT``, image AUROC plus that weight times the pixel AUROC); ``settings``: how the synthetic defects were made; ``n_clean`` / ``n_defective``:
-    validation images; ``n_held_out``: references held out of training to make them.
+    ``JUDGE_PIXEL_WEIGHT``, image AUROC plus that weight times the pixel AUROC); ``settings``: how the
+    synthetic defects were made; ``n_clean`` / ``n_defective``: validation images; ``n_held_out``:
+    references held out of training to make them.
     """
 
     rule: str
