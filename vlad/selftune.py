@@ -188,9 +188,13 @@ class Candidate:
     @property
     def rank_key(self) -> float:
         """What candidates are ranked by (higher is better)."""
+        return self.key(PIXEL_WEIGHT)
+
+    def key(self, pixel_weight: float) -> float:
+        """``image AUROC + pixel_weight x pixel AUROC``, a figure that could not be measured counting at 0.5."""
         ia = 0.5 if math.isnan(self.image_auroc) else self.image_auroc
         pa = 0.5 if math.isnan(self.pixel_auroc) else self.pixel_auroc
-        return ia + PIXEL_WEIGHT * pa
+        return ia + pixel_weight * pa
 
 
 def candidate_rules(normalize: Sequence[tuple[str, int]], terms: Sequence[tuple[int, ...]],
@@ -331,15 +335,11 @@ class SelfTuner:
         v = self.validation
         ranked = rank_rules(self.raw(v.clean), self.raw(v.defective), v.masks, v.boxes, stats, self.rules)
         self.history[int(step)] = ranked
-        key, best = max(((self._judge_key(c), -i), c) for i, c in enumerate(ranked) if c.rule in self.judged)
-        self.curve.append([int(step), round(key[0], 5), best.rule.label(self.term_names)])
-        chance = 0.5 * (1.0 + self.judge_pixel_weight) if self.first_at_chance else None
+        w = self.judge_pixel_weight
+        best = max((c for c in ranked if c.rule in self.judged), key=lambda c: c.key(w))  # ties: the first
+        self.curve.append([int(step), round(best.key(w), 5), best.rule.label(self.term_names)])
+        chance = 0.5 * (1.0 + w) if self.first_at_chance else None
         return smoothed([c[1] for c in self.curve], chance)
-
-    def _judge_key(self, c: Candidate) -> float:
-        pa = 0.5 if math.isnan(c.pixel_auroc) else c.pixel_auroc
-        ia = 0.5 if math.isnan(c.image_auroc) else c.image_auroc
-        return ia + self.judge_pixel_weight * pa
 
     def report(self, step: int | None, settings: SyntheticSettings, n_held_out: int, stopped: str,
                fixed: dict | None = None) -> tuple[MapRule, SelectionReport]:
