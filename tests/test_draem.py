@@ -74,6 +74,15 @@ def test_the_line_chooses_which_maps_it_scores(eight):
     assert vlad.create_scorer("draem", **PARAMS, error_terms="ssim+l2").fit(eight[:3]).map_rule_.terms == (1, 2)
 
 
+def test_no_weights_are_kept_from_the_first_part_of_the_budget(eight, monkeypatch):
+    # DRAEM.MIN_KEPT_FRACTION reaches the training loop: with all of the budget excluded but its end, the
+    # weights kept and the rule's step are the last evaluation's, whatever the earlier ones scored
+    monkeypatch.setattr(DRAEM, "MIN_KEPT_FRACTION", 1.0)
+    scorer = vlad.create_scorer("draem", **{**PARAMS, "train_steps": 30}).fit(eight)
+    assert scorer.train_log_["best_step"] == 30 and scorer.selection_report().step == 30
+    assert len(scorer.selection_report().curve) > 1
+
+
 @pytest.mark.parametrize("bad", ["ssim", "l2", "prob+l2", "", 3])
 def test_bad_error_terms_are_refused(bad):
     with pytest.raises(InvalidParameterError, match="error_terms"):

@@ -270,6 +270,32 @@ def test_training_stops_on_the_synthetic_separation_not_before_the_minimum():
     assert log.stopped == "early" and max(seen) == 50
 
 
+def test_weights_from_before_the_minimum_kept_step_are_never_kept():
+    # the same separation peaking at step 10, with no weights kept before step 50 (DRAEM keeps none from
+    # the first quarter of its budget): the best eligible evaluation (step 50) is kept, the evaluations
+    # before it do not count against the patience, and training stops `patience` evaluations later
+    model = torch.nn.Linear(1, 1)
+    seen = []
+
+    def step(i: int) -> float:
+        with torch.no_grad():
+            model.weight.fill_(float(i + 1))
+        return 0.0
+
+    def validate(i: int) -> float:
+        seen.append(i)
+        return abs(i - 10)
+
+    log = fit_loop(step, 200, "t", model=model, validate=validate, eval_every=5, patience=3, min_delta=0.5,
+                   min_kept_step=50)
+    assert seen[0] == 5 and log.best_step == 50 and model.weight.item() == 50.0
+    assert log.stopped == "early" and max(seen) == 65
+    from vlad.scorers.autoencoder import AutoEncoder
+    from vlad.scorers.draem import DRAEM
+
+    assert DRAEM.MIN_KEPT_FRACTION == 0.25 and not hasattr(AutoEncoder, "MIN_KEPT_FRACTION")
+
+
 def test_score_command_says_what_the_line_chose(tmp_path, capsys):
     from PIL import Image
 

@@ -28,11 +28,13 @@ defects are not known when it is set up. What is known are its good images. So a
    the autoencoder judges by the image AUROC alone, as its error's pixel AUROC keeps rising with sharper
    reconstructions whether or not its image scores separate better), and may judge its first evaluations
    as they are (``FIRST_EVALUATIONS_AT_CHANCE = False``: the autoencoder, whose barely trained model is a
-   fair detector, a local-variance filter, where a barely trained discriminator is a lucky one). It keeps
-   the weights at the end of the best such stretch and stops when ``patience`` evaluations in a row have
-   not beaten it by ``MIN_DELTA``, never before ``MIN_FRACTION`` of the budget: the held-out loss of a
-   handful of images is too noisy a yardstick, a separation measured on dozens of images with and
-   without defects is the one that matters.
+   fair detector, a local-variance filter, where a barely trained discriminator is a lucky one), and may
+   keep no weights from the first part of its budget (``MIN_KEPT_FRACTION``: DRAEM, whose discriminative
+   network is a random filter until it has learnt, one that synthetic defects' sharp edges can reward
+   three evaluations in a row). It keeps the weights at the end of the best such stretch and stops when
+   ``patience`` evaluations in a row have not beaten it by ``MIN_DELTA``, never before ``MIN_FRACTION``
+   of the budget: the held-out loss of a handful of images is too noisy a yardstick, a separation
+   measured on dozens of images with and without defects is the one that matters.
 4. The best candidate at the kept weights becomes the scorer's map rule. What was chosen, every
    candidate's figures there, the curve over training and the synthetic settings are saved with the
    model: :class:`SelectionReport`, through the scorer's ``selection_report()``.
@@ -410,7 +412,8 @@ def train_and_select(scorer, step: Callable[[int], float], n_steps: int, desc: s
     if scorer.selection == "synthetic" and len(held_idx):
         tuner, bases, settings = _start_tuner(scorer, data, boxes, train_idx, held_idx)
         validate = lambda i: -tuner.evaluate(i)  # noqa: E731  (fit_loop minimises)
-        extra = {"min_delta": MIN_DELTA, "min_steps": int(MIN_FRACTION * n_steps), "ema": EMA_DECAY}
+        extra = {"min_delta": MIN_DELTA, "min_steps": int(MIN_FRACTION * n_steps), "ema": EMA_DECAY,
+                 "min_kept_step": int(float(getattr(scorer, "MIN_KEPT_FRACTION", 0.0)) * n_steps)}
     else:
         validate = loss_validate if len(held_idx) else None
         note = no_selection_note(scorer, len(data))

@@ -120,6 +120,7 @@ def fit_loop(
     patience: int = 5,
     min_delta: float = 0.0,
     min_steps: int = 0,
+    min_kept_step: int = 0,
     ema: float | None = None,
     time_limit: float | None = None,
     log: logging.Logger = logger,
@@ -130,8 +131,10 @@ def fit_loop(
     With ``validate(step)`` (a held-out loss, lower is better) and ``model``, the weights of the best
     evaluation are restored at the end; ``patience`` evaluations without an improvement of more than
     ``min_delta`` stop training, never before ``min_steps`` steps (``patience=0``: never stop early, but
-    still keep the best weights). ``ema`` (a decay in (0, 1), with ``model``): evaluate and keep an
-    exponential moving average of the weights instead of the last step's (a small, noisy training set
+    still keep the best weights). Evaluations before step ``min_kept_step`` are made (``validate`` sees
+    them) but their weights are never kept and they count neither as an improvement nor against the
+    patience (a network that must learn before its output means anything). ``ema`` (a decay in (0, 1),
+    with ``model``): evaluate and keep an exponential moving average of the weights instead of the last step's (a small, noisy training set
     makes step-to-step weights swing; their average is steadier). ``time_limit`` (seconds) stops
     training once exceeded. A KeyboardInterrupt keeps what was trained (a second one aborts).
 
@@ -150,7 +153,9 @@ def fit_loop(
             model.eval()
         with torch.no_grad(), (average.swapped() if average is not None else contextlib.nullcontext()):
             value = float(validate(i))
-            improved = value < best - max(float(min_delta), 1e-6 * abs(best if math.isfinite(best) else 1.0))
+            eligible = i >= min_kept_step
+            improved = eligible and value < best - max(float(min_delta),
+                                                       1e-6 * abs(best if math.isfinite(best) else 1.0))
             if improved and model is not None:
                 best_state = copy.deepcopy(model.state_dict())
         if model is not None:
@@ -158,7 +163,7 @@ def fit_loop(
         out.val_losses.append((i, value))
         if improved:
             best, bad, out.best_step = value, 0, i
-        else:
+        elif eligible:
             bad += 1
         return patience > 0 and bad >= patience and i >= min_steps
 
