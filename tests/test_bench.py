@@ -184,6 +184,40 @@ def test_quality_bench_prints_each_lines_choice_beside_the_real_figure(tmp_path,
     assert "hindsight" in text
 
 
+def test_quality_bench_scores_turned_twins_of_its_sets(tmp_path, capsys):
+    # --turned: each set's twin with every image turned at random (a line whose parts come at any angle)
+    # joins the main table; the leave-one-set-out protocol still uses the original sets only
+    from PIL import Image
+
+    from vlad.bench import quality
+    from vlad.data import load_category
+
+    for i, name in enumerate(("seta", "setb")):
+        _tiny_set(tmp_path / "data", name, i)
+    source = load_category(tmp_path / "data/seta/part")
+    twin = load_category(quality.make_turned_set(source.root, tmp_path / "twin", seed=3))
+    assert len(twin.train_paths) == len(source.train_paths) and list(twin.labels) == list(source.labels)
+    side = int(64 / np.sqrt(2))
+    for path, mask in zip(twin.test_paths, twin.mask_paths):
+        assert Image.open(path).size == (side, side)
+        if mask is not None:
+            assert Image.open(mask).size == (side, side) and set(np.unique(np.asarray(Image.open(mask)))) <= {0, 255}
+    again = quality.make_turned_set(source.root, tmp_path / "again", seed=3)
+    assert (again / "test/defect/000.png").read_bytes() == twin.test_paths[-3].read_bytes()
+    turned, upright = (np.asarray(Image.open(c.train_paths[0])) for c in (twin, source))
+    assert not np.array_equal(turned, upright[:side, :side])
+
+    out = tmp_path / "report.json"
+    code = quality.main(["--data", str(tmp_path / "data"), "--sets", "seta,setb", "--scorers", "autoencoder",
+                         "--shots", "6", "--seeds", "1", "--set", "image_size=64", "--set", "train_steps=10",
+                         "--cache", str(tmp_path / "cache"), "--out", str(out), "--loso", "--turned"])
+    assert code == 0
+    report = json.loads(out.read_text())["scorers"]["autoencoder"]
+    assert [r["set"] for r in report["self_tuned"]] == ["seta", "setb", "seta_turned", "setb_turned"]
+    assert [r["set"] for r in report["rows"]] == ["seta", "setb"]
+    assert "seta_turned" in capsys.readouterr().out
+
+
 def test_selection_bench_runs(capsys):
     """``python -m vlad.bench selection`` fits each scorer with and without the choice on synthetic defects
     and prints both times and the rule chosen (tiny networks; nothing timed is checked)."""

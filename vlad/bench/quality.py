@@ -24,6 +24,11 @@ Training choices that need a refit (working size, budget, loss weights) can be p
 repository) from random crops of ``ksdd`` of varied size and aspect ratio, anomalous crops always holding
 their defect (often at an edge), scored with ``canvas=letterbox`` and ``canvas=stretch``.
 
+``--turned`` adds, for every set, a twin built at run time in the cache folder (never in the repository):
+each image turned by its own random angle and cut to the square inside it, masks with it -- a line whose
+parts come at any orientation, which no one tuned on. The twins are rows of the main table; the
+leave-one-set-out protocol uses the original sets only.
+
 Cells are cached in ``--cache`` (raw maps as float16 ``.npz`` + JSON), so an interrupted run resumes and a
 second run only recomputes the selection and the table.
 """
@@ -241,6 +246,38 @@ def leave_one_set_out(records: list[dict[str, Any]], scorer: str, sets: Sequence
     return chosen
 
 
+def make_turned_set(source: Path, out: Path, seed: int = 0) -> Path:
+    """A twin of the category folder ``source`` written to ``out / source.name``: every image (train and test)
+    turned by its own random angle (bicubic) and cut to the largest centred square inside the turned frame,
+    so no filled corner shows; each mask turned with its image (nearest)."""
+    from PIL import Image
+
+    from vlad.data import load_category
+
+    cat = load_category(source)
+    rng = np.random.default_rng(seed)
+    root = out / cat.root.name
+
+    def turn(img: Any, angle: float, resample: Any) -> Any:
+        w, h = img.size
+        side = int(min(w, h) / math.sqrt(2))
+        left, top = (w - side) // 2, (h - side) // 2
+        return img.rotate(angle, resample=resample).crop((left, top, left + side, top + side))
+
+    def write(src: Path, dst: Path, angle: float, resample: Any) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        turn(Image.open(src), angle, resample).save(dst.with_suffix(".png"))
+
+    for p in cat.train_paths:
+        write(p, root / "train/good" / p.name, float(rng.uniform(0, 360)), Image.Resampling.BICUBIC)
+    for p, kind, mask in zip(cat.test_paths, cat.defect_types, cat.mask_paths):
+        angle = float(rng.uniform(0, 360))
+        write(p, root / "test" / kind / p.name, angle, Image.Resampling.BICUBIC)
+        if mask is not None:
+            write(mask, root / "ground_truth" / kind / f"{p.stem}_mask.png", angle, Image.Resampling.NEAREST)
+    return root
+
+
 def make_varied_set(source: Path, out: Path, n_train: int, seed: int = 0, n_good: int = 60) -> Path:
     """A ksdd-like category of random crops of varied size and aspect ratio, written to ``out``.
 
@@ -315,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also run the aspect-ratio study on random ksdd crops with N train images (0 = skip)")
     parser.add_argument("--varied-seeds", type=int, default=2)
     parser.add_argument("--varied-scorers", default=None, help="scorers of the aspect-ratio study (default --scorers)")
+    parser.add_argument("--turned", action="store_true",
+                        help="also score a twin of every set with each image turned at random (built in the cache)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "vlad-bench-quality"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     parser.add_argument("--loso", action="store_true",
@@ -342,12 +381,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     fixed = {"time_limit": args.time_limit, **{k: _value(v) for k, v in (p.split("=", 1) for p in args.params)}}
     grid = _parse_grid(args.grid)
     cats = {s: discover_categories(Path(args.data) / s)[0] for s in sets}
+    twins = _turned_twins(cats, cache) if args.turned else {}
+    cats.update(twins)
     print(machine_line())
     report: dict[str, Any] = {"sets": sets, "shots": shots, "seeds": args.seeds, "fixed": fixed, "scorers": {}}
     scorers = [s for s in args.scorers.split(",") if s]
     all_records: dict[str, list[dict[str, Any]]] = {s: [] for s in scorers}
     # seed-major order: an interrupted run leaves whole seeds of every scorer, set and shot count
-    for seed, dataset, k, g, scorer in itertools.product(range(args.seeds), sets, shots, grid, scorers):
+    for seed, dataset, k, g, scorer in itertools.product(range(args.seeds), [*sets, *twins], shots, grid, scorers):
         key = _cell_key(scorer, dataset, k, seed, {**fixed, **g})
         if args.cached_only and not (cache / f"{key}.json").exists():
             continue
@@ -356,10 +397,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for scorer in scorers:
         records = all_records[scorer]
         if records and all(r.get("selection") for r in records):
-            report["scorers"][scorer] = {"self_tuned": _self_tuned_table(scorer, records, sets, shots, cats, cache,
-                                                                         args.seeds)}
+            report["scorers"][scorer] = {"self_tuned": _self_tuned_table(scorer, records, [*sets, *twins], shots,
+                                                                         cats, cache, args.seeds)}
         if not args.loso:
             continue
+        records = [r for r in records if r["set"] in sets]  # a twin would leak its original's real defects
         chosen = leave_one_set_out(records, scorer, sets)
         names = term_names(scorer)
         print(f"\n== {scorer}: leave-one-set-out (rule chosen on the other two sets; percent, mean±std over "
@@ -412,6 +454,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _turned_twins(cats: dict[str, Any], cache: Path) -> dict[str, Any]:
+    """``{"<set>_turned": category}``: each set's turned twin (:func:`make_turned_set`), built once in ``cache``."""
+    from vlad.data import load_category
+
+    twins = {}
+    for name, cat in cats.items():
+        folder = cache / "turned" / name
+        if not (folder / "complete").exists():  # written last: an interrupted build is redone
+            seed = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)  # the set's own angles, whatever else runs
+            make_turned_set(cat.root, folder, seed=seed)
+            (folder / "complete").touch()
+        twins[f"{name}_turned"] = load_category(folder / cat.root.name)
+    return twins
+
+
 def _chosen_rule(record: dict[str, Any]) -> Any:
     """The map rule a cell's scorer used: its own choice on synthetic defects, or its parameters' rule."""
     from vlad.scorers.scratch import MapRule
@@ -428,8 +485,9 @@ def _self_tuned_table(scorer: str, records: list[dict[str, Any]], sets: Sequence
     print(f"\n== {scorer}: each line's own choice on synthetic defects of its references (percent, mean±std "
           f"over {seeds} seeds; synth = the chosen rule's image AUROC on the synthetic defects, a prediction; "
           f"hindsight = the best candidate's real image AUROC at the same weights, a ceiling of the choice) ==")
-    print(f"{'set':14s} {'shots':>5s} {'n':>2s} {'I-AUROC':>11s} {'synth':>11s} {'hindsight':>11s} {'P-AUROC':>11s} "
-          f"{'AUPRO':>11s} {'fit s':>7s} {'steps':>6s}  stop / rules chosen")
+    width = max(14, *(len(s) for s in sets))  # a turned twin's name is longer than the sets'
+    print(f"{'set':{width}s} {'shots':>5s} {'n':>2s} {'I-AUROC':>11s} {'synth':>11s} {'hindsight':>11s} "
+          f"{'P-AUROC':>11s} {'AUPRO':>11s} {'fit s':>7s} {'steps':>6s}  stop / rules chosen")
     key_of = {rule.label(names): _rule_key(rule) for rule in candidate_rules(scorer)}
     rows = []
     for dataset in sets:
@@ -448,7 +506,8 @@ def _self_tuned_table(scorer: str, records: list[dict[str, Any]], sets: Sequence
                    "fit_seconds": [r["fit_seconds"] for r in cell],
                    "steps": [r["steps_done"] for r in cell], "stopped": stops, "seeds": [r["seed"] for r in cell]}
             rows.append(row)
-            print(f"{dataset:14s} {str(k):>5s} {len(cell):2d} {_ms(row['metrics']['image_auroc']):>11s} {_ms(synth):>11s} "
+            print(f"{dataset:{width}s} {str(k):>5s} {len(cell):2d} {_ms(row['metrics']['image_auroc']):>11s} "
+                  f"{_ms(synth):>11s} "
                   f"{_ms(hindsight):>11s} {_ms(row['metrics']['pixel_auroc']):>11s} "
                   f"{_ms(row['metrics']['pixel_aupro']):>11s} "
                   f"{np.mean(row['fit_seconds']):7.1f} {np.mean(row['steps']):6.0f}  {','.join(stops)} / "
