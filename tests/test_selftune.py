@@ -248,32 +248,9 @@ def test_no_selection_says_why(refs):
         vlad.create_scorer("autoencoder", selection="auroc")
 
 
-def test_training_stops_on_the_synthetic_separation_not_before_the_minimum():
-    # a separation that peaks at step 10 and then falls: the best weights are those of step 10, and
-    # training stops after `patience` worse evaluations, never before min_steps
-    model = torch.nn.Linear(1, 1)
-    values = {i: -abs(i - 10) for i in range(0, 200, 5)}
-    seen = []
-
-    def step(i: int) -> float:
-        with torch.no_grad():
-            model.weight.fill_(float(i + 1))
-        return 0.0
-
-    def validate(i: int) -> float:
-        seen.append(i)
-        return -values[i]
-
-    log = fit_loop(step, 200, "t", model=model, validate=validate, eval_every=5, patience=3, min_delta=0.5,
-                   min_steps=50)
-    assert log.best_step == 10 and model.weight.item() == 10.0
-    assert log.stopped == "early" and max(seen) == 50
-
-
-def test_weights_from_before_the_minimum_kept_step_are_never_kept():
-    # the same separation peaking at step 10, with no weights kept before step 50 (DRAEM keeps none from
-    # the first quarter of its budget): the best eligible evaluation (step 50) is kept, the evaluations
-    # before it do not count against the patience, and training stops `patience` evaluations later
+def _peaked_training(**kwargs):
+    """``fit_loop`` over 200 steps of a model whose weight is the step count, judged every 5 steps by a
+    separation that peaks at step 10 (``patience=3``, ``min_delta=0.5``): the log and the steps evaluated."""
     model = torch.nn.Linear(1, 1)
     seen = []
 
@@ -287,8 +264,24 @@ def test_weights_from_before_the_minimum_kept_step_are_never_kept():
         return abs(i - 10)
 
     log = fit_loop(step, 200, "t", model=model, validate=validate, eval_every=5, patience=3, min_delta=0.5,
-                   min_kept_step=50)
-    assert seen[0] == 5 and log.best_step == 50 and model.weight.item() == 50.0
+                   **kwargs)
+    return log, model.weight.item(), seen
+
+
+def test_training_stops_on_the_synthetic_separation_not_before_the_minimum():
+    # the best weights are those of step 10, and training stops after `patience` worse evaluations,
+    # never before min_steps
+    log, weight, seen = _peaked_training(min_steps=50)
+    assert log.best_step == 10 and weight == 10.0
+    assert log.stopped == "early" and max(seen) == 50
+
+
+def test_weights_from_before_the_minimum_kept_step_are_never_kept():
+    # with no weights kept before step 50 (DRAEM keeps none from the first quarter of its budget): the best
+    # eligible evaluation (step 50) is kept, the evaluations before it do not count against the patience,
+    # and training stops `patience` evaluations later
+    log, weight, seen = _peaked_training(min_kept_step=50)
+    assert seen[0] == 5 and log.best_step == 50 and weight == 50.0
     assert log.stopped == "early" and max(seen) == 65
     from vlad.scorers.autoencoder import AutoEncoder
     from vlad.scorers.draem import DRAEM
