@@ -136,7 +136,8 @@ def fit_loop(
     patience (a network that must learn before its output means anything). ``ema`` (a decay in (0, 1),
     with ``model``): evaluate and keep an exponential moving average of the weights instead of the last
     step's (a small, noisy training set makes step-to-step weights swing; their average is steadier).
-    ``time_limit`` (seconds) stops training once exceeded. A KeyboardInterrupt keeps what was trained (a second one aborts).
+    ``time_limit`` (seconds) stops training once exceeded. A KeyboardInterrupt keeps what was trained (a
+    second one aborts).
 
     Raises:
         FloatingPointError: the loss became NaN or infinite (lower the learning rate).
