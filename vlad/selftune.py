@@ -398,7 +398,8 @@ def train_and_select(scorer, step: Callable[[int], float], n_steps: int, desc: s
                      loss_validate: Callable[[int], float] | None, log, model: torch.nn.Module | None = None) -> TrainLog:
     """Train a scorer and choose its map rule: the one fit-time step every trained scorer shares.
 
-    ``scorer`` provides ``_raw(canvas) -> raw maps``, ``_candidates()``, ``_map_rule()`` (the rule
+    ``scorer`` (a :class:`SelfTuned`, whose class attributes say how its training is judged) provides
+    ``_raw(canvas) -> raw maps``, ``_candidates()``, ``_map_rule()`` (the rule
     without a selection; None = the scorer's own map), ``TERMS`` and the parameters ``selection`` and
     ``random_state`` (``patience``, ``time_limit`` and ``validation_fraction`` where it has them);
     ``model`` (default ``scorer.model_``) is the network being trained. With ``selection="synthetic"``
@@ -413,7 +414,7 @@ def train_and_select(scorer, step: Callable[[int], float], n_steps: int, desc: s
         tuner, bases, settings = _start_tuner(scorer, data, boxes, train_idx, held_idx)
         validate = lambda i: -tuner.evaluate(i)  # noqa: E731  (fit_loop minimises)
         extra = {"min_delta": MIN_DELTA, "min_steps": int(MIN_FRACTION * n_steps), "ema": EMA_DECAY,
-                 "min_kept_step": int(float(getattr(scorer, "MIN_KEPT_FRACTION", 0.0)) * n_steps)}
+                 "min_kept_step": int(float(scorer.MIN_KEPT_FRACTION) * n_steps)}
     else:
         validate = loss_validate if len(held_idx) else None
         note = no_selection_note(scorer, len(data))
@@ -465,10 +466,9 @@ def _start_tuner(scorer, data: torch.Tensor, boxes, train_idx: np.ndarray, held_
     bases, tuner_stats = validation_split(data, hold, train)
     validation = make_validation_set(data[bases], [tuple(boxes[i]) for i in bases.tolist()], seed + 31, settings,
                                      textures=data[train])
-    return SelfTuner(scorer._raw, tuner_stats, validation, scorer._candidates(), scorer.TERMS,
-                     getattr(scorer, "JUDGED_TERMS", None),
-                     getattr(scorer, "JUDGE_PIXEL_WEIGHT", PIXEL_WEIGHT),
-                     getattr(scorer, "FIRST_EVALUATIONS_AT_CHANCE", True)), bases, settings
+    tuner = SelfTuner(scorer._raw, tuner_stats, validation, scorer._candidates(), scorer.TERMS, scorer.JUDGED_TERMS,
+                      scorer.JUDGE_PIXEL_WEIGHT, scorer.FIRST_EVALUATIONS_AT_CHANCE)
+    return tuner, bases, settings
 
 
 def _choose(scorer, tuner: SelfTuner, step, stopped: str, bases, settings: SyntheticSettings, desc: str, log) -> None:
@@ -509,7 +509,17 @@ RULE_PARAMS = ("error_terms", "normalize", "sigma", "topk_fraction", "shift_tole
 
 class SelfTuned:
     """Mixin of the scorers that choose their map rule on synthetic defects: the report, the prediction
-    through the chosen rule and their saving."""
+    through the chosen rule and their saving, and how a scorer's training is judged (the class attributes
+    below, which a scorer overrides; see the module docstring, step 3)."""
+
+    #: training is judged by the candidates that use only these error terms (None: every candidate)
+    JUDGED_TERMS: tuple[int, ...] | None = None
+    #: the weight of the pixel AUROC in the figure training is judged by
+    JUDGE_PIXEL_WEIGHT: float = PIXEL_WEIGHT
+    #: evaluations not yet made count at chance while fewer than SMOOTHING are made
+    FIRST_EVALUATIONS_AT_CHANCE: bool = True
+    #: no weights from this share of the training budget are kept
+    MIN_KEPT_FRACTION: float = 0.0
 
     def selection_report(self) -> SelectionReport:
         """What this scorer chose at ``fit`` on synthetic defects, with every candidate's figures.
